@@ -1,0 +1,143 @@
+//! HTTP errors as JSON `{"error": {"code", "message"}}` with the right
+//! status, and a JSON body extractor whose rejections answer the same way
+//! (bad JSON is a 400, a body over the limit a 413).
+
+use crate::store::StoreError;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn closed(session_id: &str) -> Self {
+        Self::new(StatusCode::CONFLICT, "chat_closed", format!("chat {session_id} is closed"))
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+    }
+
+    /// The session lives on another instance now (this one was fenced or
+    /// never owned it). The gateway relocates the chat on this answer.
+    pub fn not_owner(session_id: &str) -> Self {
+        Self::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "not_owner",
+            format!("session {session_id} is not owned by this instance"),
+        )
+    }
+
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+    }
+
+    pub fn internal(context: &str, err: &dyn std::error::Error) -> Self {
+        // Logged once here, with its cause chain; the client gets no internals.
+        let mut chain = err.to_string();
+        let mut source = err.source();
+        while let Some(s) = source {
+            chain.push_str(": ");
+            chain.push_str(&s.to_string());
+            source = s.source();
+        }
+        tracing::error!(error = %chain, "{context}");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::NotFound(id) => ApiError::not_found(format!("chat {id} not found")),
+            StoreError::Closed(id) => ApiError::closed(id),
+            StoreError::Fenced { session_id, .. } => ApiError::not_owner(session_id),
+            StoreError::AlreadyExists(_) | StoreError::Conflict(_) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            StoreError::Unavailable(_) => {
+                tracing::warn!(error = %e, "session store unavailable");
+                ApiError::unavailable("store_unavailable", "the session store is unavailable")
+            }
+        }
+    }
+}
+
+/// `Json<T>` whose every rejection is a JSON error: malformed JSON, invalid
+/// UTF-8 and missing fields are 400; an oversized body is 413.
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(rejection) => {
+                let status = rejection.status();
+                return Err(if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::too_large("request body too large")
+                } else {
+                    ApiError::new(status, "bad_request", rejection.body_text())
+                });
+            }
+        };
+        if std::str::from_utf8(&bytes).is_err() {
+            return Err(ApiError::bad_request("request body is not valid UTF-8"));
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}

@@ -1,0 +1,103 @@
+//! Session-store availability: one status per instance, fed by real
+//! requests and a periodic probe with a timeout (so that a frozen store,
+//! whose connections stay open but never answer, is caught like a dead one).
+//! Each transition is logged once (59520 / 59521 for Cassandra, as the
+//! reference does) and exported as `confab_store_available{store}`.
+
+use crate::store::{SessionStore, StoreError};
+use crate::telemetry::{events, metrics as m};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub struct StoreMonitor {
+    backend: &'static str,
+    available: AtomicBool,
+}
+
+impl StoreMonitor {
+    pub fn new(backend: &'static str) -> Arc<Self> {
+        metrics::gauge!(m::STORE_AVAILABLE, "store" => backend).set(1.0);
+        for status in ["available", "unavailable"] {
+            metrics::counter!(m::STORE_STATUS_TRANSITIONS, "store" => backend, "status" => status).absolute(0);
+        }
+        Arc::new(StoreMonitor {
+            backend,
+            available: AtomicBool::new(true),
+        })
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    pub fn is_available(&self) -> bool {
+        self.available.load(Ordering::SeqCst)
+    }
+
+    pub fn report_success(&self) {
+        self.set(true, None);
+    }
+
+    pub fn report_failure(&self, error: &StoreError) {
+        self.set(false, Some(error));
+    }
+
+    fn set(&self, available: bool, error: Option<&StoreError>) {
+        if self.available.swap(available, Ordering::SeqCst) == available {
+            return;
+        }
+        let status = if available { "AVAILABLE" } else { "UNAVAILABLE" };
+        metrics::gauge!(m::STORE_AVAILABLE, "store" => self.backend).set(if available { 1.0 } else { 0.0 });
+        metrics::counter!(m::STORE_STATUS_TRANSITIONS, "store" => self.backend, "status" => status.to_ascii_lowercase())
+            .increment(1);
+        let error = error.map(|e| e.to_string()).unwrap_or_default();
+        if self.backend == "cassandra" {
+            let event_id = if available {
+                events::CASSANDRA_AVAILABLE
+            } else {
+                events::CASSANDRA_UNAVAILABLE
+            };
+            if available {
+                tracing::info!(event_id, store = self.backend, "Cassandra status changed to \"{status}\"");
+            } else {
+                tracing::error!(event_id, store = self.backend, error = %error, "Cassandra status changed to \"{status}\"");
+            }
+        } else if available {
+            tracing::info!(event_id = events::STORE_STATUS_CHANGED, store = self.backend, "Session store status changed to \"{status}\"");
+        } else {
+            tracing::error!(event_id = events::STORE_STATUS_CHANGED, store = self.backend, error = %error, "Session store status changed to \"{status}\"");
+        }
+    }
+
+    /// Probe the store every `interval`; a probe that takes longer than
+    /// `timeout` counts as a failure.
+    pub fn spawn_probe(
+        self: &Arc<Self>,
+        store: Arc<dyn SessionStore>,
+        interval: Duration,
+        timeout: Duration,
+        stop: CancellationToken,
+    ) {
+        let monitor = self.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                match tokio::time::timeout(timeout, store.ping()).await {
+                    Ok(Ok(())) => monitor.report_success(),
+                    Ok(Err(e)) => monitor.report_failure(&e),
+                    Err(_) => monitor.report_failure(&StoreError::Unavailable(format!(
+                        "no answer within {} ms",
+                        timeout.as_millis()
+                    ))),
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,142 @@
+//! `confab server`: one chat server instance.
+
+pub mod availability;
+pub mod core;
+pub mod routes;
+
+use crate::config::{Config, StoreBackend};
+use crate::store::sqlite::{SqliteContactStore, SqliteStore};
+use crate::store::{ContactStore, SessionStore};
+use crate::telemetry::{events, metrics as m};
+use anyhow::Context;
+use availability::StoreMonitor;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use self::core::Instance;
+
+/// How long shutdown waits for in-flight requests (and their saves).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A built instance: bound to its port, ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    instance: Arc<Instance>,
+    stop: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let server = &config.server;
+        let store: Arc<dyn SessionStore> = match server.store {
+            StoreBackend::Sqlite => Arc::new(
+                SqliteStore::open(&server.sqlite_path, server.sqlite_synchronous, server.max_batch)
+                    .with_context(|| format!("opening the SQLite session store {}", server.sqlite_path.display()))?,
+            ),
+            StoreBackend::Cassandra => {
+                anyhow::bail!("the cassandra session store is not available in this build yet")
+            }
+        };
+        let contact_path = server.contact_store_path.clone().unwrap_or_else(|| server.sqlite_path.clone());
+        let contacts: Arc<dyn ContactStore> = Arc::new(
+            SqliteContactStore::open(&contact_path, server.sqlite_synchronous)
+                .with_context(|| format!("opening the contact store {}", contact_path.display()))?,
+        );
+        let handle = m::install();
+        m::describe();
+        let stop = CancellationToken::new();
+        let monitor = StoreMonitor::new(store.backend());
+        monitor.spawn_probe(store.clone(), Duration::from_secs(1), Duration::from_secs(2), stop.clone());
+        let instance = Instance::new(
+            server.instance_id.clone(),
+            config.settings.clone(),
+            store,
+            contacts,
+            monitor,
+        );
+        let listener = TcpListener::bind(server.listen)
+            .await
+            .with_context(|| format!("binding {}", server.listen))?;
+        let router = routes::router(routes::AppState {
+            instance: instance.clone(),
+            metrics: handle,
+            admin_token: server.admin_token.clone(),
+            admin_kill_enabled: server.admin_kill_enabled,
+            stop: stop.clone(),
+        });
+        Ok(Application {
+            listener,
+            router,
+            instance,
+            stop,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn instance(&self) -> &Arc<Instance> {
+        &self.instance
+    }
+
+    /// Serve until `shutdown` resolves; then stop accepting, end WebSocket
+    /// streams, let in-flight requests finish their saves (bounded), exit.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            router,
+            instance,
+            stop,
+        } = self;
+        tracing::info!(
+            event_id = events::INSTANCE_STARTED,
+            instance = %instance.id,
+            addr = %listener.local_addr()?,
+            version = crate::VERSION,
+            "instance started"
+        );
+        let signalled = stop.clone();
+        let id = instance.id.clone();
+        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!(event_id = events::INSTANCE_STOPPING, instance = %id, "instance stopping: finishing in-flight requests");
+            signalled.cancel();
+        });
+        let stopped = stop.clone();
+        tokio::select! {
+            r = serve => r?,
+            _ = async { stopped.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+                tracing::warn!("shutdown grace period over; exiting with requests in flight");
+            }
+        }
+        instance.release_all();
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,418 @@
+//! The instance's HTTP surface.
+//!
+//! Management (DESIGN §4): `GET /healthz` (liveness), `GET /readyz`
+//! (readiness: enabled and the session store answers), `GET /status`,
+//! `GET /kpi`, `GET /metrics`, `POST /admin/disable`, `POST /admin/enable`,
+//! `POST /admin/kill` (only with `server.admin-kill-enabled`), all `/admin`
+//! routes behind `Authorization: Bearer <admin token>`.
+//!
+//! Internal chat API, for the gateway only (participants never reach an
+//! instance directly; the gateway authenticates them and passes their
+//! participant id):
+//!
+//! | method and path | body | answer |
+//! | --- | --- | --- |
+//! | `POST /internal/v1/sessions` | `{nickname, subject?}` | 201 `{session_id, intx, participant_id, instance_id, epoch}`; 503 `instance_disabled` when draining |
+//! | `GET /internal/v1/sessions?state=waiting` | | `{sessions: [SessionRecord]}` from the store (every instance's) |
+//! | `POST /internal/v1/sessions/{id}/join` | `{nickname}` | `{participant_id}` (an agent) |
+//! | `POST /internal/v1/sessions/{id}/messages` | `{participant_id, text, client_msg_id?}` | `{seq, duplicate}` after the durable save |
+//! | `GET /internal/v1/sessions/{id}/transcript?after=N` | | `{chat_id, instance_id, state, events}` |
+//! | `GET /internal/v1/sessions/{id}/ws?after=N` | | WebSocket: one JSON event per text frame, from seq N+1 on |
+//! | `POST /internal/v1/sessions/{id}/leave` | `{participant_id, end_chat?}` | `{state}` |
+//! | `POST /internal/v1/sessions/{id}/restore` | | `{session_id, instance_id, epoch, restored}` |
+//! | `GET /internal/v1/sessions/{id}/location` | | the stored `SessionRecord` (owner, epoch, state) |
+//!
+//! A session that this instance does not host (any more) answers 421
+//! `not_owner`: the gateway then restores it on a live instance.
+
+use super::core::{Instance, LiveSession};
+use crate::error::{ApiError, JsonBody};
+use crate::session::{self, EventKind, SessionState, MAX_CLIENT_MSG_ID_BYTES, MAX_NICKNAME_BYTES, MAX_TEXT_BYTES};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+/// Largest request body: a 64 KiB text JSON-escaped may take several times
+/// its size; the text limit itself is checked after parsing (413).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub instance: Arc<Instance>,
+    pub metrics: PrometheusHandle,
+    pub admin_token: Option<String>,
+    pub admin_kill_enabled: bool,
+    pub stop: CancellationToken,
+}
+
+pub fn router(state: AppState) -> Router {
+    let internal = Router::new()
+        .route("/internal/v1/sessions", post(create_session).get(list_sessions))
+        .route("/internal/v1/sessions/{id}/join", post(join))
+        .route("/internal/v1/sessions/{id}/messages", post(post_message))
+        .route("/internal/v1/sessions/{id}/transcript", get(transcript))
+        .route("/internal/v1/sessions/{id}/ws", get(stream))
+        .route("/internal/v1/sessions/{id}/leave", post(leave))
+        .route("/internal/v1/sessions/{id}/restore", post(restore))
+        .route("/internal/v1/sessions/{id}/location", get(location));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/kpi", get(kpi))
+        .route("/metrics", get(metrics))
+        .route("/admin/disable", post(disable))
+        .route("/admin/enable", post(enable))
+        .route("/admin/kill", post(kill))
+        .merge(internal)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(axum::middleware::from_fn(|req, next| {
+            crate::telemetry::metrics::track_http("instance", req, next)
+        }))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    let ready = s.instance.is_enabled() && s.instance.monitor.is_available();
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (
+        code,
+        Json(json!({
+            "ready": ready,
+            "enabled": s.instance.is_enabled(),
+            "store_available": s.instance.monitor.is_available(),
+        })),
+    )
+        .into_response()
+}
+
+async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let i = &s.instance;
+    Json(json!({
+        "instance_id": i.id,
+        "enabled": i.is_enabled(),
+        "sessions_active": i.sessions_active(),
+        "store": {"backend": i.monitor.backend(), "available": i.monitor.is_available()},
+        "version": crate::VERSION,
+        "pid": std::process::id(),
+    }))
+}
+
+async fn kpi(State(s): State<AppState>) -> Json<super::core::KpiView> {
+    Json(s.instance.kpi_view())
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `Authorization: Bearer <token>` against the configured admin token.
+pub fn check_admin(headers: &HeaderMap, expected: Option<&str>) -> Result<(), ApiError> {
+    let Some(expected) = expected else {
+        return Err(ApiError::unauthorized("the admin API is off: no admin token is configured"));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <admin token>"))?;
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("wrong admin token"))
+    }
+}
+
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn disable(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+    check_admin(&headers, s.admin_token.as_deref())?;
+    s.instance.set_enabled(false);
+    Ok(Json(json!({"enabled": false, "sessions_active": s.instance.sessions_active()})))
+}
+
+async fn enable(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+    check_admin(&headers, s.admin_token.as_deref())?;
+    s.instance.set_enabled(true);
+    Ok(Json(json!({"enabled": true, "sessions_active": s.instance.sessions_active()})))
+}
+
+/// SIGKILL this process (restoration tests in a real deployment). Off unless
+/// `server.admin-kill-enabled = true`.
+async fn kill(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+    check_admin(&headers, s.admin_token.as_deref())?;
+    if !s.admin_kill_enabled {
+        return Err(ApiError::forbidden("the kill endpoint is off (server.admin-kill-enabled = false)"));
+    }
+    tracing::warn!(instance = %s.instance.id, "killing this instance with SIGKILL on admin request");
+    tokio::spawn(async {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    });
+    Ok(Json(json!({"killed": std::process::id()})))
+}
+
+fn valid_id(id: &str) -> Result<&str, ApiError> {
+    let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(id)
+    } else {
+        Err(ApiError::not_found(format!("chat {id} not found")))
+    }
+}
+
+fn after_param(q: &HashMap<String, String>) -> Result<u64, ApiError> {
+    match q.get("after") {
+        None => Ok(0),
+        Some(v) => v
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("`after` must be a sequence number, got {v:?}"))),
+    }
+}
+
+pub fn check_nickname(nickname: &str) -> Result<String, ApiError> {
+    let n = nickname.trim();
+    if n.is_empty() {
+        return Err(ApiError::bad_request("`nickname` must not be empty"));
+    }
+    if n.len() > MAX_NICKNAME_BYTES {
+        return Err(ApiError::bad_request(format!("`nickname` is longer than {MAX_NICKNAME_BYTES} bytes")));
+    }
+    Ok(n.to_owned())
+}
+
+pub fn check_text(text: &str) -> Result<(), ApiError> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(ApiError::too_large(format!(
+            "`text` is {} bytes; the limit is {MAX_TEXT_BYTES}",
+            text.len()
+        )));
+    }
+    if text.trim().is_empty() {
+        return Err(ApiError::bad_request("`text` must not be empty"));
+    }
+    Ok(())
+}
+
+pub fn check_client_msg_id(id: &Option<String>) -> Result<(), ApiError> {
+    match id {
+        Some(id) if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_BYTES => Err(ApiError::bad_request(format!(
+            "`client_msg_id` must be 1 to {MAX_CLIENT_MSG_ID_BYTES} bytes"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    nickname: String,
+    #[serde(default)]
+    subject: Option<String>,
+}
+
+async fn create_session(State(s): State<AppState>, JsonBody(b): JsonBody<CreateBody>) -> Result<Response, ApiError> {
+    let nickname = check_nickname(&b.nickname)?;
+    if b.subject.as_ref().is_some_and(|s| s.len() > 1024) {
+        return Err(ApiError::bad_request("`subject` is longer than 1024 bytes"));
+    }
+    let created = s.instance.create_session(nickname, b.subject).await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn list_sessions(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = match q.get("state") {
+        None => None,
+        Some(v) => Some(
+            SessionState::parse(v)
+                .ok_or_else(|| ApiError::bad_request(format!("`state` must be waiting, active or closed, got {v:?}")))?,
+        ),
+    };
+    let sessions = s.instance.store().list_sessions(state, 1000).await?;
+    Ok(Json(json!({"sessions": sessions})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinBody {
+    nickname: String,
+}
+
+async fn join(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<JoinBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let nickname = check_nickname(&b.nickname)?;
+    let agent = s.instance.join(valid_id(&id)?, nickname).await?;
+    Ok(Json(json!({"participant_id": agent.participant_id})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageBody {
+    participant_id: String,
+    text: String,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+}
+
+async fn post_message(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<MessageBody>,
+) -> Result<Json<super::core::Posted>, ApiError> {
+    check_text(&b.text)?;
+    check_client_msg_id(&b.client_msg_id)?;
+    let posted = s
+        .instance
+        .post_message(valid_id(&id)?, &b.participant_id, b.text, b.client_msg_id)
+        .await?;
+    Ok(Json(posted))
+}
+
+async fn transcript(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<super::core::TranscriptView>, ApiError> {
+    let after = after_param(&q)?;
+    Ok(Json(s.instance.transcript(valid_id(&id)?, after).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaveBody {
+    participant_id: String,
+    #[serde(default)]
+    end_chat: bool,
+}
+
+async fn leave(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<LeaveBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = s.instance.leave(valid_id(&id)?, &b.participant_id, b.end_chat).await?;
+    Ok(Json(json!({"state": state})))
+}
+
+async fn restore(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<super::core::Restored>, ApiError> {
+    Ok(Json(s.instance.restore(valid_id(&id)?).await?))
+}
+
+async fn location(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::store::SessionRecord>, ApiError> {
+    let id = valid_id(&id)?;
+    s.instance
+        .store()
+        .locate(id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("chat {id} not found")))
+}
+
+async fn stream(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let after = after_param(&q)?;
+    let session = s.instance.live(valid_id(&id)?).await?;
+    let stop = s.stop.clone();
+    Ok(ws
+        .max_message_size(64 * 1024)
+        .on_upgrade(move |socket| push_events(socket, session, after, stop)))
+}
+
+/// WebSocket close codes: 1000 chat closed, 1001 instance shutting down,
+/// 1012 session moved (reconnect through the gateway).
+async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+async fn push_events(mut socket: WebSocket, session: Arc<LiveSession>, after: u64, stop: CancellationToken) {
+    let (backlog, mut rx, closed) = session.subscribe(after).await;
+    let mut last = after;
+    for v in backlog {
+        last = v.seq;
+        if send_event(&mut socket, &v).await.is_err() {
+            return;
+        }
+    }
+    if closed {
+        return close(socket, 1000, "chat closed").await;
+    }
+    loop {
+        tokio::select! {
+            biased;
+            r = rx.recv() => match r {
+                Ok(v) => {
+                    if !v.ephemeral {
+                        if v.seq <= last {
+                            continue;
+                        }
+                        last = v.seq;
+                    }
+                    if send_event(&mut socket, &v).await.is_err() {
+                        return;
+                    }
+                    if v.kind == EventKind::Closed {
+                        return close(socket, 1000, "chat closed").await;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {
+                    for v in session.events_after(last).await {
+                        last = v.seq;
+                        if send_event(&mut socket, &v).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(RecvError::Closed) => return close(socket, 1012, "session moved").await,
+            },
+            _ = session.gone.cancelled() => return close(socket, 1012, "session moved").await,
+            _ = stop.cancelled() => return close(socket, 1001, "instance shutting down").await,
+            incoming = socket.recv() => match incoming {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+async fn send_event(socket: &mut WebSocket, v: &session::EventView) -> Result<(), axum::Error> {
+    let text = serde_json::to_string(v).unwrap_or_default();
+    socket.send(Message::Text(text.into())).await
+}

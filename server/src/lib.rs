@@ -1,0 +1,13 @@
+//! confab: a highly available chat server for web chat between customers
+//! and contact-centre agents. The `confab` binary is a thin wrapper over
+//! this library; tests build the same applications.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod instance;
+pub mod session;
+pub mod store;
+pub mod telemetry;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

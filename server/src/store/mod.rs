@@ -1,0 +1,117 @@
+//! Where sessions live between messages: the session store (intermediate
+//! transcripts, one row per event, ownership with a fencing epoch) and the
+//! contact store (final transcripts of closed chats). Backends sit behind
+//! traits so the instance does not know which one it talks to.
+
+use crate::session::{Event, SessionState};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub mod sqlite;
+#[cfg(any(test, feature = "store-suite"))]
+pub mod suite;
+
+/// The stored header of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub session_id: String,
+    pub intx: String,
+    /// Instance that owns the session now (its location).
+    pub owner_instance: String,
+    /// Fencing token: bumped by every change of owner. Appends carry the
+    /// epoch their writer believes current and are refused otherwise.
+    pub epoch: u64,
+    pub state: SessionState,
+    pub subject: Option<String>,
+    pub created_at_ms: i64,
+}
+
+/// Events to add to one session, written only if `epoch` is still current.
+#[derive(Debug, Clone)]
+pub struct Append {
+    pub session_id: String,
+    pub epoch: u64,
+    pub events: Vec<Event>,
+    /// The session's state once these events are applied.
+    pub state: SessionState,
+}
+
+/// A closed chat's final transcript, as the contact store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinalTranscript {
+    pub session_id: String,
+    pub intx: String,
+    pub closed_at_ms: i64,
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("session {0} not found")]
+    NotFound(String),
+    #[error("session {session_id} now belongs to epoch {current}; a write with epoch {attempted} is refused")]
+    Fenced {
+        session_id: String,
+        attempted: u64,
+        current: u64,
+    },
+    #[error("session {0} is closed")]
+    Closed(String),
+    #[error("session {0} already exists")]
+    AlreadyExists(String),
+    #[error("event conflicts with a stored event: {0}")]
+    Conflict(String),
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Errors worth retrying (`transcript-resend-attempts`): the store may
+    /// answer next time. Fencing, closure and conflicts are final.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// "sqlite" or "cassandra": the `store` label of the metrics.
+    fn backend(&self) -> &'static str;
+
+    /// Create a session owned by `record.owner_instance` at `record.epoch`,
+    /// with its first events.
+    async fn create_session(&self, record: SessionRecord, events: Vec<Event>) -> StoreResult<()>;
+
+    /// Append events if `append.epoch` is the session's current epoch. The
+    /// events' sequence numbers must be new: nothing stored is overwritten.
+    async fn append_events(&self, append: Append) -> StoreResult<()>;
+
+    /// Take ownership for `new_owner`: bump the epoch, record the new
+    /// location, and return the session with its whole transcript.
+    async fn claim(&self, session_id: &str, new_owner: &str) -> StoreResult<(SessionRecord, Vec<Event>)>;
+
+    /// The session header alone (where it lives now).
+    async fn locate(&self, session_id: &str) -> StoreResult<Option<SessionRecord>>;
+
+    /// The session and its transcript, without changing anything.
+    async fn load(&self, session_id: &str) -> StoreResult<Option<(SessionRecord, Vec<Event>)>>;
+
+    /// Sessions in `state` (all when None), oldest first, at most `limit`.
+    async fn list_sessions(&self, state: Option<SessionState>, limit: usize) -> StoreResult<Vec<SessionRecord>>;
+
+    /// Remove a session and its events (after the final transcript is
+    /// stored), if `epoch` is still current.
+    async fn delete_session(&self, session_id: &str, epoch: u64) -> StoreResult<()>;
+
+    /// A cheap round trip, for availability probes.
+    async fn ping(&self) -> StoreResult<()>;
+}
+
+#[async_trait]
+pub trait ContactStore: Send + Sync + 'static {
+    /// Store a final transcript; storing the same session twice keeps the first.
+    async fn save_final_transcript(&self, transcript: FinalTranscript) -> StoreResult<()>;
+    async fn final_transcript(&self, session_id: &str) -> StoreResult<Option<FinalTranscript>>;
+}

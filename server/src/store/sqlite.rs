@@ -1,0 +1,503 @@
+//! The embedded session and contact store: one SQLite file in WAL mode,
+//! shared by every instance on the host.
+//!
+//! Writes go through one writer thread per process that group-commits: it
+//! takes every operation queued while the previous transaction was
+//! committing and runs them all in one `BEGIN IMMEDIATE` transaction, each
+//! inside its own savepoint so that one refused operation (a fenced append)
+//! does not undo the others. One fsync thus serves many sessions. Across
+//! processes, SQLite's write lock serialises the transactions, and the epoch
+//! check runs inside the same transaction as the insert, so a stale owner can
+//! never write after a newer owner has claimed the session.
+
+use super::{Append, ContactStore, FinalTranscript, SessionRecord, SessionStore, StoreError, StoreResult};
+use crate::config::Synchronous;
+use crate::session::{Event, EventKind, Role, SessionState};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id     TEXT PRIMARY KEY,
+    intx           TEXT NOT NULL,
+    owner_instance TEXT NOT NULL,
+    epoch          INTEGER NOT NULL,
+    state          TEXT NOT NULL,
+    subject        TEXT,
+    created_at     INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_by_state ON sessions (state, created_at);
+CREATE TABLE IF NOT EXISTS events (
+    session_id     TEXT NOT NULL,
+    seq            INTEGER NOT NULL,
+    kind           TEXT NOT NULL,
+    participant_id TEXT,
+    nickname       TEXT,
+    text           TEXT,
+    reason         TEXT,
+    role           TEXT,
+    client_msg_id  TEXT,
+    at             INTEGER NOT NULL,
+    PRIMARY KEY (session_id, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS events_client_msg_id
+    ON events (session_id, client_msg_id) WHERE client_msg_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS final_transcripts (
+    session_id TEXT PRIMARY KEY,
+    intx       TEXT NOT NULL,
+    closed_at  INTEGER NOT NULL,
+    transcript TEXT NOT NULL
+) WITHOUT ROWID;
+";
+
+/// How long a writer waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn open(path: &Path, synchronous: Synchronous) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", synchronous.pragma())?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+enum WriteOp {
+    Create(SessionRecord, Vec<Event>),
+    Append(Append),
+    Claim { session_id: String, owner: String },
+    Delete { session_id: String, epoch: u64 },
+}
+
+enum WriteOutput {
+    Done,
+    Claimed(Box<(SessionRecord, Vec<Event>)>),
+}
+
+type Reply = oneshot::Sender<StoreResult<WriteOutput>>;
+
+/// The SQLite session store.
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: mpsc::Sender<(WriteOp, Reply)>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the store at `path`. `max_batch` bounds the
+    /// operations group-committed in one transaction.
+    pub fn open(path: &Path, synchronous: Synchronous, max_batch: usize) -> StoreResult<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(unavailable)?;
+        }
+        let conn = open(path, synchronous).map_err(unavailable)?;
+        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        let reader = open(path, synchronous).map_err(unavailable)?;
+        let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, max_batch.max(1)))
+            .map_err(unavailable)?;
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            writer: tx,
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn write(&self, op: WriteOp) -> StoreResult<WriteOutput> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send((op, tx))
+            .await
+            .map_err(|_| unavailable("the writer thread has stopped"))?;
+        rx.await.map_err(|_| unavailable("the writer thread has stopped"))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || f(&reader.lock()))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)
+    }
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<(WriteOp, Reply)>, max_batch: usize) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let results = run_batch(&mut conn, &batch);
+        for ((_, reply), result) in batch.drain(..).zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// One transaction for the whole batch; one savepoint per operation.
+fn run_batch(conn: &mut Connection, batch: &[(WriteOp, Reply)]) -> Vec<StoreResult<WriteOutput>> {
+    let fail_all = |e: rusqlite::Error| batch.iter().map(|_| Err(unavailable(&e))).collect();
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(e),
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    for (op, _) in batch {
+        let result = match tx.savepoint() {
+            Err(e) => Err(unavailable(e)),
+            Ok(mut sp) => match apply(&mut sp, op) {
+                Ok(out) => sp.commit().map(|_| out).map_err(unavailable),
+                Err(e) => {
+                    let _ = sp.rollback();
+                    Err(e)
+                }
+            },
+        };
+        results.push(result);
+    }
+    match tx.commit() {
+        Ok(()) => results,
+        Err(e) => fail_all(e),
+    }
+}
+
+fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<WriteOutput> {
+    match op {
+        WriteOp::Create(record, events) => {
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO sessions (session_id, intx, owner_instance, epoch, state, subject, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        record.session_id,
+                        record.intx,
+                        record.owner_instance,
+                        record.epoch as i64,
+                        record.state.as_str(),
+                        record.subject,
+                        record.created_at_ms
+                    ])
+                })
+                .map_err(unavailable)?;
+            if inserted == 0 {
+                return Err(StoreError::AlreadyExists(record.session_id.clone()));
+            }
+            insert_events(conn, &record.session_id, events)?;
+            Ok(WriteOutput::Done)
+        }
+        WriteOp::Append(a) => {
+            let current = current_epoch(conn, &a.session_id)?;
+            check_epoch(&a.session_id, a.epoch, current)?;
+            insert_events(conn, &a.session_id, &a.events)?;
+            conn.prepare_cached("UPDATE sessions SET state = ?2 WHERE session_id = ?1 AND state <> ?2")
+                .and_then(|mut st| st.execute(params![a.session_id, a.state.as_str()]))
+                .map_err(unavailable)?;
+            Ok(WriteOutput::Done)
+        }
+        WriteOp::Claim { session_id, owner } => {
+            let Some(mut record) = select_session(conn, session_id).map_err(unavailable)? else {
+                return Err(StoreError::NotFound(session_id.clone()));
+            };
+            if record.state == SessionState::Closed {
+                return Err(StoreError::Closed(session_id.clone()));
+            }
+            record.epoch += 1;
+            record.owner_instance = owner.clone();
+            conn.prepare_cached("UPDATE sessions SET epoch = ?2, owner_instance = ?3 WHERE session_id = ?1")
+                .and_then(|mut st| st.execute(params![session_id, record.epoch as i64, owner]))
+                .map_err(unavailable)?;
+            let events = select_events(conn, session_id).map_err(unavailable)?;
+            Ok(WriteOutput::Claimed(Box::new((record, events))))
+        }
+        WriteOp::Delete { session_id, epoch } => {
+            let current = current_epoch(conn, session_id)?;
+            check_epoch(session_id, *epoch, current)?;
+            conn.prepare_cached("DELETE FROM events WHERE session_id = ?1")
+                .and_then(|mut st| st.execute(params![session_id]))
+                .map_err(unavailable)?;
+            conn.prepare_cached("DELETE FROM sessions WHERE session_id = ?1")
+                .and_then(|mut st| st.execute(params![session_id]))
+                .map_err(unavailable)?;
+            Ok(WriteOutput::Done)
+        }
+    }
+}
+
+fn current_epoch(conn: &Connection, session_id: &str) -> StoreResult<(u64, SessionState)> {
+    let row: Option<(i64, String)> = conn
+        .prepare_cached("SELECT epoch, state FROM sessions WHERE session_id = ?1")
+        .and_then(|mut st| st.query_row(params![session_id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(unavailable)?;
+    let (epoch, state) = row.ok_or_else(|| StoreError::NotFound(session_id.to_owned()))?;
+    Ok((epoch as u64, SessionState::parse(&state).unwrap_or(SessionState::Closed)))
+}
+
+fn check_epoch(session_id: &str, attempted: u64, (current, state): (u64, SessionState)) -> StoreResult<()> {
+    if current != attempted {
+        return Err(StoreError::Fenced {
+            session_id: session_id.to_owned(),
+            attempted,
+            current,
+        });
+    }
+    if state == SessionState::Closed {
+        return Err(StoreError::Closed(session_id.to_owned()));
+    }
+    Ok(())
+}
+
+fn insert_events(conn: &Connection, session_id: &str, events: &[Event]) -> StoreResult<()> {
+    let mut st = conn
+        .prepare_cached(
+            "INSERT INTO events (session_id, seq, kind, participant_id, nickname, text, reason, role, client_msg_id, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .map_err(unavailable)?;
+    for e in events {
+        st.execute(params![
+            session_id,
+            e.seq as i64,
+            e.kind.as_str(),
+            e.participant_id,
+            e.nickname,
+            e.text,
+            e.reason,
+            e.role.map(Role::as_str),
+            e.client_msg_id,
+            e.at_ms
+        ])
+        .map_err(|err| match err.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ConstraintViolation) => {
+                StoreError::Conflict(format!("session {session_id} seq {} or its client_msg_id already stored", e.seq))
+            }
+            _ => unavailable(err),
+        })?;
+    }
+    Ok(())
+}
+
+fn session_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
+    let state: String = r.get(4)?;
+    Ok(SessionRecord {
+        session_id: r.get(0)?,
+        intx: r.get(1)?,
+        owner_instance: r.get(2)?,
+        epoch: r.get::<_, i64>(3)? as u64,
+        state: SessionState::parse(&state).unwrap_or(SessionState::Closed),
+        subject: r.get(5)?,
+        created_at_ms: r.get(6)?,
+    })
+}
+
+const SESSION_COLUMNS: &str = "session_id, intx, owner_instance, epoch, state, subject, created_at";
+
+fn select_session(conn: &Connection, session_id: &str) -> rusqlite::Result<Option<SessionRecord>> {
+    conn.prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?1"))?
+        .query_row(params![session_id], session_from_row)
+        .optional()
+}
+
+fn select_events(conn: &Connection, session_id: &str) -> rusqlite::Result<Vec<Event>> {
+    let mut st = conn.prepare_cached(
+        "SELECT seq, kind, participant_id, nickname, text, reason, role, client_msg_id, at
+         FROM events WHERE session_id = ?1 ORDER BY seq",
+    )?;
+    let rows = st.query_map(params![session_id], |r| {
+        let kind: String = r.get(1)?;
+        let role: Option<String> = r.get(6)?;
+        Ok(Event {
+            seq: r.get::<_, i64>(0)? as u64,
+            kind: EventKind::parse(&kind).unwrap_or(EventKind::Notice),
+            participant_id: r.get(2)?,
+            nickname: r.get(3)?,
+            text: r.get(4)?,
+            reason: r.get(5)?,
+            role: role.as_deref().and_then(Role::parse),
+            client_msg_id: r.get(7)?,
+            at_ms: r.get(8)?,
+        })
+    })?;
+    rows.collect()
+}
+
+#[async_trait]
+impl SessionStore for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn create_session(&self, record: SessionRecord, events: Vec<Event>) -> StoreResult<()> {
+        self.write(WriteOp::Create(record, events)).await.map(|_| ())
+    }
+
+    async fn append_events(&self, append: Append) -> StoreResult<()> {
+        self.write(WriteOp::Append(append)).await.map(|_| ())
+    }
+
+    async fn claim(&self, session_id: &str, new_owner: &str) -> StoreResult<(SessionRecord, Vec<Event>)> {
+        match self
+            .write(WriteOp::Claim {
+                session_id: session_id.to_owned(),
+                owner: new_owner.to_owned(),
+            })
+            .await?
+        {
+            WriteOutput::Claimed(loaded) => Ok(*loaded),
+            WriteOutput::Done => Err(unavailable("claim returned no session")),
+        }
+    }
+
+    async fn locate(&self, session_id: &str) -> StoreResult<Option<SessionRecord>> {
+        let id = session_id.to_owned();
+        self.read(move |c| select_session(c, &id)).await
+    }
+
+    async fn load(&self, session_id: &str) -> StoreResult<Option<(SessionRecord, Vec<Event>)>> {
+        let id = session_id.to_owned();
+        self.read(move |c| {
+            // One read transaction so header and events are one snapshot.
+            c.execute_batch("BEGIN")?;
+            let result = (|| {
+                let Some(record) = select_session(c, &id)? else {
+                    return Ok(None);
+                };
+                Ok(Some((record, select_events(c, &id)?)))
+            })();
+            c.execute_batch("COMMIT")?;
+            result
+        })
+        .await
+    }
+
+    async fn list_sessions(&self, state: Option<SessionState>, limit: usize) -> StoreResult<Vec<SessionRecord>> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE (?1 IS NULL OR state = ?1) ORDER BY created_at LIMIT ?2"
+            ))?;
+            let rows = st.query_map(params![state.map(SessionState::as_str), limit as i64], session_from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn delete_session(&self, session_id: &str, epoch: u64) -> StoreResult<()> {
+        self.write(WriteOp::Delete {
+            session_id: session_id.to_owned(),
+            epoch,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+}
+
+/// Final transcripts in SQLite (by default the session store's own file).
+pub struct SqliteContactStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteContactStore {
+    pub fn open(path: &Path, synchronous: Synchronous) -> StoreResult<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(unavailable)?;
+        }
+        let conn = open(path, synchronous).map_err(unavailable)?;
+        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        Ok(SqliteContactStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+}
+
+#[async_trait]
+impl ContactStore for SqliteContactStore {
+    async fn save_final_transcript(&self, t: FinalTranscript) -> StoreResult<()> {
+        let conn = self.conn.clone();
+        let body = serde_json::to_string(&t.events).map_err(unavailable)?;
+        tokio::task::spawn_blocking(move || {
+            conn.lock().execute(
+                "INSERT INTO final_transcripts (session_id, intx, closed_at, transcript)
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                params![t.session_id, t.intx, t.closed_at_ms, body],
+            )
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn final_transcript(&self, session_id: &str) -> StoreResult<Option<FinalTranscript>> {
+        let conn = self.conn.clone();
+        let id = session_id.to_owned();
+        let row = tokio::task::spawn_blocking(move || {
+            conn.lock()
+                .query_row(
+                    "SELECT session_id, intx, closed_at, transcript FROM final_transcripts WHERE session_id = ?1",
+                    params![id],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?)),
+                )
+                .optional()
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)?;
+        row.map(|(session_id, intx, closed_at_ms, body)| {
+            Ok(FinalTranscript {
+                session_id,
+                intx,
+                closed_at_ms,
+                events: serde_json::from_str(&body).map_err(unavailable)?,
+            })
+        })
+        .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("confab-sqlite-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("confab.db")
+    }
+
+    #[tokio::test]
+    async fn sqlite_passes_the_store_suite() {
+        let path = temp_db("suite");
+        let open = || SqliteStore::open(&path, Synchronous::Full, 64).unwrap();
+        crate::store::suite::run_all(&open(), &open()).await;
+        let contacts = SqliteContactStore::open(&path, Synchronous::Full).unwrap();
+        crate::store::suite::contact_store(&contacts).await;
+    }
+}

@@ -1,0 +1,272 @@
+//! The session-store test suite, written once and run against every backend
+//! (SQLite always; Cassandra against the test node or a real cluster).
+//!
+//! `a` and `b` are two independent handles on the same store, standing for
+//! two instances: fencing must hold between them, not only within one.
+
+use super::{Append, ContactStore, FinalTranscript, SessionRecord, SessionStore, StoreError};
+use crate::session::{now_ms, Draft, Event, Participant, Role, SessionState};
+
+fn customer() -> Participant {
+    Participant {
+        participant_id: "cust".into(),
+        nickname: "Анна 李 🙂".into(),
+        role: Role::Customer,
+    }
+}
+
+fn new_record(owner: &str) -> SessionRecord {
+    SessionRecord {
+        session_id: format!("suite-{}", uuid::Uuid::new_v4()),
+        intx: format!("intx-{}", uuid::Uuid::new_v4()),
+        owner_instance: owner.into(),
+        epoch: 1,
+        state: SessionState::Waiting,
+        subject: Some("billing".into()),
+        created_at_ms: now_ms(),
+    }
+}
+
+fn message(seq: u64, text: &str, client_msg_id: Option<&str>) -> Event {
+    Draft::message(&customer(), text.into(), client_msg_id.map(str::to_owned)).into_event(seq, now_ms())
+}
+
+async fn create(store: &dyn SessionStore, owner: &str) -> SessionRecord {
+    let record = new_record(owner);
+    let joined = Draft::joined(&customer(), None).into_event(1, now_ms());
+    store.create_session(record.clone(), vec![joined]).await.expect("create");
+    record
+}
+
+fn append(record: &SessionRecord, epoch: u64, events: Vec<Event>) -> Append {
+    Append {
+        session_id: record.session_id.clone(),
+        epoch,
+        events,
+        state: SessionState::Waiting,
+    }
+}
+
+pub async fn run_all(a: &dyn SessionStore, b: &dyn SessionStore) {
+    create_and_load_round_trip(a, b).await;
+    appends_keep_order_and_text_exactly(a).await;
+    stale_owner_is_fenced_after_claim(a, b).await;
+    stored_events_are_never_overwritten(a).await;
+    client_msg_id_is_unique_per_session(a).await;
+    delete_requires_current_epoch(a, b).await;
+    closed_sessions_cannot_be_claimed_or_appended(a, b).await;
+    list_by_state_and_unknown_sessions(a).await;
+    concurrent_appends_all_land(a).await;
+}
+
+pub async fn create_and_load_round_trip(a: &dyn SessionStore, b: &dyn SessionStore) {
+    let record = create(a, "inst-a").await;
+    let (loaded, events) = b.load(&record.session_id).await.unwrap().expect("visible to b");
+    assert_eq!(loaded, record);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].nickname.as_deref(), Some("Анна 李 🙂"));
+    assert_eq!(events[0].role, Some(Role::Customer));
+    assert_eq!(
+        b.create_session(record.clone(), vec![]).await,
+        Err(StoreError::AlreadyExists(record.session_id.clone()))
+    );
+    assert_eq!(a.locate(&record.session_id).await.unwrap(), Some(record));
+}
+
+pub async fn appends_keep_order_and_text_exactly(a: &dyn SessionStore) {
+    let record = create(a, "inst-a").await;
+    let texts = ["Привет", "你好，世界", "emoji 🎉👍🏽", "plain ascii", "quote ' \" \\ \n newline"];
+    for (i, text) in texts.iter().enumerate() {
+        let seq = i as u64 + 2;
+        a.append_events(append(&record, 1, vec![message(seq, text, None)]))
+            .await
+            .unwrap();
+    }
+    let (_, events) = a.load(&record.session_id).await.unwrap().unwrap();
+    let got: Vec<_> = events.iter().skip(1).map(|e| e.text.clone().unwrap()).collect();
+    assert_eq!(got, texts);
+    let seqs: Vec<_> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+}
+
+/// The DESIGN §2 hazard: a paused old owner resumes and writes. Its write
+/// must be refused, and the new owner's transcript must hold only what was
+/// acknowledged to someone.
+pub async fn stale_owner_is_fenced_after_claim(a: &dyn SessionStore, b: &dyn SessionStore) {
+    let record = create(a, "inst-a").await;
+    a.append_events(append(&record, 1, vec![message(2, "before the pause", Some("m1"))]))
+        .await
+        .unwrap();
+
+    let (claimed, events) = b.claim(&record.session_id, "inst-b").await.unwrap();
+    assert_eq!(claimed.epoch, 2);
+    assert_eq!(claimed.owner_instance, "inst-b");
+    assert_eq!(events.len(), 2);
+    b.append_events(append(&record, 2, vec![message(3, "new owner", Some("m2"))]))
+        .await
+        .unwrap();
+
+    // The old owner wakes up and writes the same seq and a later one.
+    for seq in [3, 4] {
+        let err = a
+            .append_events(append(&record, 1, vec![message(seq, "stale owner", Some("m3"))]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::Fenced {
+                session_id: record.session_id.clone(),
+                attempted: 1,
+                current: 2
+            }
+        );
+    }
+    let (now, events) = b.load(&record.session_id).await.unwrap().unwrap();
+    assert_eq!(now.owner_instance, "inst-b");
+    let texts: Vec<_> = events.iter().filter_map(|e| e.text.clone()).collect();
+    assert_eq!(texts, vec!["before the pause", "new owner"]);
+
+    // A second claim fences the first claimer too.
+    let (again, _) = a.claim(&record.session_id, "inst-a").await.unwrap();
+    assert_eq!(again.epoch, 3);
+    assert!(matches!(
+        b.append_events(append(&record, 2, vec![message(4, "x", None)])).await,
+        Err(StoreError::Fenced { current: 3, .. })
+    ));
+}
+
+pub async fn stored_events_are_never_overwritten(a: &dyn SessionStore) {
+    let record = create(a, "inst-a").await;
+    a.append_events(append(&record, 1, vec![message(2, "original", None)]))
+        .await
+        .unwrap();
+    let err = a
+        .append_events(append(&record, 1, vec![message(2, "overwrite", None)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let (_, events) = a.load(&record.session_id).await.unwrap().unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].text.as_deref(), Some("original"));
+}
+
+pub async fn client_msg_id_is_unique_per_session(a: &dyn SessionStore) {
+    let record = create(a, "inst-a").await;
+    a.append_events(append(&record, 1, vec![message(2, "once", Some("retry-me"))]))
+        .await
+        .unwrap();
+    let err = a
+        .append_events(append(&record, 1, vec![message(3, "twice", Some("retry-me"))]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let (_, events) = a.load(&record.session_id).await.unwrap().unwrap();
+    assert_eq!(events.len(), 2, "the refused duplicate left nothing behind");
+    assert_eq!(events[1].client_msg_id.as_deref(), Some("retry-me"));
+
+    let other = create(a, "inst-a").await;
+    a.append_events(append(&other, 1, vec![message(2, "same id elsewhere", Some("retry-me"))]))
+        .await
+        .expect("ids are unique per session only");
+}
+
+pub async fn delete_requires_current_epoch(a: &dyn SessionStore, b: &dyn SessionStore) {
+    let record = create(a, "inst-a").await;
+    b.claim(&record.session_id, "inst-b").await.unwrap();
+    assert!(matches!(
+        a.delete_session(&record.session_id, 1).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert!(a.locate(&record.session_id).await.unwrap().is_some());
+    b.delete_session(&record.session_id, 2).await.unwrap();
+    assert_eq!(a.locate(&record.session_id).await.unwrap(), None);
+    assert_eq!(a.load(&record.session_id).await.unwrap(), None);
+}
+
+pub async fn closed_sessions_cannot_be_claimed_or_appended(a: &dyn SessionStore, b: &dyn SessionStore) {
+    let record = create(a, "inst-a").await;
+    let closed = Draft::closed("customer-left").into_event(2, now_ms());
+    a.append_events(Append {
+        state: SessionState::Closed,
+        ..append(&record, 1, vec![closed])
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        a.locate(&record.session_id).await.unwrap().map(|r| r.state),
+        Some(SessionState::Closed)
+    );
+    assert_eq!(
+        b.claim(&record.session_id, "inst-b").await.unwrap_err(),
+        StoreError::Closed(record.session_id.clone())
+    );
+    assert_eq!(
+        a.append_events(append(&record, 1, vec![message(3, "late", None)]))
+            .await
+            .unwrap_err(),
+        StoreError::Closed(record.session_id.clone())
+    );
+}
+
+pub async fn list_by_state_and_unknown_sessions(a: &dyn SessionStore) {
+    let record = create(a, "inst-a").await;
+    let waiting = a.list_sessions(Some(SessionState::Waiting), 100_000).await.unwrap();
+    assert!(waiting.iter().any(|r| r.session_id == record.session_id));
+    let active = a.list_sessions(Some(SessionState::Active), 100_000).await.unwrap();
+    assert!(!active.iter().any(|r| r.session_id == record.session_id));
+    assert_eq!(a.locate("no-such-session").await.unwrap(), None);
+    assert_eq!(
+        a.claim("no-such-session", "inst-a").await.unwrap_err(),
+        StoreError::NotFound("no-such-session".into())
+    );
+    assert!(matches!(
+        a.append_events(Append {
+            session_id: "no-such-session".into(),
+            epoch: 1,
+            events: vec![message(2, "x", None)],
+            state: SessionState::Waiting,
+        })
+        .await,
+        Err(StoreError::NotFound(_))
+    ));
+    a.ping().await.unwrap();
+}
+
+/// Many sessions appending at once (group commit): every append lands.
+pub async fn concurrent_appends_all_land(a: &dyn SessionStore) {
+    let mut records = Vec::new();
+    for _ in 0..20 {
+        records.push(create(a, "inst-a").await);
+    }
+    let writes = records.iter().map(|r| async move {
+        for seq in 2..12 {
+            a.append_events(append(r, 1, vec![message(seq, &format!("m{seq}"), Some(&format!("c{seq}")))]))
+                .await
+                .unwrap();
+        }
+    });
+    futures_util::future::join_all(writes).await;
+    for r in &records {
+        let (_, events) = a.load(&r.session_id).await.unwrap().unwrap();
+        let seqs: Vec<_> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..12).collect::<Vec<_>>());
+    }
+}
+
+pub async fn contact_store(c: &dyn ContactStore) {
+    let id = format!("suite-final-{}", uuid::Uuid::new_v4());
+    let t = FinalTranscript {
+        session_id: id.clone(),
+        intx: "intx-1".into(),
+        closed_at_ms: now_ms(),
+        events: vec![message(1, "Спасибо 🙏", None)],
+    };
+    c.save_final_transcript(t.clone()).await.unwrap();
+    let again = FinalTranscript {
+        events: vec![],
+        ..t.clone()
+    };
+    c.save_final_transcript(again).await.unwrap();
+    assert_eq!(c.final_transcript(&id).await.unwrap(), Some(t), "the first save is kept");
+    assert_eq!(c.final_transcript("none").await.unwrap(), None);
+}

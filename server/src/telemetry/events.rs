@@ -1,0 +1,46 @@
+//! Numbered lifecycle events (the README's event catalog). Each is logged
+//! with an `event_id` field; 59245, 59520 and 59521 keep the reference chat
+//! server's numbers and texts so that existing alarms match.
+
+/// `deleting session with sid=<id> and intx=<id> (current sessions=<n>)`
+pub const SESSION_DELETED: u32 = 59245;
+/// `Cassandra status changed to "UNAVAILABLE"`
+pub const CASSANDRA_UNAVAILABLE: u32 = 59520;
+/// `Cassandra status changed to "AVAILABLE"`
+pub const CASSANDRA_AVAILABLE: u32 = 59521;
+
+/// Instance started and serving.
+pub const INSTANCE_STARTED: u32 = 59600;
+/// Instance shutting down (SIGTERM / Ctrl-C): no new requests, pending saves flushed.
+pub const INSTANCE_STOPPING: u32 = 59601;
+/// Session created on this instance.
+pub const SESSION_CREATED: u32 = 59602;
+/// Restoration of a session started on this instance.
+pub const RESTORE_STARTED: u32 = 59603;
+/// Restoration done: the session is live here with a new epoch.
+pub const RESTORE_DONE: u32 = 59604;
+/// Restoration refused or failed.
+pub const RESTORE_FAILED: u32 = 59605;
+/// A transcript save failed; it will be retried.
+pub const SAVE_RETRY: u32 = 59606;
+/// A transcript save failed after all attempts (handled per transcript-save-on-error).
+pub const SAVE_FAILED: u32 = 59607;
+/// A write of this instance was refused because another instance owns the session now.
+pub const SESSION_FENCED: u32 = 59608;
+/// Instance disabled (draining): no new sessions.
+pub const INSTANCE_DISABLED: u32 = 59609;
+/// Instance enabled again.
+pub const INSTANCE_ENABLED: u32 = 59610;
+/// Drain complete: a disabled instance hosts no session any more.
+pub const DRAIN_COMPLETE: u32 = 59611;
+/// Session store status changed (any backend).
+pub const STORE_STATUS_CHANGED: u32 = 59612;
+
+/// Gateway: an instance failed its health check or a request.
+pub const GATEWAY_INSTANCE_DOWN: u32 = 59700;
+/// Gateway: an instance is healthy again.
+pub const GATEWAY_INSTANCE_UP: u32 = 59701;
+/// Gateway: a chat moved to another instance.
+pub const GATEWAY_FAILOVER: u32 = 59702;
+/// Gateway: a failover could not find a live instance.
+pub const GATEWAY_FAILOVER_FAILED: u32 = 59703;

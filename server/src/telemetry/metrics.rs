@@ -1,0 +1,94 @@
+//! Every metric confab exports (DESIGN §4), with its buckets. Names are
+//! Prometheus-style, in base units, and never labelled by session.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+pub const SESSIONS_CREATED: &str = "confab_sessions_created_total";
+pub const SESSIONS_CLOSED: &str = "confab_sessions_closed_total";
+pub const SESSIONS_RESTORED: &str = "confab_sessions_restored_total";
+pub const SESSIONS_ACTIVE: &str = "confab_sessions_active";
+pub const MESSAGES_SUBMITTED: &str = "confab_messages_submitted_total";
+pub const TRANSCRIPT_SAVES: &str = "confab_transcript_saves_total";
+pub const TRANSCRIPT_SAVE_DURATION: &str = "confab_transcript_save_duration_seconds";
+pub const RESTORE_DURATION: &str = "confab_restore_duration_seconds";
+pub const RESTORE_FAILURES: &str = "confab_restore_failures_total";
+pub const STORE_AVAILABLE: &str = "confab_store_available";
+pub const STORE_STATUS_TRANSITIONS: &str = "confab_store_status_transitions_total";
+pub const INSTANCE_ENABLED: &str = "confab_instance_enabled";
+pub const BUILD_INFO: &str = "confab_build_info";
+pub const GATEWAY_FAILOVERS: &str = "confab_gateway_failovers_total";
+pub const GATEWAY_INSTANCES_HEALTHY: &str = "confab_gateway_instances_healthy";
+pub const HTTP_REQUESTS: &str = "confab_http_requests_total";
+pub const HTTP_REQUEST_DURATION: &str = "confab_http_request_duration_seconds";
+
+/// Save latency buckets; 0.02 s is the save objective.
+const SAVE_BUCKETS: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+/// Restore latency buckets; 3 s is the restoration objective.
+const RESTORE_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0];
+const HTTP_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the process-wide recorder (once) and return its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(TRANSCRIPT_SAVE_DURATION.into()), SAVE_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(RESTORE_DURATION.into()), RESTORE_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(HTTP_REQUEST_DURATION.into()), HTTP_BUCKETS))
+                .expect("bucket lists are non-empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may exist in tests; the handle still renders ours.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Describe the metrics so `/metrics` carries HELP lines.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(SESSIONS_CREATED, "Sessions created on this instance.");
+    describe_counter!(SESSIONS_CLOSED, "Sessions closed on this instance.");
+    describe_counter!(SESSIONS_RESTORED, "Sessions this instance restored.");
+    describe_gauge!(SESSIONS_ACTIVE, "Sessions hosted now.");
+    describe_counter!(MESSAGES_SUBMITTED, "Messages accepted.");
+    describe_counter!(TRANSCRIPT_SAVES, "Transcript saves by result (ok, error).");
+    describe_histogram!(TRANSCRIPT_SAVE_DURATION, Unit::Seconds, "One transcript save, store round trip included.");
+    describe_histogram!(RESTORE_DURATION, Unit::Seconds, "Restore request to session live.");
+    describe_counter!(RESTORE_FAILURES, "Restore requests that failed.");
+    describe_gauge!(STORE_AVAILABLE, "1 when the session store answers, else 0.");
+    describe_counter!(STORE_STATUS_TRANSITIONS, "Session store availability transitions by new status.");
+    describe_gauge!(INSTANCE_ENABLED, "1 enabled, 0 disabled (draining).");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+    describe_counter!(GATEWAY_FAILOVERS, "Chats the gateway moved to another instance.");
+    describe_gauge!(GATEWAY_INSTANCES_HEALTHY, "Instances the gateway considers healthy and enabled.");
+    describe_counter!(HTTP_REQUESTS, "HTTP requests by component, route template, method and status.");
+    describe_histogram!(HTTP_REQUEST_DURATION, Unit::Seconds, "HTTP request duration by component, route template and method.");
+    metrics::gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
+}
+
+/// Axum middleware recording request counts and durations by route template.
+pub async fn track_http(
+    component: &'static str,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().as_str().to_owned();
+    let start = std::time::Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(HTTP_REQUESTS, "component" => component, "route" => route.clone(), "method" => method.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!(HTTP_REQUEST_DURATION, "component" => component, "route" => route, "method" => method)
+        .record(start.elapsed().as_secs_f64());
+    response
+}
