@@ -150,6 +150,9 @@ pub struct ServerConfig {
     pub store: StoreBackend,
     pub sqlite_path: PathBuf,
     pub sqlite_synchronous: Synchronous,
+    /// How long a write waits for another process's lock on the SQLite file
+    /// before the save counts as failed (and is retried per the settings).
+    pub sqlite_busy_timeout: Duration,
     /// Where final transcripts go; defaults to the session store's file.
     pub contact_store_path: Option<PathBuf>,
     pub admin_token: Option<String>,
@@ -206,6 +209,7 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("server", "store"),
     ("server", "sqlite-path"),
     ("server", "sqlite-synchronous"),
+    ("server", "sqlite-busy-timeout"),
     ("server", "contact-store-path"),
     ("server", "admin-token"),
     ("server", "admin-token-file"),
@@ -510,6 +514,7 @@ impl Layers {
                     ("extra", Synchronous::Extra),
                 ],
             )?,
+            sqlite_busy_timeout: self.duration("server.sqlite-busy-timeout", Duration::from_secs(5))?,
             contact_store_path: self.opt_string("server.contact-store-path")?.map(PathBuf::from),
             admin_token: self.secret("server.admin-token")?,
             admin_kill_enabled: self.boolean("server.admin-kill-enabled", false)?,

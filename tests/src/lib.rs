@@ -1,0 +1,345 @@
+//! Black-box test harness: starts the real `confab` binary on free loopback
+//! ports with a temporary data directory, talks to it over real HTTP and
+//! WebSocket, and kills it with real signals. Component logs go to files in
+//! the data directory; with `TEST_LOG` set they go to the terminal instead.
+
+use serde_json::{json, Value};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub mod ws;
+
+/// The `confab` binary, built once per test process with the same profile
+/// as the tests.
+pub fn confab_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "confab-server", "--bin", "confab", "--manifest-path"])
+            .arg(&manifest);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for the confab binary");
+        assert!(status.success(), "building the confab binary failed");
+        profile_dir.join("confab")
+    })
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub fn test_log() -> bool {
+    std::env::var_os("TEST_LOG").is_some()
+}
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// One `confab server` process.
+pub struct Server {
+    pub id: String,
+    pub port: u16,
+    pub url: String,
+    pub log: PathBuf,
+    pub db: PathBuf,
+    sets: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// Start an instance named `id` on the SQLite file `db`, with extra
+    /// `--set section.option=value` overrides.
+    pub async fn start(dir: &Path, id: &str, db: &Path, sets: &[&str]) -> Server {
+        let port = free_port();
+        let mut server = Server {
+            id: id.to_owned(),
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            log: dir.join(format!("{id}.log")),
+            db: db.to_owned(),
+            sets: sets.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let mut cmd = Command::new(confab_bin());
+        cmd.arg("--log-format")
+            .arg("json")
+            .arg("server")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--instance-id")
+            .arg(&self.id)
+            .arg("--sqlite-path")
+            .arg(&self.db)
+            .arg("--admin-token")
+            .arg(ADMIN_TOKEN);
+        for s in &self.sets {
+            cmd.arg("--set").arg(s);
+        }
+        cmd.stdin(Stdio::null());
+        if !test_log() {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .expect("log file");
+            cmd.stdout(log.try_clone().expect("log handle")).stderr(log);
+        }
+        self.child = Some(cmd.spawn().expect("starting confab server"));
+        self.wait_healthy().await;
+    }
+
+    async fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = reqwest::Client::new();
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("{} exited with {status} at start-up:\n{}", self.id, self.log_text());
+            }
+            if let Ok(r) = client.get(format!("{}/healthz", self.url)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "{} did not become healthy:\n{}", self.id, self.log_text());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with a pid we spawned; no memory is involved.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({}, {sig}) failed", self.pid());
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// SIGTERM, then wait for the exit (bounded) and return its code.
+    pub async fn terminate(&mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{} did not exit after SIGTERM", self.id);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Start again on the same port after a kill or stop.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Log lines (JSON) whose `event_id` is `id`.
+    pub fn events(&self, id: u64) -> Vec<Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event_id"].as_u64() == Some(id))
+            .collect()
+    }
+
+    pub fn internal(&self, path: &str) -> String {
+        format!("{}/internal/v1{path}", self.url)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_ref() {
+            // A paused child cannot die of SIGKILL until continued on some
+            // kernels' bookkeeping; continue it first.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGCONT);
+            }
+        }
+        self.kill();
+    }
+}
+
+/// A JSON answer: status and body.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Answer {
+    pub fn ok(self) -> Value {
+        assert!((200..300).contains(&self.status), "expected success, got {} {}", self.status, self.body);
+        self.body
+    }
+
+    pub fn error_code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+#[derive(Clone)]
+pub struct Http {
+    pub client: reqwest::Client,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+        }
+    }
+}
+
+impl Http {
+    async fn answer(r: reqwest::Result<reqwest::Response>) -> Result<Answer, String> {
+        let r = r.map_err(|e| e.to_string())?;
+        let status = r.status().as_u16();
+        let text = r.text().await.map_err(|e| e.to_string())?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok(Answer { status, body })
+    }
+
+    pub async fn try_post(&self, url: &str, body: &Value, token: Option<&str>) -> Result<Answer, String> {
+        let mut req = self.client.post(url).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Self::answer(req.send().await).await
+    }
+
+    pub async fn post(&self, url: &str, body: &Value, token: Option<&str>) -> Answer {
+        self.try_post(url, body, token).await.unwrap_or_else(|e| panic!("POST {url}: {e}"))
+    }
+
+    pub async fn post_raw(&self, url: &str, body: Vec<u8>, token: Option<&str>) -> Answer {
+        let mut req = self
+            .client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Self::answer(req.send().await).await.unwrap_or_else(|e| panic!("POST {url}: {e}"))
+    }
+
+    pub async fn try_get(&self, url: &str, token: Option<&str>) -> Result<Answer, String> {
+        let mut req = self.client.get(url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Self::answer(req.send().await).await
+    }
+
+    pub async fn get(&self, url: &str, token: Option<&str>) -> Answer {
+        self.try_get(url, token).await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+    }
+}
+
+/// Typed calls on an instance's internal API.
+impl Http {
+    pub async fn create_session(&self, s: &Server, nickname: &str) -> (String, String) {
+        let b = self
+            .post(&s.internal("/sessions"), &json!({"nickname": nickname}), None)
+            .await
+            .ok();
+        (
+            b["session_id"].as_str().expect("session_id").to_owned(),
+            b["participant_id"].as_str().expect("participant_id").to_owned(),
+        )
+    }
+
+    pub async fn send(&self, s: &Server, chat: &str, pid: &str, text: &str, client_msg_id: Option<&str>) -> Answer {
+        let mut body = json!({"participant_id": pid, "text": text});
+        if let Some(c) = client_msg_id {
+            body["client_msg_id"] = json!(c);
+        }
+        self.post(&s.internal(&format!("/sessions/{chat}/messages")), &body, None)
+            .await
+    }
+
+    pub async fn restore(&self, s: &Server, chat: &str) -> Answer {
+        self.post(&s.internal(&format!("/sessions/{chat}/restore")), &json!({}), None)
+            .await
+    }
+
+    pub async fn transcript(&self, s: &Server, chat: &str) -> Answer {
+        self.get(&s.internal(&format!("/sessions/{chat}/transcript")), None).await
+    }
+
+    pub async fn events(&self, s: &Server, chat: &str) -> Vec<Value> {
+        self.transcript(s, chat).await.ok()["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub async fn kpi(&self, s: &Server) -> Value {
+        self.get(&format!("{}/kpi", s.url), None).await.ok()
+    }
+}
+
+/// Message texts of a transcript, in order.
+pub fn texts(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["kind"] == "message")
+        .filter_map(|e| e["text"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A temporary data directory kept on failure when `TEST_KEEP` is set.
+pub fn data_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("confab-e2e-").tempdir().expect("temp dir");
+    if std::env::var_os("TEST_KEEP").is_some() {
+        eprintln!("data dir: {}", dir.path().display());
+    }
+    dir
+}

@@ -231,7 +231,12 @@ impl Instance {
             return Ok(s.clone());
         }
         match self.store.locate(session_id).await {
-            Ok(None) => Err(ApiError::not_found(format!("chat {session_id} not found"))),
+            // A closed chat's intermediate records are gone; its final
+            // transcript tells it apart from a chat that never existed.
+            Ok(None) => match self.contacts.final_transcript(session_id).await {
+                Ok(Some(_)) => Err(ApiError::closed(session_id)),
+                _ => Err(ApiError::not_found(format!("chat {session_id} not found"))),
+            },
             Ok(Some(r)) if r.state == SessionState::Closed => Err(ApiError::closed(session_id)),
             Ok(Some(_)) => Err(ApiError::not_owner(session_id)),
             Err(e) => Err(self.store_error(e)),
@@ -564,18 +569,16 @@ impl Instance {
         }
         if self.settings.transcript_save_on_error == SaveOnError::Close {
             // Close without a final update, as the reference does. The
-            // closing event is pushed to participants; storing it is tried
-            // once, best effort, so that no other instance restores the chat.
+            // closing event is pushed to participants now and written to the
+            // session store as soon as it answers again, so that no other
+            // instance restores the chat meanwhile.
             let closed = Draft::closed(reason::SAVE_ERROR_CLOSE).into_event(live.transcript.next_seq(), now_ms());
-            let _ = self
-                .store
-                .append_events(Append {
-                    session_id: session.id.clone(),
-                    epoch: live.epoch,
-                    events: vec![closed.clone()],
-                    state: SessionState::Closed,
-                })
-                .await;
+            self.spawn_tombstone(Append {
+                session_id: session.id.clone(),
+                epoch: live.epoch,
+                events: vec![closed.clone()],
+                state: SessionState::Closed,
+            });
             session.publish([EventView::from(&closed)]);
             live.transcript.push(closed);
             self.retire(session, live);
@@ -584,6 +587,22 @@ impl Instance {
             "save_failed",
             "the message could not be saved and was not accepted; retry with the same client_msg_id",
         ))
+    }
+
+    /// Keep trying to store a session's closing (after a save failure closed
+    /// it) until the store takes it or the session moved on.
+    fn spawn_tombstone(&self, append: Append) {
+        let store = self.store.clone();
+        let delay = self.settings.transcript_resend_delay.max(std::time::Duration::from_millis(100));
+        tokio::spawn(async move {
+            for _ in 0..600 {
+                match store.append_events(append.clone()).await {
+                    Err(e) if e.is_transient() => tokio::time::sleep(delay).await,
+                    _ => return,
+                }
+            }
+            tracing::error!(sid = %append.session_id, "gave up storing the closing of a session closed after save errors");
+        });
     }
 
     fn record_save(&self, start: Instant, ok: bool) {

@@ -5,7 +5,7 @@ pub mod core;
 pub mod routes;
 
 use crate::config::{Config, StoreBackend};
-use crate::store::sqlite::{SqliteContactStore, SqliteStore};
+use crate::store::sqlite::{SqliteContactStore, SqliteOptions, SqliteStore};
 use crate::store::{ContactStore, SessionStore};
 use crate::telemetry::{events, metrics as m};
 use anyhow::Context;
@@ -32,9 +32,14 @@ pub struct Application {
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let server = &config.server;
+        let sqlite = SqliteOptions {
+            synchronous: server.sqlite_synchronous,
+            busy_timeout: server.sqlite_busy_timeout,
+            max_batch: server.max_batch,
+        };
         let store: Arc<dyn SessionStore> = match server.store {
             StoreBackend::Sqlite => Arc::new(
-                SqliteStore::open(&server.sqlite_path, server.sqlite_synchronous, server.max_batch)
+                SqliteStore::open(&server.sqlite_path, sqlite)
                     .with_context(|| format!("opening the SQLite session store {}", server.sqlite_path.display()))?,
             ),
             StoreBackend::Cassandra => {
@@ -43,7 +48,7 @@ impl Application {
         };
         let contact_path = server.contact_store_path.clone().unwrap_or_else(|| server.sqlite_path.clone());
         let contacts: Arc<dyn ContactStore> = Arc::new(
-            SqliteContactStore::open(&contact_path, server.sqlite_synchronous)
+            SqliteContactStore::open(&contact_path, sqlite)
                 .with_context(|| format!("opening the contact store {}", contact_path.display()))?,
         );
         let handle = m::install();

@@ -55,14 +55,31 @@ CREATE TABLE IF NOT EXISTS final_transcripts (
 ) WITHOUT ROWID;
 ";
 
-/// How long a writer waits for another process's write lock.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How the store opens its file.
+#[derive(Debug, Clone, Copy)]
+pub struct SqliteOptions {
+    pub synchronous: Synchronous,
+    /// How long a writer waits for another process's write lock.
+    pub busy_timeout: Duration,
+    /// Most operations group-committed in one transaction.
+    pub max_batch: usize,
+}
 
-fn open(path: &Path, synchronous: Synchronous) -> rusqlite::Result<Connection> {
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            synchronous: Synchronous::Full,
+            busy_timeout: Duration::from_secs(5),
+            max_batch: 512,
+        }
+    }
+}
+
+fn open(path: &Path, options: SqliteOptions) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.busy_timeout(options.busy_timeout)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", synchronous.pragma())?;
+    conn.pragma_update(None, "synchronous", options.synchronous.pragma())?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(conn)
 }
@@ -93,19 +110,19 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Open (creating if needed) the store at `path`. `max_batch` bounds the
-    /// operations group-committed in one transaction.
-    pub fn open(path: &Path, synchronous: Synchronous, max_batch: usize) -> StoreResult<Self> {
+    /// Open (creating if needed) the store at `path`.
+    pub fn open(path: &Path, options: SqliteOptions) -> StoreResult<Self> {
+        let max_batch = options.max_batch.max(1);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let conn = open(path, synchronous).map_err(unavailable)?;
+        let conn = open(path, options).map_err(unavailable)?;
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
-        let reader = open(path, synchronous).map_err(unavailable)?;
-        let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
+        let reader = open(path, options).map_err(unavailable)?;
+        let (tx, rx) = mpsc::channel(max_batch * 4);
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, max_batch.max(1)))
+            .spawn(move || writer_loop(conn, rx, max_batch))
             .map_err(unavailable)?;
         Ok(SqliteStore {
             path: path.to_owned(),
@@ -424,11 +441,11 @@ pub struct SqliteContactStore {
 }
 
 impl SqliteContactStore {
-    pub fn open(path: &Path, synchronous: Synchronous) -> StoreResult<Self> {
+    pub fn open(path: &Path, options: SqliteOptions) -> StoreResult<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let conn = open(path, synchronous).map_err(unavailable)?;
+        let conn = open(path, options).map_err(unavailable)?;
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
         Ok(SqliteContactStore {
             conn: Arc::new(Mutex::new(conn)),
@@ -495,9 +512,13 @@ mod tests {
     #[tokio::test]
     async fn sqlite_passes_the_store_suite() {
         let path = temp_db("suite");
-        let open = || SqliteStore::open(&path, Synchronous::Full, 64).unwrap();
+        let options = SqliteOptions {
+            max_batch: 64,
+            ..SqliteOptions::default()
+        };
+        let open = || SqliteStore::open(&path, options).unwrap();
         crate::store::suite::run_all(&open(), &open()).await;
-        let contacts = SqliteContactStore::open(&path, Synchronous::Full).unwrap();
+        let contacts = SqliteContactStore::open(&path, options).unwrap();
         crate::store::suite::contact_store(&contacts).await;
     }
 }
