@@ -21,6 +21,9 @@ pub struct Cli {
 pub enum Command {
     /// Run one chat server instance.
     Server(ServerArgs),
+    /// Load-generate against a real instance and report figures against
+    /// the raw store rate measured in the same run.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Options every component takes: a TOML file and `section.option=value`
@@ -77,7 +80,10 @@ pub struct ServerArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -102,11 +108,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ("server.listen", args.listen.clone()),
                 ("server.instance-id", args.instance_id.clone()),
                 ("server.store", args.store.clone()),
-                ("server.sqlite-path", args.sqlite_path.as_ref().map(|p| p.display().to_string())),
+                (
+                    "server.sqlite-path",
+                    args.sqlite_path.as_ref().map(|p| p.display().to_string()),
+                ),
                 ("server.admin-token", args.admin_token.clone()),
             ])?;
             let app = crate::instance::Application::build(&config).await?;
-            app.run_until_stopped(crate::instance::shutdown_signal()).await
+            app.run_until_stopped(crate::instance::shutdown_signal())
+                .await
         }
+        Command::Bench(args) => crate::bench::run(args).await,
     }
 }

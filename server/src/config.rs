@@ -257,10 +257,12 @@ impl Layers {
     }
 
     pub fn from_toml(text: &str) -> Result<Self> {
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::File {
-            path: "<toml>".into(),
-            reason: e.to_string(),
-        })?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::File {
+                path: "<toml>".into(),
+                reason: e.to_string(),
+            })?;
         let mut layers = Layers::default();
         for (section, body) in table {
             let Value::Table(body) = body else {
@@ -294,7 +296,10 @@ impl Layers {
     }
 
     /// Overlay `section.option=value` flags.
-    pub fn with_overrides<'a>(mut self, overrides: impl IntoIterator<Item = &'a str>) -> Result<Self> {
+    pub fn with_overrides<'a>(
+        mut self,
+        overrides: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self> {
         for o in overrides {
             let (key, value) = o
                 .split_once('=')
@@ -362,8 +367,13 @@ impl Layers {
         let expected = format!("an integer from {min} to {max}");
         let n = match self.raw(key) {
             None => return Ok(default),
-            Some(v @ Value::Integer(i)) => u64::try_from(*i).map_err(|_| Self::invalid(key, v, &expected))?,
-            Some(v @ Value::String(s)) => s.trim().parse().map_err(|_| Self::invalid(key, v, &expected))?,
+            Some(v @ Value::Integer(i)) => {
+                u64::try_from(*i).map_err(|_| Self::invalid(key, v, &expected))?
+            }
+            Some(v @ Value::String(s)) => s
+                .trim()
+                .parse()
+                .map_err(|_| Self::invalid(key, v, &expected))?,
             Some(v) => return Err(Self::invalid(key, v, &expected)),
         };
         if n < min || n > max {
@@ -445,20 +455,36 @@ impl Layers {
             session_restoration_mode: self.choice(
                 "settings.session-restoration-mode",
                 RestorationMode::Simple,
-                &[("simple", RestorationMode::Simple), ("none", RestorationMode::None)],
+                &[
+                    ("simple", RestorationMode::Simple),
+                    ("none", RestorationMode::None),
+                ],
             )?,
             transcript_auto_save: self.choice(
                 "settings.transcript-auto-save",
                 AutoSave::Save,
-                &[("0", AutoSave::Off), ("1", AutoSave::Save), ("2", AutoSave::SaveAndNotify)],
+                &[
+                    ("0", AutoSave::Off),
+                    ("1", AutoSave::Save),
+                    ("2", AutoSave::SaveAndNotify),
+                ],
             )?,
             transcript_save_on_error: self.choice(
                 "settings.transcript-save-on-error",
                 SaveOnError::Close,
-                &[("close", SaveOnError::Close), ("continue", SaveOnError::Continue)],
+                &[
+                    ("close", SaveOnError::Close),
+                    ("continue", SaveOnError::Continue),
+                ],
             )?,
-            transcript_resend_attempts: self.integer("settings.transcript-resend-attempts", 3, 0, 100)? as u32,
-            transcript_resend_delay: self.duration("settings.transcript-resend-delay", Duration::from_secs(1))?,
+            transcript_resend_attempts: self.integer(
+                "settings.transcript-resend-attempts",
+                3,
+                0,
+                100,
+            )? as u32,
+            transcript_resend_delay: self
+                .duration("settings.transcript-resend-delay", Duration::from_secs(1))?,
             transcript_save_notices: self.boolean("settings.transcript-save-notices", true)?,
         };
         let consistency = |key: &str| -> Result<Consistency> {
@@ -475,7 +501,8 @@ impl Layers {
             username: self.string("cassandra.username", "")?,
             password: self.secret("cassandra.password")?,
             tls_ca_file: self.opt_string("cassandra.tls-ca-file")?.map(PathBuf::from),
-            reconnect_timeout: self.duration("cassandra.reconnect-timeout", Duration::from_secs(5))?,
+            reconnect_timeout: self
+                .duration("cassandra.reconnect-timeout", Duration::from_secs(5))?,
         };
         if cassandra.contact_points.is_empty() {
             return Err(ConfigError::Invalid {
@@ -486,7 +513,10 @@ impl Layers {
         }
         let keyspace_ok = !cassandra.keyspace.is_empty()
             && cassandra.keyspace.len() <= 48
-            && cassandra.keyspace.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            && cassandra
+                .keyspace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !keyspace_ok {
             return Err(Self::invalid(
                 "cassandra.keyspace",
@@ -501,7 +531,10 @@ impl Layers {
             store: self.choice(
                 "server.store",
                 StoreBackend::Sqlite,
-                &[("sqlite", StoreBackend::Sqlite), ("cassandra", StoreBackend::Cassandra)],
+                &[
+                    ("sqlite", StoreBackend::Sqlite),
+                    ("cassandra", StoreBackend::Cassandra),
+                ],
             )?,
             sqlite_path: PathBuf::from(self.string("server.sqlite-path", ".confab/confab.db")?),
             sqlite_synchronous: self.choice(
@@ -514,8 +547,11 @@ impl Layers {
                     ("extra", Synchronous::Extra),
                 ],
             )?,
-            sqlite_busy_timeout: self.duration("server.sqlite-busy-timeout", Duration::from_secs(5))?,
-            contact_store_path: self.opt_string("server.contact-store-path")?.map(PathBuf::from),
+            sqlite_busy_timeout: self
+                .duration("server.sqlite-busy-timeout", Duration::from_secs(5))?,
+            contact_store_path: self
+                .opt_string("server.contact-store-path")?
+                .map(PathBuf::from),
             admin_token: self.secret("server.admin-token")?,
             admin_kill_enabled: self.boolean("server.admin-kill-enabled", false)?,
             max_batch: self.integer("server.max-batch", 512, 1, 100_000)? as usize,
@@ -538,9 +574,15 @@ impl Layers {
             token_secret: self.secret("gateway.token-secret")?,
             agent_credential: self.opt_string("gateway.agent-credential")?,
             allowed_origins: self.list("gateway.allowed-origins", &[])?,
-            rate_limit_per_second: self.integer("gateway.rate-limit-per-second", 20, 1, 1_000_000)? as u32,
+            rate_limit_per_second: self.integer(
+                "gateway.rate-limit-per-second",
+                20,
+                1,
+                1_000_000,
+            )? as u32,
             rate_limit_burst: self.integer("gateway.rate-limit-burst", 40, 1, 1_000_000)? as u32,
-            health_interval: self.duration("gateway.health-interval", Duration::from_millis(250))?,
+            health_interval: self
+                .duration("gateway.health-interval", Duration::from_millis(250))?,
             admin_token: self.secret("gateway.admin-token")?,
         };
         Ok(Config {
@@ -598,12 +640,18 @@ transcript-save-notices = false
         assert_eq!(c.settings.transcript_auto_save, AutoSave::SaveAndNotify);
         assert_eq!(c.settings.transcript_save_on_error, SaveOnError::Continue);
         assert_eq!(c.settings.transcript_resend_attempts, 0);
-        assert_eq!(c.settings.transcript_resend_delay, Duration::from_millis(250));
+        assert_eq!(
+            c.settings.transcript_resend_delay,
+            Duration::from_millis(250)
+        );
         assert!(!c.settings.transcript_save_notices);
         assert!(!c.settings.restoration_enabled());
         let off = resolve("[settings]\ntranscript-auto-save = 0\n").unwrap();
         assert_eq!(off.settings.transcript_auto_save, AutoSave::Off);
-        assert!(!off.settings.restoration_enabled(), "no restoration without saves");
+        assert!(
+            !off.settings.restoration_enabled(),
+            "no restoration without saves"
+        );
     }
 
     #[test]
@@ -616,7 +664,9 @@ transcript-save-notices = false
         let err = resolve("[settings]\nsession-restoration-mode = \"fancy\"\n").unwrap_err();
         assert!(err.to_string().contains("\"simple\", \"none\""), "{err}");
         assert_eq!(
-            invalid_option(resolve("[settings]\ntranscript-save-on-error = \"ignore\"\n")),
+            invalid_option(resolve(
+                "[settings]\ntranscript-save-on-error = \"ignore\"\n"
+            )),
             "settings.transcript-save-on-error"
         );
         assert_eq!(
@@ -662,13 +712,25 @@ transcript-save-notices = false
         let layers = Layers::from_toml("[settings]\ntranscript-auto-save = 1\n")
             .unwrap()
             .with_env([
-                ("CONFAB_SETTINGS_TRANSCRIPT_AUTO_SAVE".to_string(), "2".to_string()),
-                ("CONFAB_CASSANDRA_CONTACT_POINTS".to_string(), "10.0.0.1:9042, 10.0.0.2:9042".to_string()),
-                ("CONFAB_CASSANDRA_WRITE_CONSISTENCY".to_string(), "local_quorum".to_string()),
+                (
+                    "CONFAB_SETTINGS_TRANSCRIPT_AUTO_SAVE".to_string(),
+                    "2".to_string(),
+                ),
+                (
+                    "CONFAB_CASSANDRA_CONTACT_POINTS".to_string(),
+                    "10.0.0.1:9042, 10.0.0.2:9042".to_string(),
+                ),
+                (
+                    "CONFAB_CASSANDRA_WRITE_CONSISTENCY".to_string(),
+                    "local_quorum".to_string(),
+                ),
             ]);
         let c = layers.resolve().unwrap();
         assert_eq!(c.settings.transcript_auto_save, AutoSave::SaveAndNotify);
-        assert_eq!(c.cassandra.contact_points, vec!["10.0.0.1:9042", "10.0.0.2:9042"]);
+        assert_eq!(
+            c.cassandra.contact_points,
+            vec!["10.0.0.1:9042", "10.0.0.2:9042"]
+        );
         assert_eq!(c.cassandra.write_consistency, Consistency::LocalQuorum);
         let c = layers
             .with_overrides(["settings.transcript-auto-save=0"])

@@ -35,7 +35,11 @@ impl ApiError {
     }
 
     pub fn closed(session_id: &str) -> Self {
-        Self::new(StatusCode::CONFLICT, "chat_closed", format!("chat {session_id} is closed"))
+        Self::new(
+            StatusCode::CONFLICT,
+            "chat_closed",
+            format!("chat {session_id} is closed"),
+        )
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
@@ -74,13 +78,23 @@ impl ApiError {
             source = s.source();
         }
         tracing::error!(error = %chain, "{context}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
     }
 }
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
     }
 }
 

@@ -2,6 +2,7 @@
 //! and contact-centre agents. The `confab` binary is a thin wrapper over
 //! this library; tests build the same applications.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod error;

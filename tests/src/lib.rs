@@ -18,17 +18,31 @@ pub fn confab_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf();
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "confab-server", "--bin", "confab", "--manifest-path"])
-            .arg(&manifest);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "confab-server",
+            "--bin",
+            "confab",
+            "--manifest-path",
+        ])
+        .arg(&manifest);
         if release {
             cmd.arg("--release");
         }
-        let status = cmd.status().expect("running cargo build for the confab binary");
+        let status = cmd
+            .status()
+            .expect("running cargo build for the confab binary");
         assert!(status.success(), "building the confab binary failed");
         profile_dir.join("confab")
     })
@@ -111,14 +125,23 @@ impl Server {
         let client = reqwest::Client::new();
         loop {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("{} exited with {status} at start-up:\n{}", self.id, self.log_text());
+                panic!(
+                    "{} exited with {status} at start-up:\n{}",
+                    self.id,
+                    self.log_text()
+                );
             }
             if let Ok(r) = client.get(format!("{}/healthz", self.url)).send().await {
                 if r.status().is_success() {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "{} did not become healthy:\n{}", self.id, self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "{} did not become healthy:\n{}",
+                self.id,
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -212,7 +235,12 @@ pub struct Answer {
 
 impl Answer {
     pub fn ok(self) -> Value {
-        assert!((200..300).contains(&self.status), "expected success, got {} {}", self.status, self.body);
+        assert!(
+            (200..300).contains(&self.status),
+            "expected success, got {} {}",
+            self.status,
+            self.body
+        );
         self.body
     }
 
@@ -246,7 +274,12 @@ impl Http {
         Ok(Answer { status, body })
     }
 
-    pub async fn try_post(&self, url: &str, body: &Value, token: Option<&str>) -> Result<Answer, String> {
+    pub async fn try_post(
+        &self,
+        url: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Result<Answer, String> {
         let mut req = self.client.post(url).json(body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -255,7 +288,9 @@ impl Http {
     }
 
     pub async fn post(&self, url: &str, body: &Value, token: Option<&str>) -> Answer {
-        self.try_post(url, body, token).await.unwrap_or_else(|e| panic!("POST {url}: {e}"))
+        self.try_post(url, body, token)
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: {e}"))
     }
 
     pub async fn post_raw(&self, url: &str, body: Vec<u8>, token: Option<&str>) -> Answer {
@@ -267,7 +302,9 @@ impl Http {
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
-        Self::answer(req.send().await).await.unwrap_or_else(|e| panic!("POST {url}: {e}"))
+        Self::answer(req.send().await)
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: {e}"))
     }
 
     pub async fn try_get(&self, url: &str, token: Option<&str>) -> Result<Answer, String> {
@@ -279,7 +316,9 @@ impl Http {
     }
 
     pub async fn get(&self, url: &str, token: Option<&str>) -> Answer {
-        self.try_get(url, token).await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        self.try_get(url, token)
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
     }
 }
 
@@ -287,31 +326,54 @@ impl Http {
 impl Http {
     pub async fn create_session(&self, s: &Server, nickname: &str) -> (String, String) {
         let b = self
-            .post(&s.internal("/sessions"), &json!({"nickname": nickname}), None)
+            .post(
+                &s.internal("/sessions"),
+                &json!({"nickname": nickname}),
+                None,
+            )
             .await
             .ok();
         (
             b["session_id"].as_str().expect("session_id").to_owned(),
-            b["participant_id"].as_str().expect("participant_id").to_owned(),
+            b["participant_id"]
+                .as_str()
+                .expect("participant_id")
+                .to_owned(),
         )
     }
 
-    pub async fn send(&self, s: &Server, chat: &str, pid: &str, text: &str, client_msg_id: Option<&str>) -> Answer {
+    pub async fn send(
+        &self,
+        s: &Server,
+        chat: &str,
+        pid: &str,
+        text: &str,
+        client_msg_id: Option<&str>,
+    ) -> Answer {
         let mut body = json!({"participant_id": pid, "text": text});
         if let Some(c) = client_msg_id {
             body["client_msg_id"] = json!(c);
         }
-        self.post(&s.internal(&format!("/sessions/{chat}/messages")), &body, None)
-            .await
+        self.post(
+            &s.internal(&format!("/sessions/{chat}/messages")),
+            &body,
+            None,
+        )
+        .await
     }
 
     pub async fn restore(&self, s: &Server, chat: &str) -> Answer {
-        self.post(&s.internal(&format!("/sessions/{chat}/restore")), &json!({}), None)
-            .await
+        self.post(
+            &s.internal(&format!("/sessions/{chat}/restore")),
+            &json!({}),
+            None,
+        )
+        .await
     }
 
     pub async fn transcript(&self, s: &Server, chat: &str) -> Answer {
-        self.get(&s.internal(&format!("/sessions/{chat}/transcript")), None).await
+        self.get(&s.internal(&format!("/sessions/{chat}/transcript")), None)
+            .await
     }
 
     pub async fn events(&self, s: &Server, chat: &str) -> Vec<Value> {
@@ -337,7 +399,10 @@ pub fn texts(events: &[Value]) -> Vec<String> {
 
 /// A temporary data directory kept on failure when `TEST_KEEP` is set.
 pub fn data_dir() -> tempfile::TempDir {
-    let dir = tempfile::Builder::new().prefix("confab-e2e-").tempdir().expect("temp dir");
+    let dir = tempfile::Builder::new()
+        .prefix("confab-e2e-")
+        .tempdir()
+        .expect("temp dir");
     if std::env::var_os("TEST_KEEP").is_some() {
         eprintln!("data dir: {}", dir.path().display());
     }

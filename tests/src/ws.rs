@@ -15,7 +15,9 @@ pub struct EventStream {
 
 impl EventStream {
     pub async fn connect(url: &str) -> Result<EventStream, String> {
-        let (socket, _) = tokio_tungstenite::connect_async(url).await.map_err(|e| e.to_string())?;
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .map_err(|e| e.to_string())?;
         let (_, mut read) = socket.split();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -37,7 +39,10 @@ impl EventStream {
             }
             let _ = tx.send(None);
         });
-        Ok(EventStream { rx, closed_with: None })
+        Ok(EventStream {
+            rx,
+            closed_with: None,
+        })
     }
 
     /// The next event, or None when the stream ended or `timeout` passed.
@@ -57,7 +62,11 @@ impl EventStream {
     }
 
     /// Read until an event matches `pred` (returning it), or time out.
-    pub async fn until(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+    pub async fn until(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());

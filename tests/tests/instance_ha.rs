@@ -16,13 +16,27 @@ struct Sent {
     in_flight: Option<(String, String)>,
 }
 
-async fn sender(http: Http, url: String, chat: String, pid: String, sent: Arc<Mutex<Sent>>, max: usize) {
+async fn sender(
+    http: Http,
+    url: String,
+    chat: String,
+    pid: String,
+    sent: Arc<Mutex<Sent>>,
+    max: usize,
+) {
     for i in 0..max {
         let text = format!("{chat}-m{i} héllo 🙂");
         let cmid = format!("c{i}");
         sent.lock().await.in_flight = Some((cmid.clone(), text.clone()));
         let body = serde_json::json!({"participant_id": pid, "text": text, "client_msg_id": cmid});
-        match http.try_post(&format!("{url}/internal/v1/sessions/{chat}/messages"), &body, None).await {
+        match http
+            .try_post(
+                &format!("{url}/internal/v1/sessions/{chat}/messages"),
+                &body,
+                None,
+            )
+            .await
+        {
             Ok(a) if a.status == 200 => {
                 let mut s = sent.lock().await;
                 s.acked.push((a.body["seq"].as_u64().unwrap(), cmid, text));
@@ -58,17 +72,32 @@ async fn kill_minus_nine_mid_conversation_then_restore_on_the_other_instance() {
     for i in 0..12 {
         let (chat, pid) = http.create_session(&a, &format!("customer {i}")).await;
         let agent = http
-            .post(&a.internal(&format!("/sessions/{chat}/join")), &serde_json::json!({"nickname": "Agent Смит"}), None)
+            .post(
+                &a.internal(&format!("/sessions/{chat}/join")),
+                &serde_json::json!({"nickname": "Agent Смит"}),
+                None,
+            )
             .await
             .ok();
-        chats.push((chat, pid, agent["participant_id"].as_str().unwrap().to_owned()));
+        chats.push((
+            chat,
+            pid,
+            agent["participant_id"].as_str().unwrap().to_owned(),
+        ));
     }
     let mut tasks = Vec::new();
     let mut records = Vec::new();
     for (chat, pid, _) in &chats {
         let sent = Arc::new(Mutex::new(Sent::default()));
         records.push(sent.clone());
-        tasks.push(tokio::spawn(sender(http.clone(), a.url.clone(), chat.clone(), pid.clone(), sent, 100_000)));
+        tasks.push(tokio::spawn(sender(
+            http.clone(),
+            a.url.clone(),
+            chat.clone(),
+            pid.clone(),
+            sent,
+            100_000,
+        )));
     }
     // Let the conversation run, then kill the owner mid-stream.
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -80,7 +109,10 @@ async fn kill_minus_nine_mid_conversation_then_restore_on_the_other_instance() {
     let mut total_acked = 0;
     for ((chat, pid, _), sent) in chats.iter().zip(&records) {
         let sent = sent.lock().await;
-        assert!(!sent.acked.is_empty(), "chat {chat} got no message through before the kill");
+        assert!(
+            !sent.acked.is_empty(),
+            "chat {chat} got no message through before the kill"
+        );
         total_acked += sent.acked.len();
         let r = http.restore(&b, chat).await.ok();
         assert_eq!(r["instance_id"], "inst-b");
@@ -100,24 +132,46 @@ async fn kill_minus_nine_mid_conversation_then_restore_on_the_other_instance() {
         assert_eq!(again["seq"].as_u64(), Some(*seq0));
         assert_eq!(again["duplicate"], true);
 
-        http.send(&b, chat, pid, "after the failover", None).await.ok();
+        http.send(&b, chat, pid, "after the failover", None)
+            .await
+            .ok();
         expected.push("after the failover".into());
 
         let events = http.events(&b, chat).await;
-        assert_eq!(texts(&events), expected, "chat {chat}: every acknowledged message once, in order");
+        assert_eq!(
+            texts(&events),
+            expected,
+            "chat {chat}: every acknowledged message once, in order"
+        );
         let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
-        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "gapless seqs: {seqs:?}");
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "gapless seqs: {seqs:?}"
+        );
         for (seq, _, text) in &sent.acked {
-            let e = events.iter().find(|e| e["seq"].as_u64() == Some(*seq)).unwrap();
-            assert_eq!(e["text"].as_str(), Some(text.as_str()), "acknowledged seq {seq} kept its message");
+            let e = events
+                .iter()
+                .find(|e| e["seq"].as_u64() == Some(*seq))
+                .unwrap();
+            assert_eq!(
+                e["text"].as_str(),
+                Some(text.as_str()),
+                "acknowledged seq {seq} kept its message"
+            );
         }
         let notices = kinds_with_reason(&events);
         assert_eq!(
-            notices.iter().filter(|k| *k == &("left".to_string(), "disconnected".to_string())).count(),
+            notices
+                .iter()
+                .filter(|k| *k == &("left".to_string(), "disconnected".to_string()))
+                .count(),
             2
         );
         assert_eq!(
-            notices.iter().filter(|k| *k == &("joined".to_string(), "reconnected".to_string())).count(),
+            notices
+                .iter()
+                .filter(|k| *k == &("joined".to_string(), "reconnected".to_string()))
+                .count(),
             2
         );
     }
@@ -134,7 +188,9 @@ async fn a_paused_owner_cannot_write_after_its_session_was_restored_elsewhere() 
     let b = Server::start(dir.path(), "inst-b", &db, &[]).await;
     let http = Http::default();
     let (chat, pid) = http.create_session(&a, "Ann").await;
-    http.send(&a, &chat, &pid, "before the pause", None).await.ok();
+    http.send(&a, &chat, &pid, "before the pause", None)
+        .await
+        .ok();
 
     a.pause();
     // A request reaches the paused owner and waits in its socket backlog.
@@ -143,8 +199,12 @@ async fn a_paused_owner_cannot_write_after_its_session_was_restored_elsewhere() 
         let url = a.internal(&format!("/sessions/{chat}/messages"));
         let pid = pid.clone();
         tokio::spawn(async move {
-            http.post(&url, &serde_json::json!({"participant_id": pid, "text": "stale write"}), None)
-                .await
+            http.post(
+                &url,
+                &serde_json::json!({"participant_id": pid, "text": "stale write"}),
+                None,
+            )
+            .await
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -153,7 +213,11 @@ async fn a_paused_owner_cannot_write_after_its_session_was_restored_elsewhere() 
     a.resume();
 
     let answer = stale.await.unwrap();
-    assert_eq!(answer.status, 421, "the stale owner's write must be refused: {:?}", answer.body);
+    assert_eq!(
+        answer.status, 421,
+        "the stale owner's write must be refused: {:?}",
+        answer.body
+    );
     assert_eq!(answer.error_code(), "not_owner");
     // And any later write on the old owner too.
     let later = http.send(&a, &chat, &pid, "later stale write", None).await;
@@ -161,7 +225,12 @@ async fn a_paused_owner_cannot_write_after_its_session_was_restored_elsewhere() 
 
     let events = http.events(&b, &chat).await;
     assert_eq!(texts(&events), vec!["before the pause", "new owner"]);
-    assert_eq!(a.events(59608).len(), 1, "the fencing is logged once:\n{}", a.log_text());
+    assert_eq!(
+        a.events(59608).len(),
+        1,
+        "the fencing is logged once:\n{}",
+        a.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -172,13 +241,22 @@ async fn client_msg_id_is_idempotent_across_a_kill() {
     let b = Server::start(dir.path(), "inst-b", &db, &[]).await;
     let http = Http::default();
     let (chat, pid) = http.create_session(&a, "Ann").await;
-    let first = http.send(&a, &chat, &pid, "exactly once", Some("msg-42")).await.ok();
+    let first = http
+        .send(&a, &chat, &pid, "exactly once", Some("msg-42"))
+        .await
+        .ok();
     let seq = first["seq"].as_u64().unwrap();
-    let same = http.send(&a, &chat, &pid, "exactly once", Some("msg-42")).await.ok();
+    let same = http
+        .send(&a, &chat, &pid, "exactly once", Some("msg-42"))
+        .await
+        .ok();
     assert_eq!(same["seq"].as_u64(), Some(seq));
     a.kill();
     http.restore(&b, &chat).await.ok();
-    let retry = http.send(&b, &chat, &pid, "exactly once", Some("msg-42")).await.ok();
+    let retry = http
+        .send(&b, &chat, &pid, "exactly once", Some("msg-42"))
+        .await
+        .ok();
     assert_eq!(retry["seq"].as_u64(), Some(seq));
     assert_eq!(retry["duplicate"], true);
     let events = http.events(&b, &chat).await;
@@ -200,7 +278,14 @@ async fn sigterm_flushes_pending_saves_and_loses_nothing_acknowledged() {
     for (chat, pid) in &chats {
         let sent = Arc::new(Mutex::new(Sent::default()));
         records.push(sent.clone());
-        tasks.push(tokio::spawn(sender(http.clone(), a.url.clone(), chat.clone(), pid.clone(), sent, 100_000)));
+        tasks.push(tokio::spawn(sender(
+            http.clone(),
+            a.url.clone(),
+            chat.clone(),
+            pid.clone(),
+            sent,
+            100_000,
+        )));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let code = a.terminate().await;
@@ -221,7 +306,10 @@ async fn sigterm_flushes_pending_saves_and_loses_nothing_acknowledged() {
         assert_eq!(&stored[..acked.len()], &acked[..], "chat {chat}");
         assert!(stored.len() <= acked.len() + 1);
         if stored.len() == acked.len() + 1 {
-            assert_eq!(Some(&stored[acked.len()]), sent.in_flight.as_ref().map(|(_, t)| t));
+            assert_eq!(
+                Some(&stored[acked.len()]),
+                sent.in_flight.as_ref().map(|(_, t)| t)
+            );
         }
     }
 }

@@ -20,7 +20,8 @@ impl StoreMonitor {
     pub fn new(backend: &'static str) -> Arc<Self> {
         metrics::gauge!(m::STORE_AVAILABLE, "store" => backend).set(1.0);
         for status in ["available", "unavailable"] {
-            metrics::counter!(m::STORE_STATUS_TRANSITIONS, "store" => backend, "status" => status).absolute(0);
+            metrics::counter!(m::STORE_STATUS_TRANSITIONS, "store" => backend, "status" => status)
+                .absolute(0);
         }
         Arc::new(StoreMonitor {
             backend,
@@ -48,8 +49,16 @@ impl StoreMonitor {
         if self.available.swap(available, Ordering::SeqCst) == available {
             return;
         }
-        let status = if available { "AVAILABLE" } else { "UNAVAILABLE" };
-        metrics::gauge!(m::STORE_AVAILABLE, "store" => self.backend).set(if available { 1.0 } else { 0.0 });
+        let status = if available {
+            "AVAILABLE"
+        } else {
+            "UNAVAILABLE"
+        };
+        metrics::gauge!(m::STORE_AVAILABLE, "store" => self.backend).set(if available {
+            1.0
+        } else {
+            0.0
+        });
         metrics::counter!(m::STORE_STATUS_TRANSITIONS, "store" => self.backend, "status" => status.to_ascii_lowercase())
             .increment(1);
         let error = error.map(|e| e.to_string()).unwrap_or_default();
@@ -60,12 +69,20 @@ impl StoreMonitor {
                 events::CASSANDRA_UNAVAILABLE
             };
             if available {
-                tracing::info!(event_id, store = self.backend, "Cassandra status changed to \"{status}\"");
+                tracing::info!(
+                    event_id,
+                    store = self.backend,
+                    "Cassandra status changed to \"{status}\""
+                );
             } else {
                 tracing::error!(event_id, store = self.backend, error = %error, "Cassandra status changed to \"{status}\"");
             }
         } else if available {
-            tracing::info!(event_id = events::STORE_STATUS_CHANGED, store = self.backend, "Session store status changed to \"{status}\"");
+            tracing::info!(
+                event_id = events::STORE_STATUS_CHANGED,
+                store = self.backend,
+                "Session store status changed to \"{status}\""
+            );
         } else {
             tracing::error!(event_id = events::STORE_STATUS_CHANGED, store = self.backend, error = %error, "Session store status changed to \"{status}\"");
         }

@@ -5,10 +5,12 @@ use super::availability::StoreMonitor;
 use crate::config::{AutoSave, SaveOnError, Settings};
 use crate::error::ApiError;
 use crate::session::{
-    now_ms, reason, Draft, Event, EventKind, EventView, Participant, Role, SessionState, StateError,
-    Transcript,
+    now_ms, reason, Draft, Event, EventKind, EventView, Participant, Role, SessionState,
+    StateError, Transcript,
 };
-use crate::store::{Append, ContactStore, FinalTranscript, SessionRecord, SessionStore, StoreError};
+use crate::store::{
+    Append, ContactStore, FinalTranscript, SessionRecord, SessionStore, StoreError,
+};
 use crate::telemetry::{events, metrics as m};
 use parking_lot::RwLock;
 use serde::Serialize;
@@ -60,18 +62,41 @@ impl LiveSession {
 
     /// Events after `after` and a receiver for everything pushed later,
     /// taken under one lock so that nothing falls between them.
-    pub async fn subscribe(&self, after: u64) -> (Vec<EventView>, broadcast::Receiver<Arc<EventView>>, bool) {
+    pub async fn subscribe(
+        &self,
+        after: u64,
+    ) -> (Vec<EventView>, broadcast::Receiver<Arc<EventView>>, bool) {
         let live = self.inner.lock().await;
-        let backlog = live.transcript.after(after).iter().map(EventView::from).collect();
-        (backlog, self.push.subscribe(), live.transcript.state == SessionState::Closed)
+        let backlog = live
+            .transcript
+            .after(after)
+            .iter()
+            .map(EventView::from)
+            .collect();
+        (
+            backlog,
+            self.push.subscribe(),
+            live.transcript.state == SessionState::Closed,
+        )
     }
 
     pub async fn events_after(&self, after: u64) -> Vec<EventView> {
         let live = self.inner.lock().await;
-        live.transcript.after(after).iter().map(EventView::from).collect()
+        live.transcript
+            .after(after)
+            .iter()
+            .map(EventView::from)
+            .collect()
+    }
+
+    fn has_listeners(&self) -> bool {
+        self.push.receiver_count() > 0
     }
 
     fn publish(&self, views: impl IntoIterator<Item = EventView>) {
+        if !self.has_listeners() {
+            return;
+        }
         for v in views {
             // No receiver is fine: nobody is connected by WebSocket.
             let _ = self.push.send(Arc::new(v));
@@ -276,8 +301,12 @@ impl Instance {
         }
     }
 
-    #[tracing::instrument(skip(self, nickname, subject), fields(chat_id))]
-    pub async fn create_session(&self, nickname: String, subject: Option<String>) -> Result<Created, ApiError> {
+    #[tracing::instrument(level = "debug", skip(self, nickname, subject), fields(chat_id))]
+    pub async fn create_session(
+        &self,
+        nickname: String,
+        subject: Option<String>,
+    ) -> Result<Created, ApiError> {
         if !self.is_enabled() {
             return Err(ApiError::unavailable(
                 "instance_disabled",
@@ -285,7 +314,10 @@ impl Instance {
             ));
         }
         if !self.monitor.is_available() {
-            return Err(ApiError::unavailable("store_unavailable", "the session store is unavailable"));
+            return Err(ApiError::unavailable(
+                "store_unavailable",
+                "the session store is unavailable",
+            ));
         }
         let record = SessionRecord {
             session_id: uuid::Uuid::new_v4().simple().to_string(),
@@ -305,7 +337,11 @@ impl Instance {
         let joined = Draft::joined(&customer, None).into_event(1, record.created_at_ms);
         // The header is stored even with auto-save off: it is the chat's
         // location for the gateway. Events are saved only with auto-save on.
-        let stored_events = if self.saves_enabled() { vec![joined.clone()] } else { vec![] };
+        let stored_events = if self.saves_enabled() {
+            vec![joined.clone()]
+        } else {
+            vec![]
+        };
         let start = Instant::now();
         self.store
             .create_session(record.clone(), stored_events)
@@ -334,21 +370,24 @@ impl Instance {
         })
     }
 
-    #[tracing::instrument(skip(self, nickname), fields(chat_id = %session_id))]
+    #[tracing::instrument(level = "debug", skip(self, nickname), fields(chat_id = %session_id))]
     pub async fn join(&self, session_id: &str, nickname: String) -> Result<Participant, ApiError> {
         let session = self.live(session_id).await?;
         let mut live = session.inner.lock().await;
-        live.transcript.check_open().map_err(|e| state_error(session_id, e))?;
+        live.transcript
+            .check_open()
+            .map_err(|e| state_error(session_id, e))?;
         let agent = Participant {
             participant_id: uuid::Uuid::new_v4().simple().to_string(),
             nickname,
             role: Role::Agent,
         };
-        self.append(&session, &mut live, vec![Draft::joined(&agent, None)]).await?;
+        self.append(&session, &mut live, vec![Draft::joined(&agent, None)])
+            .await?;
         Ok(agent)
     }
 
-    #[tracing::instrument(skip(self, text, client_msg_id), fields(chat_id = %session_id))]
+    #[tracing::instrument(level = "debug", skip(self, text, client_msg_id), fields(chat_id = %session_id))]
     pub async fn post_message(
         &self,
         session_id: &str,
@@ -363,14 +402,21 @@ impl Instance {
             .check_participant(participant_id)
             .map_err(|e| state_error(session_id, e))?
             .clone();
-        if let Some(seq) = client_msg_id.as_ref().and_then(|c| live.transcript.client_ids.get(c)) {
+        if let Some(seq) = client_msg_id
+            .as_ref()
+            .and_then(|c| live.transcript.client_ids.get(c))
+        {
             return Ok(Posted {
                 seq: *seq,
                 duplicate: true,
             });
         }
         let events = self
-            .append(&session, &mut live, vec![Draft::message(&participant, text, client_msg_id)])
+            .append(
+                &session,
+                &mut live,
+                vec![Draft::message(&participant, text, client_msg_id)],
+            )
             .await?;
         self.kpi.message_submitted.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::MESSAGES_SUBMITTED).increment(1);
@@ -380,21 +426,35 @@ impl Instance {
         })
     }
 
-    pub async fn transcript(&self, session_id: &str, after: u64) -> Result<TranscriptView, ApiError> {
+    pub async fn transcript(
+        &self,
+        session_id: &str,
+        after: u64,
+    ) -> Result<TranscriptView, ApiError> {
         let session = self.live(session_id).await?;
         let live = session.inner.lock().await;
         Ok(TranscriptView {
             chat_id: session_id.to_owned(),
             instance_id: self.id.clone(),
             state: live.transcript.state,
-            events: live.transcript.after(after).iter().map(EventView::from).collect(),
+            events: live
+                .transcript
+                .after(after)
+                .iter()
+                .map(EventView::from)
+                .collect(),
         })
     }
 
     /// A participant leaves. The chat closes when the customer leaves or an
     /// agent ends it.
-    #[tracing::instrument(skip(self), fields(chat_id = %session_id))]
-    pub async fn leave(&self, session_id: &str, participant_id: &str, end_chat: bool) -> Result<SessionState, ApiError> {
+    #[tracing::instrument(level = "debug", skip(self), fields(chat_id = %session_id))]
+    pub async fn leave(
+        &self,
+        session_id: &str,
+        participant_id: &str,
+        end_chat: bool,
+    ) -> Result<SessionState, ApiError> {
         let session = self.live(session_id).await?;
         let mut live = session.inner.lock().await;
         let participant = live
@@ -405,7 +465,12 @@ impl Instance {
         let closes = participant.role == Role::Customer || end_chat;
         if !closes {
             if live.transcript.present.contains_key(participant_id) {
-                self.append(&session, &mut live, vec![Draft::left(&participant, reason::LEFT)]).await?;
+                self.append(
+                    &session,
+                    &mut live,
+                    vec![Draft::left(&participant, reason::LEFT)],
+                )
+                .await?;
             }
             return Ok(live.transcript.state);
         }
@@ -435,7 +500,11 @@ impl Instance {
         };
         let mut saved = false;
         for attempt in 0..=self.settings.transcript_resend_attempts {
-            match self.contacts.save_final_transcript(final_transcript.clone()).await {
+            match self
+                .contacts
+                .save_final_transcript(final_transcript.clone())
+                .await
+            {
                 Ok(()) => {
                     saved = true;
                     break;
@@ -479,7 +548,12 @@ impl Instance {
     /// apply and push them. Called with the session's lock held, so one
     /// session's events are saved in order; different sessions' saves share
     /// store transactions (group commit).
-    async fn append(&self, session: &LiveSession, live: &mut Live, drafts: Vec<Draft>) -> Result<Vec<Event>, ApiError> {
+    async fn append(
+        &self,
+        session: &LiveSession,
+        live: &mut Live,
+        drafts: Vec<Draft>,
+    ) -> Result<Vec<Event>, ApiError> {
         let at = now_ms();
         let first = live.transcript.next_seq();
         let mut state = live.transcript.state;
@@ -487,7 +561,11 @@ impl Instance {
         for (i, d) in drafts.into_iter().enumerate() {
             state = match d.kind {
                 EventKind::Closed => SessionState::Closed,
-                EventKind::Joined if d.role == Some(Role::Agent) && state != SessionState::Closed => SessionState::Active,
+                EventKind::Joined
+                    if d.role == Some(Role::Agent) && state != SessionState::Closed =>
+                {
+                    SessionState::Active
+                }
                 _ => state,
             };
             events.push(d.into_event(first + i as u64, at));
@@ -496,11 +574,12 @@ impl Instance {
             self.save(session, live, &events, state).await?;
         }
         let last_seq = events.last().map(|e| e.seq).unwrap_or(0);
-        let views: Vec<EventView> = events.iter().map(EventView::from).collect();
+        if session.has_listeners() {
+            session.publish(events.iter().map(EventView::from).collect::<Vec<_>>());
+        }
         for e in &events {
             live.transcript.push(e.clone());
         }
-        session.publish(views);
         if self.settings.transcript_auto_save == AutoSave::SaveAndNotify {
             session.publish([notice(last_seq, reason::SAVE, "transcript saved")]);
         }
@@ -509,7 +588,13 @@ impl Instance {
 
     /// Save with `transcript-resend-attempts` retries `transcript-resend-delay`
     /// apart; then act per `transcript-save-on-error`.
-    async fn save(&self, session: &LiveSession, live: &mut Live, events: &[Event], state: SessionState) -> Result<(), ApiError> {
+    async fn save(
+        &self,
+        session: &LiveSession,
+        live: &mut Live,
+        events: &[Event],
+        state: SessionState,
+    ) -> Result<(), ApiError> {
         let attempts = self.settings.transcript_resend_attempts;
         let mut last_error = None;
         for attempt in 0..=attempts {
@@ -544,7 +629,11 @@ impl Instance {
                     );
                     last_error = Some(e);
                 }
-                Err(e @ (StoreError::Fenced { .. } | StoreError::Conflict(_) | StoreError::NotFound(_))) => {
+                Err(
+                    e @ (StoreError::Fenced { .. }
+                    | StoreError::Conflict(_)
+                    | StoreError::NotFound(_)),
+                ) => {
                     // Another instance owns the session now: whatever we
                     // hold is stale. Drop it; the gateway relocates.
                     tracing::warn!(event_id = events::SESSION_FENCED, sid = %session.id, error = %e, "write refused: session moved to another instance");
@@ -565,14 +654,19 @@ impl Instance {
             attempts + 1
         );
         if self.settings.transcript_save_notices {
-            session.publish([notice(live.transcript.last_seq(), reason::SAVE_FAIL, "transcript could not be saved")]);
+            session.publish([notice(
+                live.transcript.last_seq(),
+                reason::SAVE_FAIL,
+                "transcript could not be saved",
+            )]);
         }
         if self.settings.transcript_save_on_error == SaveOnError::Close {
             // Close without a final update, as the reference does. The
             // closing event is pushed to participants now and written to the
             // session store as soon as it answers again, so that no other
             // instance restores the chat meanwhile.
-            let closed = Draft::closed(reason::SAVE_ERROR_CLOSE).into_event(live.transcript.next_seq(), now_ms());
+            let closed = Draft::closed(reason::SAVE_ERROR_CLOSE)
+                .into_event(live.transcript.next_seq(), now_ms());
             self.spawn_tombstone(Append {
                 session_id: session.id.clone(),
                 epoch: live.epoch,
@@ -593,7 +687,10 @@ impl Instance {
     /// it) until the store takes it or the session moved on.
     fn spawn_tombstone(&self, append: Append) {
         let store = self.store.clone();
-        let delay = self.settings.transcript_resend_delay.max(std::time::Duration::from_millis(100));
+        let delay = self
+            .settings
+            .transcript_resend_delay
+            .max(std::time::Duration::from_millis(100));
         tokio::spawn(async move {
             for _ in 0..600 {
                 match store.append_events(append.clone()).await {
@@ -620,7 +717,7 @@ impl Instance {
     /// Restore a session here (the gateway asks after its owner died): take
     /// ownership with a new epoch, reload the transcript, announce the
     /// reconnection, and record this instance as the chat's location.
-    #[tracing::instrument(skip(self), fields(chat_id = %session_id))]
+    #[tracing::instrument(level = "debug", skip(self), fields(chat_id = %session_id))]
     pub async fn restore(&self, session_id: &str) -> Result<Restored, ApiError> {
         if !self.settings.restoration_enabled() {
             metrics::counter!(m::RESTORE_FAILURES).increment(1);
@@ -634,7 +731,10 @@ impl Instance {
         if !self.is_enabled() {
             return Err(ApiError::unavailable(
                 "instance_disabled",
-                format!("instance {} is disabled and takes no restored chats", self.id),
+                format!(
+                    "instance {} is disabled and takes no restored chats",
+                    self.id
+                ),
             ));
         }
         let guard = {
@@ -738,6 +838,8 @@ fn notice(seq: u64, why: &str, text: &str) -> EventView {
 fn state_error(session_id: &str, e: StateError) -> ApiError {
     match e {
         StateError::Closed => ApiError::closed(session_id),
-        StateError::NotParticipant(p) => ApiError::forbidden(format!("participant {p} is not in chat {session_id}")),
+        StateError::NotParticipant(p) => {
+            ApiError::forbidden(format!("participant {p} is not in chat {session_id}"))
+        }
     }
 }

@@ -39,14 +39,21 @@ impl Application {
         };
         let store: Arc<dyn SessionStore> = match server.store {
             StoreBackend::Sqlite => Arc::new(
-                SqliteStore::open(&server.sqlite_path, sqlite)
-                    .with_context(|| format!("opening the SQLite session store {}", server.sqlite_path.display()))?,
+                SqliteStore::open(&server.sqlite_path, sqlite).with_context(|| {
+                    format!(
+                        "opening the SQLite session store {}",
+                        server.sqlite_path.display()
+                    )
+                })?,
             ),
             StoreBackend::Cassandra => {
                 anyhow::bail!("the cassandra session store is not available in this build yet")
             }
         };
-        let contact_path = server.contact_store_path.clone().unwrap_or_else(|| server.sqlite_path.clone());
+        let contact_path = server
+            .contact_store_path
+            .clone()
+            .unwrap_or_else(|| server.sqlite_path.clone());
         let contacts: Arc<dyn ContactStore> = Arc::new(
             SqliteContactStore::open(&contact_path, sqlite)
                 .with_context(|| format!("opening the contact store {}", contact_path.display()))?,
@@ -55,7 +62,12 @@ impl Application {
         m::describe();
         let stop = CancellationToken::new();
         let monitor = StoreMonitor::new(store.backend());
-        monitor.spawn_probe(store.clone(), Duration::from_secs(1), Duration::from_secs(2), stop.clone());
+        monitor.spawn_probe(
+            store.clone(),
+            Duration::from_secs(1),
+            Duration::from_secs(2),
+            stop.clone(),
+        );
         let instance = Instance::new(
             server.instance_id.clone(),
             config.settings.clone(),
@@ -91,7 +103,10 @@ impl Application {
 
     /// Serve until `shutdown` resolves; then stop accepting, end WebSocket
     /// streams, let in-flight requests finish their saves (bounded), exit.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let Application {
             listener,
             router,

@@ -27,7 +27,9 @@
 
 use super::core::{Instance, LiveSession};
 use crate::error::{ApiError, JsonBody};
-use crate::session::{self, EventKind, SessionState, MAX_CLIENT_MSG_ID_BYTES, MAX_NICKNAME_BYTES, MAX_TEXT_BYTES};
+use crate::session::{
+    self, EventKind, SessionState, MAX_CLIENT_MSG_ID_BYTES, MAX_NICKNAME_BYTES, MAX_TEXT_BYTES,
+};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -57,7 +59,10 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let internal = Router::new()
-        .route("/internal/v1/sessions", post(create_session).get(list_sessions))
+        .route(
+            "/internal/v1/sessions",
+            post(create_session).get(list_sessions),
+        )
         .route("/internal/v1/sessions/{id}/join", post(join))
         .route("/internal/v1/sessions/{id}/messages", post(post_message))
         .route("/internal/v1/sessions/{id}/transcript", get(transcript))
@@ -85,7 +90,11 @@ pub fn router(state: AppState) -> Router {
 
 async fn readyz(State(s): State<AppState>) -> Response {
     let ready = s.instance.is_enabled() && s.instance.monitor.is_available();
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         code,
         Json(json!({
@@ -115,7 +124,10 @@ async fn kpi(State(s): State<AppState>) -> Json<super::core::KpiView> {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
         .into_response()
@@ -124,7 +136,9 @@ async fn metrics(State(s): State<AppState>) -> Response {
 /// `Authorization: Bearer <token>` against the configured admin token.
 pub fn check_admin(headers: &HeaderMap, expected: Option<&str>) -> Result<(), ApiError> {
     let Some(expected) = expected else {
-        return Err(ApiError::unauthorized("the admin API is off: no admin token is configured"));
+        return Err(ApiError::unauthorized(
+            "the admin API is off: no admin token is configured",
+        ));
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -142,24 +156,39 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn disable(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+async fn disable(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
     check_admin(&headers, s.admin_token.as_deref())?;
     s.instance.set_enabled(false);
-    Ok(Json(json!({"enabled": false, "sessions_active": s.instance.sessions_active()})))
+    Ok(Json(
+        json!({"enabled": false, "sessions_active": s.instance.sessions_active()}),
+    ))
 }
 
-async fn enable(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+async fn enable(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
     check_admin(&headers, s.admin_token.as_deref())?;
     s.instance.set_enabled(true);
-    Ok(Json(json!({"enabled": true, "sessions_active": s.instance.sessions_active()})))
+    Ok(Json(
+        json!({"enabled": true, "sessions_active": s.instance.sessions_active()}),
+    ))
 }
 
 /// SIGKILL this process (restoration tests in a real deployment). Off unless
 /// `server.admin-kill-enabled = true`.
-async fn kill(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+async fn kill(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
     check_admin(&headers, s.admin_token.as_deref())?;
     if !s.admin_kill_enabled {
-        return Err(ApiError::forbidden("the kill endpoint is off (server.admin-kill-enabled = false)"));
+        return Err(ApiError::forbidden(
+            "the kill endpoint is off (server.admin-kill-enabled = false)",
+        ));
     }
     tracing::warn!(instance = %s.instance.id, "killing this instance with SIGKILL on admin request");
     tokio::spawn(async {
@@ -173,7 +202,11 @@ async fn kill(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serd
 }
 
 fn valid_id(id: &str) -> Result<&str, ApiError> {
-    let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if ok {
         Ok(id)
     } else {
@@ -184,9 +217,9 @@ fn valid_id(id: &str) -> Result<&str, ApiError> {
 fn after_param(q: &HashMap<String, String>) -> Result<u64, ApiError> {
     match q.get("after") {
         None => Ok(0),
-        Some(v) => v
-            .parse()
-            .map_err(|_| ApiError::bad_request(format!("`after` must be a sequence number, got {v:?}"))),
+        Some(v) => v.parse().map_err(|_| {
+            ApiError::bad_request(format!("`after` must be a sequence number, got {v:?}"))
+        }),
     }
 }
 
@@ -196,7 +229,9 @@ pub fn check_nickname(nickname: &str) -> Result<String, ApiError> {
         return Err(ApiError::bad_request("`nickname` must not be empty"));
     }
     if n.len() > MAX_NICKNAME_BYTES {
-        return Err(ApiError::bad_request(format!("`nickname` is longer than {MAX_NICKNAME_BYTES} bytes")));
+        return Err(ApiError::bad_request(format!(
+            "`nickname` is longer than {MAX_NICKNAME_BYTES} bytes"
+        )));
     }
     Ok(n.to_owned())
 }
@@ -216,9 +251,11 @@ pub fn check_text(text: &str) -> Result<(), ApiError> {
 
 pub fn check_client_msg_id(id: &Option<String>) -> Result<(), ApiError> {
     match id {
-        Some(id) if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_BYTES => Err(ApiError::bad_request(format!(
-            "`client_msg_id` must be 1 to {MAX_CLIENT_MSG_ID_BYTES} bytes"
-        ))),
+        Some(id) if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_BYTES => {
+            Err(ApiError::bad_request(format!(
+                "`client_msg_id` must be 1 to {MAX_CLIENT_MSG_ID_BYTES} bytes"
+            )))
+        }
         _ => Ok(()),
     }
 }
@@ -231,7 +268,10 @@ struct CreateBody {
     subject: Option<String>,
 }
 
-async fn create_session(State(s): State<AppState>, JsonBody(b): JsonBody<CreateBody>) -> Result<Response, ApiError> {
+async fn create_session(
+    State(s): State<AppState>,
+    JsonBody(b): JsonBody<CreateBody>,
+) -> Result<Response, ApiError> {
     let nickname = check_nickname(&b.nickname)?;
     if b.subject.as_ref().is_some_and(|s| s.len() > 1024) {
         return Err(ApiError::bad_request("`subject` is longer than 1024 bytes"));
@@ -246,10 +286,11 @@ async fn list_sessions(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let state = match q.get("state") {
         None => None,
-        Some(v) => Some(
-            SessionState::parse(v)
-                .ok_or_else(|| ApiError::bad_request(format!("`state` must be waiting, active or closed, got {v:?}")))?,
-        ),
+        Some(v) => Some(SessionState::parse(v).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "`state` must be waiting, active or closed, got {v:?}"
+            ))
+        })?),
     };
     let sessions = s.instance.store().list_sessions(state, 1000).await?;
     Ok(Json(json!({"sessions": sessions})))
@@ -316,11 +357,17 @@ async fn leave(
     Path(id): Path<String>,
     JsonBody(b): JsonBody<LeaveBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let state = s.instance.leave(valid_id(&id)?, &b.participant_id, b.end_chat).await?;
+    let state = s
+        .instance
+        .leave(valid_id(&id)?, &b.participant_id, b.end_chat)
+        .await?;
     Ok(Json(json!({"state": state})))
 }
 
-async fn restore(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<super::core::Restored>, ApiError> {
+async fn restore(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<super::core::Restored>, ApiError> {
     Ok(Json(s.instance.restore(valid_id(&id)?).await?))
 }
 
@@ -362,7 +409,12 @@ async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
         .await;
 }
 
-async fn push_events(mut socket: WebSocket, session: Arc<LiveSession>, after: u64, stop: CancellationToken) {
+async fn push_events(
+    mut socket: WebSocket,
+    session: Arc<LiveSession>,
+    after: u64,
+    stop: CancellationToken,
+) {
     let (backlog, mut rx, closed) = session.subscribe(after).await;
     let mut last = after;
     for v in backlog {

@@ -90,7 +90,11 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Take ownership for `new_owner`: bump the epoch, record the new
     /// location, and return the session with its whole transcript.
-    async fn claim(&self, session_id: &str, new_owner: &str) -> StoreResult<(SessionRecord, Vec<Event>)>;
+    async fn claim(
+        &self,
+        session_id: &str,
+        new_owner: &str,
+    ) -> StoreResult<(SessionRecord, Vec<Event>)>;
 
     /// The session header alone (where it lives now).
     async fn locate(&self, session_id: &str) -> StoreResult<Option<SessionRecord>>;
@@ -99,7 +103,11 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn load(&self, session_id: &str) -> StoreResult<Option<(SessionRecord, Vec<Event>)>>;
 
     /// Sessions in `state` (all when None), oldest first, at most `limit`.
-    async fn list_sessions(&self, state: Option<SessionState>, limit: usize) -> StoreResult<Vec<SessionRecord>>;
+    async fn list_sessions(
+        &self,
+        state: Option<SessionState>,
+        limit: usize,
+    ) -> StoreResult<Vec<SessionRecord>>;
 
     /// Remove a session and its events (after the final transcript is
     /// stored), if `epoch` is still current.

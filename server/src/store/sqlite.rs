@@ -10,7 +10,9 @@
 //! check runs inside the same transaction as the insert, so a stale owner can
 //! never write after a newer owner has claimed the session.
 
-use super::{Append, ContactStore, FinalTranscript, SessionRecord, SessionStore, StoreError, StoreResult};
+use super::{
+    Append, ContactStore, FinalTranscript, SessionRecord, SessionStore, StoreError, StoreResult,
+};
 use crate::config::Synchronous;
 use crate::session::{Event, EventKind, Role, SessionState};
 use async_trait::async_trait;
@@ -55,6 +57,9 @@ CREATE TABLE IF NOT EXISTS final_transcripts (
 ) WITHOUT ROWID;
 ";
 
+/// How often the WAL is copied back into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+
 /// How the store opens its file.
 #[derive(Debug, Clone, Copy)]
 pub struct SqliteOptions {
@@ -80,7 +85,9 @@ fn open(path: &Path, options: SqliteOptions) -> rusqlite::Result<Connection> {
     conn.busy_timeout(options.busy_timeout)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", options.synchronous.pragma())?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Keep the hot part of the file in memory: lookups of the session row
+    // on every append otherwise read pages back from the OS.
+    conn.pragma_update(None, "cache_size", -65536)?;
     Ok(conn)
 }
 
@@ -119,7 +126,23 @@ impl SqliteStore {
         let conn = open(path, options).map_err(unavailable)?;
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
         let reader = open(path, options).map_err(unavailable)?;
+        // Checkpoints run beside the writer, not inside its commits, so that
+        // copying the WAL back into the database never delays a save.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(unavailable)?;
+        let checkpointer = open(path, options).map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(max_batch * 4);
+        let alive = tx.downgrade();
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                while alive.upgrade().is_some() {
+                    std::thread::sleep(CHECKPOINT_INTERVAL);
+                    let _ =
+                        checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                }
+            })
+            .map_err(unavailable)?;
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx, max_batch))
@@ -141,7 +164,8 @@ impl SqliteStore {
             .send((op, tx))
             .await
             .map_err(|_| unavailable("the writer thread has stopped"))?;
-        rx.await.map_err(|_| unavailable("the writer thread has stopped"))?
+        rx.await
+            .map_err(|_| unavailable("the writer thread has stopped"))?
     }
 
     async fn read<T: Send + 'static>(
@@ -173,7 +197,9 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<(WriteOp, Reply)>, m
     }
 }
 
-/// One transaction for the whole batch; one savepoint per operation.
+/// One transaction for the whole batch. An operation that may fail after
+/// it has written (several statements) runs in a savepoint, so that its
+/// failure undoes only itself; a single-statement append needs none.
 fn run_batch(conn: &mut Connection, batch: &[(WriteOp, Reply)]) -> Vec<StoreResult<WriteOutput>> {
     let fail_all = |e: rusqlite::Error| batch.iter().map(|_| Err(unavailable(&e))).collect();
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
@@ -182,15 +208,20 @@ fn run_batch(conn: &mut Connection, batch: &[(WriteOp, Reply)]) -> Vec<StoreResu
     };
     let mut results = Vec::with_capacity(batch.len());
     for (op, _) in batch {
-        let result = match tx.savepoint() {
-            Err(e) => Err(unavailable(e)),
-            Ok(mut sp) => match apply(&mut sp, op) {
-                Ok(out) => sp.commit().map(|_| out).map_err(unavailable),
-                Err(e) => {
-                    let _ = sp.rollback();
-                    Err(e)
-                }
-            },
+        let single_write = matches!(op, WriteOp::Append(a) if a.events.len() == 1 && a.events[0].kind == EventKind::Message);
+        let result = if single_write {
+            apply(&tx, op)
+        } else {
+            match tx.savepoint() {
+                Err(e) => Err(unavailable(e)),
+                Ok(mut sp) => match apply(&sp, op) {
+                    Ok(out) => sp.commit().map(|_| out).map_err(unavailable),
+                    Err(e) => {
+                        let _ = sp.rollback();
+                        Err(e)
+                    }
+                },
+            }
         };
         results.push(result);
     }
@@ -230,9 +261,11 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<WriteOutput> {
             let current = current_epoch(conn, &a.session_id)?;
             check_epoch(&a.session_id, a.epoch, current)?;
             insert_events(conn, &a.session_id, &a.events)?;
-            conn.prepare_cached("UPDATE sessions SET state = ?2 WHERE session_id = ?1 AND state <> ?2")
-                .and_then(|mut st| st.execute(params![a.session_id, a.state.as_str()]))
-                .map_err(unavailable)?;
+            conn.prepare_cached(
+                "UPDATE sessions SET state = ?2 WHERE session_id = ?1 AND state <> ?2",
+            )
+            .and_then(|mut st| st.execute(params![a.session_id, a.state.as_str()]))
+            .map_err(unavailable)?;
             Ok(WriteOutput::Done)
         }
         WriteOp::Claim { session_id, owner } => {
@@ -244,15 +277,18 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<WriteOutput> {
             }
             record.epoch += 1;
             record.owner_instance = owner.clone();
-            conn.prepare_cached("UPDATE sessions SET epoch = ?2, owner_instance = ?3 WHERE session_id = ?1")
-                .and_then(|mut st| st.execute(params![session_id, record.epoch as i64, owner]))
-                .map_err(unavailable)?;
+            conn.prepare_cached(
+                "UPDATE sessions SET epoch = ?2, owner_instance = ?3 WHERE session_id = ?1",
+            )
+            .and_then(|mut st| st.execute(params![session_id, record.epoch as i64, owner]))
+            .map_err(unavailable)?;
             let events = select_events(conn, session_id).map_err(unavailable)?;
             Ok(WriteOutput::Claimed(Box::new((record, events))))
         }
         WriteOp::Delete { session_id, epoch } => {
-            let current = current_epoch(conn, session_id)?;
-            check_epoch(session_id, *epoch, current)?;
+            // A closed session is deleted too: closing precedes deletion.
+            let (current, _) = current_epoch(conn, session_id)?;
+            check_epoch(session_id, *epoch, (current, SessionState::Active))?;
             conn.prepare_cached("DELETE FROM events WHERE session_id = ?1")
                 .and_then(|mut st| st.execute(params![session_id]))
                 .map_err(unavailable)?;
@@ -267,13 +303,23 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<WriteOutput> {
 fn current_epoch(conn: &Connection, session_id: &str) -> StoreResult<(u64, SessionState)> {
     let row: Option<(i64, String)> = conn
         .prepare_cached("SELECT epoch, state FROM sessions WHERE session_id = ?1")
-        .and_then(|mut st| st.query_row(params![session_id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .and_then(|mut st| {
+            st.query_row(params![session_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
         .map_err(unavailable)?;
     let (epoch, state) = row.ok_or_else(|| StoreError::NotFound(session_id.to_owned()))?;
-    Ok((epoch as u64, SessionState::parse(&state).unwrap_or(SessionState::Closed)))
+    Ok((
+        epoch as u64,
+        SessionState::parse(&state).unwrap_or(SessionState::Closed),
+    ))
 }
 
-fn check_epoch(session_id: &str, attempted: u64, (current, state): (u64, SessionState)) -> StoreResult<()> {
+fn check_epoch(
+    session_id: &str,
+    attempted: u64,
+    (current, state): (u64, SessionState),
+) -> StoreResult<()> {
     if current != attempted {
         return Err(StoreError::Fenced {
             session_id: session_id.to_owned(),
@@ -308,9 +354,10 @@ fn insert_events(conn: &Connection, session_id: &str, events: &[Event]) -> Store
             e.at_ms
         ])
         .map_err(|err| match err.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::ConstraintViolation) => {
-                StoreError::Conflict(format!("session {session_id} seq {} or its client_msg_id already stored", e.seq))
-            }
+            Some(rusqlite::ErrorCode::ConstraintViolation) => StoreError::Conflict(format!(
+                "session {session_id} seq {} or its client_msg_id already stored",
+                e.seq
+            )),
             _ => unavailable(err),
         })?;
     }
@@ -333,9 +380,11 @@ fn session_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
 const SESSION_COLUMNS: &str = "session_id, intx, owner_instance, epoch, state, subject, created_at";
 
 fn select_session(conn: &Connection, session_id: &str) -> rusqlite::Result<Option<SessionRecord>> {
-    conn.prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?1"))?
-        .query_row(params![session_id], session_from_row)
-        .optional()
+    conn.prepare_cached(&format!(
+        "SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?1"
+    ))?
+    .query_row(params![session_id], session_from_row)
+    .optional()
 }
 
 fn select_events(conn: &Connection, session_id: &str) -> rusqlite::Result<Vec<Event>> {
@@ -368,14 +417,20 @@ impl SessionStore for SqliteStore {
     }
 
     async fn create_session(&self, record: SessionRecord, events: Vec<Event>) -> StoreResult<()> {
-        self.write(WriteOp::Create(record, events)).await.map(|_| ())
+        self.write(WriteOp::Create(record, events))
+            .await
+            .map(|_| ())
     }
 
     async fn append_events(&self, append: Append) -> StoreResult<()> {
         self.write(WriteOp::Append(append)).await.map(|_| ())
     }
 
-    async fn claim(&self, session_id: &str, new_owner: &str) -> StoreResult<(SessionRecord, Vec<Event>)> {
+    async fn claim(
+        &self,
+        session_id: &str,
+        new_owner: &str,
+    ) -> StoreResult<(SessionRecord, Vec<Event>)> {
         match self
             .write(WriteOp::Claim {
                 session_id: session_id.to_owned(),
@@ -410,7 +465,11 @@ impl SessionStore for SqliteStore {
         .await
     }
 
-    async fn list_sessions(&self, state: Option<SessionState>, limit: usize) -> StoreResult<Vec<SessionRecord>> {
+    async fn list_sessions(
+        &self,
+        state: Option<SessionState>,
+        limit: usize,
+    ) -> StoreResult<Vec<SessionRecord>> {
         self.read(move |c| {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {SESSION_COLUMNS} FROM sessions WHERE (?1 IS NULL OR state = ?1) ORDER BY created_at LIMIT ?2"

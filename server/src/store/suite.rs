@@ -28,13 +28,17 @@ fn new_record(owner: &str) -> SessionRecord {
 }
 
 fn message(seq: u64, text: &str, client_msg_id: Option<&str>) -> Event {
-    Draft::message(&customer(), text.into(), client_msg_id.map(str::to_owned)).into_event(seq, now_ms())
+    Draft::message(&customer(), text.into(), client_msg_id.map(str::to_owned))
+        .into_event(seq, now_ms())
 }
 
 async fn create(store: &dyn SessionStore, owner: &str) -> SessionRecord {
     let record = new_record(owner);
     let joined = Draft::joined(&customer(), None).into_event(1, now_ms());
-    store.create_session(record.clone(), vec![joined]).await.expect("create");
+    store
+        .create_session(record.clone(), vec![joined])
+        .await
+        .expect("create");
     record
 }
 
@@ -61,7 +65,11 @@ pub async fn run_all(a: &dyn SessionStore, b: &dyn SessionStore) {
 
 pub async fn create_and_load_round_trip(a: &dyn SessionStore, b: &dyn SessionStore) {
     let record = create(a, "inst-a").await;
-    let (loaded, events) = b.load(&record.session_id).await.unwrap().expect("visible to b");
+    let (loaded, events) = b
+        .load(&record.session_id)
+        .await
+        .unwrap()
+        .expect("visible to b");
     assert_eq!(loaded, record);
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].nickname.as_deref(), Some("Анна 李 🙂"));
@@ -75,7 +83,13 @@ pub async fn create_and_load_round_trip(a: &dyn SessionStore, b: &dyn SessionSto
 
 pub async fn appends_keep_order_and_text_exactly(a: &dyn SessionStore) {
     let record = create(a, "inst-a").await;
-    let texts = ["Привет", "你好，世界", "emoji 🎉👍🏽", "plain ascii", "quote ' \" \\ \n newline"];
+    let texts = [
+        "Привет",
+        "你好，世界",
+        "emoji 🎉👍🏽",
+        "plain ascii",
+        "quote ' \" \\ \n newline",
+    ];
     for (i, text) in texts.iter().enumerate() {
         let seq = i as u64 + 2;
         a.append_events(append(&record, 1, vec![message(seq, text, None)]))
@@ -83,7 +97,11 @@ pub async fn appends_keep_order_and_text_exactly(a: &dyn SessionStore) {
             .unwrap();
     }
     let (_, events) = a.load(&record.session_id).await.unwrap().unwrap();
-    let got: Vec<_> = events.iter().skip(1).map(|e| e.text.clone().unwrap()).collect();
+    let got: Vec<_> = events
+        .iter()
+        .skip(1)
+        .map(|e| e.text.clone().unwrap())
+        .collect();
     assert_eq!(got, texts);
     let seqs: Vec<_> = events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
@@ -94,22 +112,34 @@ pub async fn appends_keep_order_and_text_exactly(a: &dyn SessionStore) {
 /// acknowledged to someone.
 pub async fn stale_owner_is_fenced_after_claim(a: &dyn SessionStore, b: &dyn SessionStore) {
     let record = create(a, "inst-a").await;
-    a.append_events(append(&record, 1, vec![message(2, "before the pause", Some("m1"))]))
-        .await
-        .unwrap();
+    a.append_events(append(
+        &record,
+        1,
+        vec![message(2, "before the pause", Some("m1"))],
+    ))
+    .await
+    .unwrap();
 
     let (claimed, events) = b.claim(&record.session_id, "inst-b").await.unwrap();
     assert_eq!(claimed.epoch, 2);
     assert_eq!(claimed.owner_instance, "inst-b");
     assert_eq!(events.len(), 2);
-    b.append_events(append(&record, 2, vec![message(3, "new owner", Some("m2"))]))
-        .await
-        .unwrap();
+    b.append_events(append(
+        &record,
+        2,
+        vec![message(3, "new owner", Some("m2"))],
+    ))
+    .await
+    .unwrap();
 
     // The old owner wakes up and writes the same seq and a later one.
     for seq in [3, 4] {
         let err = a
-            .append_events(append(&record, 1, vec![message(seq, "stale owner", Some("m3"))]))
+            .append_events(append(
+                &record,
+                1,
+                vec![message(seq, "stale owner", Some("m3"))],
+            ))
             .await
             .unwrap_err();
         assert_eq!(
@@ -130,7 +160,8 @@ pub async fn stale_owner_is_fenced_after_claim(a: &dyn SessionStore, b: &dyn Ses
     let (again, _) = a.claim(&record.session_id, "inst-a").await.unwrap();
     assert_eq!(again.epoch, 3);
     assert!(matches!(
-        b.append_events(append(&record, 2, vec![message(4, "x", None)])).await,
+        b.append_events(append(&record, 2, vec![message(4, "x", None)]))
+            .await,
         Err(StoreError::Fenced { current: 3, .. })
     ));
 }
@@ -152,11 +183,19 @@ pub async fn stored_events_are_never_overwritten(a: &dyn SessionStore) {
 
 pub async fn client_msg_id_is_unique_per_session(a: &dyn SessionStore) {
     let record = create(a, "inst-a").await;
-    a.append_events(append(&record, 1, vec![message(2, "once", Some("retry-me"))]))
-        .await
-        .unwrap();
+    a.append_events(append(
+        &record,
+        1,
+        vec![message(2, "once", Some("retry-me"))],
+    ))
+    .await
+    .unwrap();
     let err = a
-        .append_events(append(&record, 1, vec![message(3, "twice", Some("retry-me"))]))
+        .append_events(append(
+            &record,
+            1,
+            vec![message(3, "twice", Some("retry-me"))],
+        ))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
@@ -165,9 +204,13 @@ pub async fn client_msg_id_is_unique_per_session(a: &dyn SessionStore) {
     assert_eq!(events[1].client_msg_id.as_deref(), Some("retry-me"));
 
     let other = create(a, "inst-a").await;
-    a.append_events(append(&other, 1, vec![message(2, "same id elsewhere", Some("retry-me"))]))
-        .await
-        .expect("ids are unique per session only");
+    a.append_events(append(
+        &other,
+        1,
+        vec![message(2, "same id elsewhere", Some("retry-me"))],
+    ))
+    .await
+    .expect("ids are unique per session only");
 }
 
 pub async fn delete_requires_current_epoch(a: &dyn SessionStore, b: &dyn SessionStore) {
@@ -183,7 +226,10 @@ pub async fn delete_requires_current_epoch(a: &dyn SessionStore, b: &dyn Session
     assert_eq!(a.load(&record.session_id).await.unwrap(), None);
 }
 
-pub async fn closed_sessions_cannot_be_claimed_or_appended(a: &dyn SessionStore, b: &dyn SessionStore) {
+pub async fn closed_sessions_cannot_be_claimed_or_appended(
+    a: &dyn SessionStore,
+    b: &dyn SessionStore,
+) {
     let record = create(a, "inst-a").await;
     let closed = Draft::closed("customer-left").into_event(2, now_ms());
     a.append_events(Append {
@@ -206,13 +252,22 @@ pub async fn closed_sessions_cannot_be_claimed_or_appended(a: &dyn SessionStore,
             .unwrap_err(),
         StoreError::Closed(record.session_id.clone())
     );
+    // Closing is followed by deleting the intermediate records.
+    a.delete_session(&record.session_id, 1).await.unwrap();
+    assert_eq!(b.load(&record.session_id).await.unwrap(), None);
 }
 
 pub async fn list_by_state_and_unknown_sessions(a: &dyn SessionStore) {
     let record = create(a, "inst-a").await;
-    let waiting = a.list_sessions(Some(SessionState::Waiting), 100_000).await.unwrap();
+    let waiting = a
+        .list_sessions(Some(SessionState::Waiting), 100_000)
+        .await
+        .unwrap();
     assert!(waiting.iter().any(|r| r.session_id == record.session_id));
-    let active = a.list_sessions(Some(SessionState::Active), 100_000).await.unwrap();
+    let active = a
+        .list_sessions(Some(SessionState::Active), 100_000)
+        .await
+        .unwrap();
     assert!(!active.iter().any(|r| r.session_id == record.session_id));
     assert_eq!(a.locate("no-such-session").await.unwrap(), None);
     assert_eq!(
@@ -240,9 +295,13 @@ pub async fn concurrent_appends_all_land(a: &dyn SessionStore) {
     }
     let writes = records.iter().map(|r| async move {
         for seq in 2..12 {
-            a.append_events(append(r, 1, vec![message(seq, &format!("m{seq}"), Some(&format!("c{seq}")))]))
-                .await
-                .unwrap();
+            a.append_events(append(
+                r,
+                1,
+                vec![message(seq, &format!("m{seq}"), Some(&format!("c{seq}")))],
+            ))
+            .await
+            .unwrap();
         }
     });
     futures_util::future::join_all(writes).await;
@@ -267,6 +326,10 @@ pub async fn contact_store(c: &dyn ContactStore) {
         ..t.clone()
     };
     c.save_final_transcript(again).await.unwrap();
-    assert_eq!(c.final_transcript(&id).await.unwrap(), Some(t), "the first save is kept");
+    assert_eq!(
+        c.final_transcript(&id).await.unwrap(),
+        Some(t),
+        "the first save is kept"
+    );
     assert_eq!(c.final_transcript("none").await.unwrap(), None);
 }

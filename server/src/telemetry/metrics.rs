@@ -23,10 +23,16 @@ pub const HTTP_REQUESTS: &str = "confab_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "confab_http_request_duration_seconds";
 
 /// Save latency buckets; 0.02 s is the save objective.
-const SAVE_BUCKETS: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+const SAVE_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 /// Restore latency buckets; 3 s is the restoration objective.
-const RESTORE_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0];
-const HTTP_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+const RESTORE_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0,
+];
+const HTTP_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -35,9 +41,22 @@ pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(TRANSCRIPT_SAVE_DURATION.into()), SAVE_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(RESTORE_DURATION.into()), RESTORE_BUCKETS))
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(HTTP_REQUEST_DURATION.into()), HTTP_BUCKETS))
+                .set_buckets_for_metric(
+                    Matcher::Full(TRANSCRIPT_SAVE_DURATION.into()),
+                    SAVE_BUCKETS,
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(RESTORE_DURATION.into()),
+                        RESTORE_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(HTTP_REQUEST_DURATION.into()),
+                        HTTP_BUCKETS,
+                    )
+                })
                 .expect("bucket lists are non-empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -57,17 +76,41 @@ pub fn describe() {
     describe_gauge!(SESSIONS_ACTIVE, "Sessions hosted now.");
     describe_counter!(MESSAGES_SUBMITTED, "Messages accepted.");
     describe_counter!(TRANSCRIPT_SAVES, "Transcript saves by result (ok, error).");
-    describe_histogram!(TRANSCRIPT_SAVE_DURATION, Unit::Seconds, "One transcript save, store round trip included.");
-    describe_histogram!(RESTORE_DURATION, Unit::Seconds, "Restore request to session live.");
+    describe_histogram!(
+        TRANSCRIPT_SAVE_DURATION,
+        Unit::Seconds,
+        "One transcript save, store round trip included."
+    );
+    describe_histogram!(
+        RESTORE_DURATION,
+        Unit::Seconds,
+        "Restore request to session live."
+    );
     describe_counter!(RESTORE_FAILURES, "Restore requests that failed.");
     describe_gauge!(STORE_AVAILABLE, "1 when the session store answers, else 0.");
-    describe_counter!(STORE_STATUS_TRANSITIONS, "Session store availability transitions by new status.");
+    describe_counter!(
+        STORE_STATUS_TRANSITIONS,
+        "Session store availability transitions by new status."
+    );
     describe_gauge!(INSTANCE_ENABLED, "1 enabled, 0 disabled (draining).");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
-    describe_counter!(GATEWAY_FAILOVERS, "Chats the gateway moved to another instance.");
-    describe_gauge!(GATEWAY_INSTANCES_HEALTHY, "Instances the gateway considers healthy and enabled.");
-    describe_counter!(HTTP_REQUESTS, "HTTP requests by component, route template, method and status.");
-    describe_histogram!(HTTP_REQUEST_DURATION, Unit::Seconds, "HTTP request duration by component, route template and method.");
+    describe_counter!(
+        GATEWAY_FAILOVERS,
+        "Chats the gateway moved to another instance."
+    );
+    describe_gauge!(
+        GATEWAY_INSTANCES_HEALTHY,
+        "Instances the gateway considers healthy and enabled."
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests by component, route template, method and status."
+    );
+    describe_histogram!(
+        HTTP_REQUEST_DURATION,
+        Unit::Seconds,
+        "HTTP request duration by component, route template and method."
+    );
     metrics::gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
 }
 
