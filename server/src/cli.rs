@@ -21,6 +21,10 @@ pub struct Cli {
 pub enum Command {
     /// Run one chat server instance.
     Server(ServerArgs),
+    /// Run the public chat gateway in front of instances.
+    Gateway(GatewayArgs),
+    /// Start a local cluster: instances, gateway and dashboard.
+    Up(crate::cluster::UpArgs),
     /// Load-generate against a real instance and report figures against
     /// the raw store rate measured in the same run.
     Bench(crate::bench::BenchArgs),
@@ -77,6 +81,18 @@ pub struct ServerArgs {
     pub admin_token: Option<String>,
 }
 
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Address to listen on (gateway.listen).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Instance base URLs, comma-separated or repeated (gateway.instances).
+    #[arg(long = "instance", value_delimiter = ',')]
+    pub instances: Vec<String>,
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_logging(cli.log_format);
@@ -118,6 +134,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app.run_until_stopped(crate::instance::shutdown_signal())
                 .await
         }
+        Command::Gateway(args) => {
+            let instances = (!args.instances.is_empty()).then(|| args.instances.join(","));
+            let config = args.config.load(&[
+                ("gateway.listen", args.listen.clone()),
+                ("gateway.instances", instances),
+            ])?;
+            let app = crate::gateway::Application::build(&config).await?;
+            app.run_until_stopped(crate::instance::shutdown_signal())
+                .await
+        }
+        Command::Up(args) => crate::cluster::run(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
     }
 }

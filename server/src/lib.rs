@@ -4,8 +4,10 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod gateway;
 pub mod instance;
 pub mod session;
 pub mod store;

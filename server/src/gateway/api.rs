@@ -1,0 +1,540 @@
+//! The public chat API (`/api/v1`, DESIGN §4), its OpenAPI document, and
+//! the customer and agent pages.
+
+use super::{no_instance, passthrough, ratelimit, relay, tokens::Claims, Gateway, Unreachable};
+use crate::error::{ApiError, JsonBody};
+use crate::instance::routes::{
+    check_client_msg_id, check_nickname, check_text, constant_time_eq, MAX_BODY_BYTES,
+};
+use crate::session::Role;
+use axum::extract::{DefaultBodyLimit, Path, Query, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use utoipa::{OpenApi, ToSchema};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "confab public chat API", description = "Web chat between customers and contact-centre agents, highly available."),
+    paths(create_chat, post_message, transcript, stream, join, queue, leave),
+    components(schemas(CreateChat, ChatCreated, PostMessage, MessageAccepted, TranscriptBody, EventBody, JoinChat, Joined, QueueBody, QueuedChat, LeaveChat, Left, ErrorBody, ErrorDetail)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "participant_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "the token returned when the chat was created or joined",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "agent_credential",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "the agent credential from the gateway's configuration",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateChat {
+    /// The customer's display name (1 to 256 bytes).
+    pub nickname: String,
+    pub subject: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ChatCreated {
+    pub chat_id: String,
+    pub participant_id: String,
+    /// Bearer token for this participant in this chat.
+    pub token: String,
+    pub instance_id: String,
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostMessage {
+    /// Up to 64 KiB of UTF-8.
+    pub text: String,
+    /// Makes the submission idempotent: a retry with the same id returns the
+    /// original seq and adds nothing.
+    pub client_msg_id: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MessageAccepted {
+    pub seq: u64,
+    pub duplicate: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct EventBody {
+    pub seq: u64,
+    /// message, joined, left, notice or closed
+    pub kind: String,
+    pub participant_id: Option<String>,
+    pub nickname: Option<String>,
+    pub text: Option<String>,
+    pub reason: Option<String>,
+    /// RFC 3339
+    pub at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TranscriptBody {
+    pub chat_id: String,
+    pub instance_id: String,
+    /// waiting, active or closed
+    pub state: String,
+    pub events: Vec<EventBody>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinChat {
+    pub nickname: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Joined {
+    pub participant_id: String,
+    pub token: String,
+    pub instance_id: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct QueuedChat {
+    pub chat_id: String,
+    pub subject: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct QueueBody {
+    pub chats: Vec<QueuedChat>,
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LeaveChat {
+    /// An agent ends the chat for everyone (a customer leaving always does).
+    #[serde(default)]
+    pub end_chat: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Left {
+    pub state: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone)]
+pub struct GwState {
+    pub gw: Arc<Gateway>,
+    pub metrics: PrometheusHandle,
+}
+
+pub fn router(
+    gw: Arc<Gateway>,
+    limiter: ratelimit::RateLimiter,
+    metrics: PrometheusHandle,
+) -> Router {
+    let state = GwState { gw, metrics };
+    let api = Router::new()
+        .route("/api/v1/chats", post(create_chat))
+        .route("/api/v1/chats/{chat_id}/messages", post(post_message))
+        .route("/api/v1/chats/{chat_id}/transcript", get(transcript))
+        .route("/api/v1/chats/{chat_id}/ws", get(stream))
+        .route("/api/v1/chats/{chat_id}/join", post(join))
+        .route("/api/v1/chats/{chat_id}/leave", post(leave))
+        .route("/api/v1/queue", get(queue))
+        .layer(axum::middleware::from_fn_with_state(
+            limiter,
+            ratelimit::limit,
+        ));
+    Router::new()
+        .merge(api)
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { Json(ApiDoc::openapi()) }),
+        )
+        .route("/", get(|| async { Html(include_str!("pages/chat.html")) }))
+        .route(
+            "/agent",
+            get(|| async { Html(include_str!("pages/agent.html")) }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(axum::middleware::from_fn(|req, next| {
+            crate::telemetry::metrics::track_http("gateway", req, next)
+        }))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn status(State(s): State<GwState>) -> Json<Value> {
+    Json(json!({"component": "gateway", "version": crate::VERSION, "instances": s.gw.pool.views()}))
+}
+
+async fn metrics_text(State(s): State<GwState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// The participant a token names, if it is genuine and for this chat.
+fn participant(gw: &Gateway, token: Option<&str>, chat_id: &str) -> Result<Claims, ApiError> {
+    let token = token.ok_or_else(|| {
+        ApiError::unauthorized("missing participant token (Authorization: Bearer <token>)")
+    })?;
+    let claims = gw
+        .tokens
+        .verify(token)
+        .ok_or_else(|| ApiError::unauthorized("invalid participant token"))?;
+    if claims.chat_id != chat_id {
+        return Err(ApiError::forbidden("this token is not valid for this chat"));
+    }
+    Ok(claims)
+}
+
+fn agent(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = gw.agent_credential.as_deref() else {
+        return Err(ApiError::unauthorized(
+            "agent access is off: no agent credential is configured",
+        ));
+    };
+    match bearer(headers) {
+        None => Err(ApiError::unauthorized(
+            "missing agent credential (Authorization: Bearer <credential>)",
+        )),
+        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::unauthorized("wrong agent credential")),
+    }
+}
+
+fn valid_chat_id(id: &str) -> Result<(), ApiError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("chat {id} not found")))
+    }
+}
+
+fn answer(status: StatusCode, body: Value) -> Result<Value, ApiError> {
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(passthrough(status, &body))
+    }
+}
+
+/// Start a chat: an enabled, healthy instance with the fewest chats gets it.
+#[utoipa::path(post, path = "/api/v1/chats", request_body = CreateChat,
+    responses((status = 201, body = ChatCreated), (status = 400, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, description = "no instance available", body = ErrorBody)))]
+async fn create_chat(
+    State(s): State<GwState>,
+    JsonBody(b): JsonBody<CreateChat>,
+) -> Result<Response, ApiError> {
+    let nickname = check_nickname(&b.nickname)?;
+    let body = json!({"nickname": nickname, "subject": b.subject});
+    let gw = &s.gw;
+    for _ in 0..gw.pool.members.len().max(1) {
+        let member = gw.pool.pick(None).ok_or_else(no_instance)?;
+        match gw
+            .call(&member, Method::POST, "/internal/v1/sessions", Some(&body))
+            .await
+        {
+            Ok((StatusCode::CREATED, created)) => {
+                let chat_id = created["session_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let participant_id = created["participant_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let token = gw.tokens.issue(&Claims {
+                    chat_id: chat_id.clone(),
+                    participant_id: participant_id.clone(),
+                    role: Role::Customer,
+                });
+                let reply = ChatCreated {
+                    chat_id,
+                    participant_id,
+                    token,
+                    instance_id: created["instance_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                };
+                return Ok((StatusCode::CREATED, Json(reply)).into_response());
+            }
+            // Draining or its store is down: try the next instance.
+            Ok((StatusCode::SERVICE_UNAVAILABLE, _)) => continue,
+            Ok((status, body)) => return Err(passthrough(status, &body)),
+            Err(Unreachable(why)) => gw.pool.report_failure(&member, &why),
+        }
+    }
+    Err(no_instance())
+}
+
+/// Send a message; answered only after the message is durably saved.
+#[utoipa::path(post, path = "/api/v1/chats/{chat_id}/messages", request_body = PostMessage,
+    params(("chat_id" = String, Path)), security(("participant_token" = [])),
+    responses((status = 200, body = MessageAccepted), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn post_message(
+    State(s): State<GwState>,
+    Path(chat_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<PostMessage>,
+) -> Result<Json<Value>, ApiError> {
+    valid_chat_id(&chat_id)?;
+    let who = participant(&s.gw, bearer(&headers), &chat_id)?;
+    check_text(&b.text)?;
+    check_client_msg_id(&b.client_msg_id)?;
+    // Without a client id, the gateway gives one, so that its own retry
+    // after a failover cannot add the message twice.
+    let client_msg_id = b
+        .client_msg_id
+        .unwrap_or_else(|| format!("gw-{}", uuid::Uuid::new_v4().simple()));
+    let body = json!({"participant_id": who.participant_id, "text": b.text, "client_msg_id": client_msg_id});
+    let (status, body, _) =
+        s.gw.on_chat(
+            &chat_id,
+            Method::POST,
+            &format!("/internal/v1/sessions/{chat_id}/messages"),
+            Some(&body),
+        )
+        .await?;
+    answer(status, body).map(Json)
+}
+
+/// The transcript after a seq.
+#[utoipa::path(get, path = "/api/v1/chats/{chat_id}/transcript",
+    params(("chat_id" = String, Path), ("after" = Option<u64>, Query, description = "only events after this seq")), security(("participant_token" = [])),
+    responses((status = 200, body = TranscriptBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn transcript(
+    State(s): State<GwState>,
+    Path(chat_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    valid_chat_id(&chat_id)?;
+    participant(&s.gw, bearer(&headers), &chat_id)?;
+    let after: u64 = match q.get("after") {
+        None => 0,
+        Some(v) => v.parse().map_err(|_| {
+            ApiError::bad_request(format!("`after` must be a sequence number, got {v:?}"))
+        })?,
+    };
+    let (status, body, _) =
+        s.gw.on_chat(
+            &chat_id,
+            Method::GET,
+            &format!("/internal/v1/sessions/{chat_id}/transcript?after={after}"),
+            None,
+        )
+        .await?;
+    answer(status, body).map(Json)
+}
+
+/// Live events over WebSocket, one JSON event per text frame, from seq
+/// `after`+1. The gateway keeps the stream going across instance failures.
+#[utoipa::path(get, path = "/api/v1/chats/{chat_id}/ws",
+    params(("chat_id" = String, Path), ("token" = String, Query), ("after" = Option<u64>, Query)),
+    responses((status = 101, description = "WebSocket upgrade"), (status = 401, body = ErrorBody), (status = 403, description = "token for another chat or Origin not allowed", body = ErrorBody)))]
+async fn stream(
+    State(s): State<GwState>,
+    Path(chat_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    valid_chat_id(&chat_id)?;
+    let who = participant(&s.gw, q.get("token").map(String::as_str), &chat_id)?;
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let same_origin = origin
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest == host);
+        let allowed = same_origin || s.gw.allowed_origins.iter().any(|a| a == origin || a == "*");
+        if !allowed {
+            return Err(ApiError::forbidden(format!(
+                "origin {origin} is not allowed"
+            )));
+        }
+    }
+    let after: u64 = match q.get("after") {
+        None => 0,
+        Some(v) => v.parse().map_err(|_| {
+            ApiError::bad_request(format!("`after` must be a sequence number, got {v:?}"))
+        })?,
+    };
+    // Resolve the chat before upgrading, so unknown or closed chats get a
+    // plain HTTP error.
+    s.gw.locate(&chat_id).await?;
+    let gw = s.gw.clone();
+    Ok(ws
+        .max_message_size(64 * 1024)
+        .max_frame_size(64 * 1024)
+        .on_upgrade(move |socket| relay::relay(gw, socket, chat_id, who, after)))
+}
+
+/// An agent joins a chat.
+#[utoipa::path(post, path = "/api/v1/chats/{chat_id}/join", request_body = JoinChat,
+    params(("chat_id" = String, Path)), security(("agent_credential" = [])),
+    responses((status = 200, body = Joined), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn join(
+    State(s): State<GwState>,
+    Path(chat_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<JoinChat>,
+) -> Result<Json<Joined>, ApiError> {
+    valid_chat_id(&chat_id)?;
+    agent(&s.gw, &headers)?;
+    let nickname = check_nickname(&b.nickname)?;
+    let (status, body, member) =
+        s.gw.on_chat(
+            &chat_id,
+            Method::POST,
+            &format!("/internal/v1/sessions/{chat_id}/join"),
+            Some(&json!({"nickname": nickname})),
+        )
+        .await?;
+    let body = answer(status, body)?;
+    let participant_id = body["participant_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let token = s.gw.tokens.issue(&Claims {
+        chat_id,
+        participant_id: participant_id.clone(),
+        role: Role::Agent,
+    });
+    Ok(Json(Joined {
+        participant_id,
+        token,
+        instance_id: member.id().unwrap_or_default(),
+    }))
+}
+
+/// Chats waiting for an agent, oldest first.
+#[utoipa::path(get, path = "/api/v1/queue", security(("agent_credential" = [])),
+    responses((status = 200, body = QueueBody), (status = 401, body = ErrorBody)))]
+async fn queue(State(s): State<GwState>, headers: HeaderMap) -> Result<Json<QueueBody>, ApiError> {
+    agent(&s.gw, &headers)?;
+    let member = s.gw.pool.any_healthy(None).ok_or_else(no_instance)?;
+    let (status, body) =
+        s.gw.call(
+            &member,
+            Method::GET,
+            "/internal/v1/sessions?state=waiting",
+            None,
+        )
+        .await
+        .map_err(|_| no_instance())?;
+    let body = answer(status, body)?;
+    let chats = body["sessions"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|r| QueuedChat {
+                    chat_id: r["session_id"].as_str().unwrap_or_default().to_owned(),
+                    subject: r["subject"].as_str().map(str::to_owned),
+                    created_at: crate::session::format_ms(r["created_at_ms"].as_i64().unwrap_or(0)),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Json(QueueBody { chats }))
+}
+
+/// Leave the chat. A customer leaving closes it; an agent closes it with `end_chat`.
+#[utoipa::path(post, path = "/api/v1/chats/{chat_id}/leave", request_body = LeaveChat,
+    params(("chat_id" = String, Path)), security(("participant_token" = [])),
+    responses((status = 200, body = Left), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn leave(
+    State(s): State<GwState>,
+    Path(chat_id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    valid_chat_id(&chat_id)?;
+    let who = participant(&s.gw, bearer(&headers), &chat_id)?;
+    // The body is optional: empty means {}.
+    let leave: LeaveChat = if body.iter().all(u8::is_ascii_whitespace) {
+        LeaveChat::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
+    };
+    let end_chat = leave.end_chat;
+    let (status, body, _) =
+        s.gw.on_chat(
+            &chat_id,
+            Method::POST,
+            &format!("/internal/v1/sessions/{chat_id}/leave"),
+            Some(&json!({"participant_id": who.participant_id, "end_chat": end_chat})),
+        )
+        .await?;
+    s.gw.forget(&chat_id);
+    answer(status, body).map(Json)
+}

@@ -1,0 +1,389 @@
+//! `confab gateway`: the public web chat API (the reference's GMS). It
+//! picks an instance for each new chat and, when the chat's instance dies,
+//! restores the chat on another one and carries on: requests are retried
+//! there (messages with their `client_msg_id`), WebSocket participants are
+//! reconnected from their last seq.
+//!
+//! The gateway keeps no state of its own that matters: chat locations are
+//! read from the session store (through any instance) and only cached;
+//! tokens are signed, not stored. Two gateways with the same token secret
+//! serve the same chats.
+
+pub mod api;
+pub mod pool;
+pub mod ratelimit;
+pub mod relay;
+pub mod tokens;
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::telemetry::{events, metrics as m};
+use anyhow::Context;
+use axum::http::{Method, StatusCode};
+use parking_lot::Mutex;
+use pool::{Member, Pool};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Longest wait for an instance's answer (saves may be retried per the
+/// settings); a dead or frozen instance is cut short by its down token.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(20);
+/// Attempts at one request across failovers.
+const ATTEMPTS: usize = 4;
+
+/// Why a call to an instance got no answer.
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+pub struct Gateway {
+    pub pool: Arc<Pool>,
+    pub client: reqwest::Client,
+    pub tokens: tokens::TokenKey,
+    pub agent_credential: Option<String>,
+    pub allowed_origins: Vec<String>,
+    /// chat id → instance id; a cache of the session store's locations.
+    locations: Mutex<HashMap<String, String>>,
+    /// One failover at a time per chat.
+    relocating: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub stop: CancellationToken,
+}
+
+impl Gateway {
+    /// Call an instance; fails fast when the instance is found down.
+    pub async fn call(
+        &self,
+        member: &Member,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value), Unreachable> {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", member.url))
+            .timeout(UPSTREAM_TIMEOUT);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let down = member.down_token();
+        let response = tokio::select! {
+            r = req.send() => r.map_err(|e| Unreachable(e.to_string()))?,
+            _ = down.cancelled() => return Err(Unreachable("instance down".into())),
+        };
+        let status =
+            StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let body = tokio::select! {
+            b = response.json::<Value>() => b.map_err(|e| Unreachable(e.to_string()))?,
+            _ = down.cancelled() => return Err(Unreachable("instance down".into())),
+        };
+        Ok((status, body))
+    }
+
+    fn cached(&self, chat: &str) -> Option<Arc<Member>> {
+        let id = self.locations.lock().get(chat).cloned()?;
+        self.pool.by_id(&id)
+    }
+
+    fn remember(&self, chat: &str, member: &Member) {
+        if let Some(id) = member.id() {
+            let mut map = self.locations.lock();
+            if map.len() > 200_000 {
+                map.clear();
+            }
+            map.insert(chat.to_owned(), id);
+        }
+    }
+
+    pub fn forget(&self, chat: &str) {
+        self.locations.lock().remove(chat);
+    }
+
+    /// Where a chat lives: the cached location, else the session store's.
+    /// A chat the store does not know is answered by any instance (404, or
+    /// 409 when it was closed).
+    pub async fn locate(&self, chat: &str) -> Result<Arc<Member>, ApiError> {
+        if let Some(m) = self.cached(chat) {
+            if m.is_healthy() {
+                return Ok(m);
+            }
+            return self.relocate(chat, &m).await;
+        }
+        let any = self.pool.any_healthy(None).ok_or_else(no_instance)?;
+        match self
+            .call(
+                &any,
+                Method::GET,
+                &format!("/internal/v1/sessions/{chat}/location"),
+                None,
+            )
+            .await
+        {
+            Ok((StatusCode::OK, record)) => {
+                let owner = record["owner_instance"].as_str().unwrap_or_default();
+                match self.pool.by_id(owner) {
+                    Some(m) if m.is_healthy() => {
+                        self.remember(chat, &m);
+                        Ok(m)
+                    }
+                    // Its owner is gone: restore it now.
+                    Some(m) => self.relocate(chat, &m).await,
+                    None => self.relocate(chat, &any).await,
+                }
+            }
+            Ok(_) => Ok(any),
+            Err(Unreachable(why)) => {
+                self.pool.report_failure(&any, &why);
+                Err(ApiError::unavailable(
+                    "no_instance",
+                    "no chat server instance answered",
+                ))
+            }
+        }
+    }
+
+    /// The chat's instance `failed` did not serve it: find where it lives
+    /// now, or restore it on a live instance.
+    pub async fn relocate(&self, chat: &str, failed: &Member) -> Result<Arc<Member>, ApiError> {
+        let lock = {
+            let mut map = self.relocating.lock().await;
+            map.entry(chat.to_owned()).or_default().clone()
+        };
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            self.relocate_locked(chat, failed).await
+        };
+        let mut map = self.relocating.lock().await;
+        if Arc::strong_count(&lock) <= 2 {
+            map.remove(chat);
+        }
+        result
+    }
+
+    async fn relocate_locked(&self, chat: &str, failed: &Member) -> Result<Arc<Member>, ApiError> {
+        let failed_id = failed.id();
+        // Another request may have moved it while we waited.
+        if let Some(m) = self.cached(chat) {
+            if m.id() != failed_id && m.is_healthy() {
+                return Ok(m);
+            }
+        }
+        if let Some(any) = self.pool.any_healthy(Some(failed)) {
+            if let Ok((StatusCode::OK, record)) = self
+                .call(
+                    &any,
+                    Method::GET,
+                    &format!("/internal/v1/sessions/{chat}/location"),
+                    None,
+                )
+                .await
+            {
+                let owner = record["owner_instance"].as_str().map(str::to_owned);
+                if owner != failed_id {
+                    if let Some(m) = owner
+                        .and_then(|o| self.pool.by_id(&o))
+                        .filter(|m| m.is_healthy())
+                    {
+                        self.remember(chat, &m);
+                        return Ok(m);
+                    }
+                }
+            }
+        }
+        let started = std::time::Instant::now();
+        for _ in 0..self.pool.members.len().max(1) {
+            let target = self.pool.pick(Some(failed)).ok_or_else(no_instance)?;
+            match self
+                .call(
+                    &target,
+                    Method::POST,
+                    &format!("/internal/v1/sessions/{chat}/restore"),
+                    None,
+                )
+                .await
+            {
+                Ok((StatusCode::OK, body)) => {
+                    self.remember(chat, &target);
+                    if body["restored"].as_bool() == Some(true) {
+                        metrics::counter!(m::GATEWAY_FAILOVERS).increment(1);
+                        tracing::info!(
+                            event_id = events::GATEWAY_FAILOVER,
+                            chat_id = chat,
+                            from = failed_id.as_deref().unwrap_or("?"),
+                            to = body["instance_id"].as_str().unwrap_or("?"),
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "chat moved to another instance"
+                        );
+                    }
+                    return Ok(target);
+                }
+                Ok((status, body))
+                    if status == StatusCode::SERVICE_UNAVAILABLE
+                        || status == StatusCode::MISDIRECTED_REQUEST =>
+                {
+                    tracing::warn!(chat_id = chat, instance = ?target.id(), answer = %body, "restore refused; trying another instance");
+                    continue;
+                }
+                Ok((status, body)) => return Err(passthrough(status, &body)),
+                Err(Unreachable(why)) => {
+                    self.pool.report_failure(&target, &why);
+                    continue;
+                }
+            }
+        }
+        tracing::error!(
+            event_id = events::GATEWAY_FAILOVER_FAILED,
+            chat_id = chat,
+            "no instance could restore the chat"
+        );
+        Err(no_instance())
+    }
+
+    /// Send a chat request to the chat's instance, failing over as needed.
+    pub async fn on_chat(
+        &self,
+        chat: &str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value, Arc<Member>), ApiError> {
+        let mut failed: Option<Arc<Member>> = None;
+        for _ in 0..ATTEMPTS {
+            let member = match failed.take() {
+                None => self.locate(chat).await?,
+                Some(f) => self.relocate(chat, &f).await?,
+            };
+            match self.call(&member, method.clone(), path, body).await {
+                Ok((StatusCode::MISDIRECTED_REQUEST, _)) => {
+                    self.forget(chat);
+                    failed = Some(member);
+                }
+                Ok((status, body)) => return Ok((status, body, member)),
+                Err(Unreachable(why)) => {
+                    self.pool.report_failure(&member, &why);
+                    self.forget(chat);
+                    failed = Some(member);
+                }
+            }
+        }
+        Err(no_instance())
+    }
+}
+
+pub fn no_instance() -> ApiError {
+    ApiError::unavailable("no_instance", "no chat server instance is available")
+}
+
+/// An instance's JSON error, passed on with its status.
+pub fn passthrough(status: StatusCode, body: &Value) -> ApiError {
+    let code = match body["error"]["code"].as_str() {
+        Some("not_found") => "not_found",
+        Some("chat_closed") => "chat_closed",
+        Some("bad_request") => "bad_request",
+        Some("too_large") => "too_large",
+        Some("forbidden") => "forbidden",
+        Some("restoration_disabled") => "restoration_disabled",
+        Some("store_unavailable") => "store_unavailable",
+        Some("save_failed") => "save_failed",
+        Some("instance_disabled") => "instance_disabled",
+        Some("conflict") => "conflict",
+        _ => "upstream_error",
+    };
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or("the chat server refused the request");
+    ApiError::new(status, code, message)
+}
+
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    gateway: Arc<Gateway>,
+    health_interval: Duration,
+}
+
+impl Application {
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let g = &config.gateway;
+        if g.instances.is_empty() {
+            anyhow::bail!("no instances configured: set gateway.instances (e.g. --instance http://127.0.0.1:7001)");
+        }
+        let tokens = match &g.token_secret {
+            Some(s) => tokens::TokenKey::new(s.as_bytes()),
+            None => {
+                tracing::warn!("gateway.token-secret is not set: tokens are valid for this gateway process only");
+                tokens::TokenKey::random()
+            }
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()?;
+        let handle = m::install();
+        m::describe();
+        metrics::counter!(m::GATEWAY_FAILOVERS).absolute(0);
+        metrics::gauge!(m::GATEWAY_INSTANCES_HEALTHY).set(0.0);
+        let pool = Pool::new(&g.instances, client.clone());
+        let gateway = Arc::new(Gateway {
+            pool,
+            client,
+            tokens,
+            agent_credential: g.agent_credential.clone(),
+            allowed_origins: g.allowed_origins.clone(),
+            locations: Mutex::new(HashMap::new()),
+            relocating: tokio::sync::Mutex::new(HashMap::new()),
+            stop: CancellationToken::new(),
+        });
+        let limiter = ratelimit::RateLimiter::new(g.rate_limit_per_second, g.rate_limit_burst);
+        let router = api::router(gateway.clone(), limiter, handle);
+        let listener = TcpListener::bind(g.listen)
+            .await
+            .with_context(|| format!("binding {}", g.listen))?;
+        Ok(Application {
+            listener,
+            router,
+            gateway,
+            health_interval: g.health_interval,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            router,
+            gateway,
+            health_interval,
+        } = self;
+        // First checks before serving, so the first chat finds instances.
+        for member in &gateway.pool.members {
+            gateway.pool.check(member, Duration::from_millis(500)).await;
+        }
+        gateway
+            .pool
+            .spawn_health_checks(health_interval, gateway.stop.clone());
+        tracing::info!(addr = %listener.local_addr()?, instances = gateway.pool.members.len(), "gateway started");
+        let stop = gateway.stop.clone();
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("gateway stopping");
+            stop.cancel();
+        })
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,249 @@
+//! The instances behind a gateway and what it knows of their health.
+//!
+//! Health is watched actively (`GET /status` every `health-interval`, a
+//! short timeout) and passively (a refused connection or a timed-out request
+//! marks the instance down at once). Every request to an instance races its
+//! `down` token, so the moment an instance is found dead (or frozen), the
+//! requests and WebSocket relays waiting on it fail over.
+
+use crate::telemetry::{events, metrics as m};
+use parking_lot::Mutex;
+use serde::Serialize;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Consecutive failed checks before an instance that still accepts
+/// connections (but answers late or wrong) counts as down.
+const FAILURES_TO_DOWN: u32 = 2;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberView {
+    pub url: String,
+    pub instance_id: Option<String>,
+    pub healthy: bool,
+    pub enabled: bool,
+    pub sessions_active: i64,
+}
+
+struct Health {
+    instance_id: Option<String>,
+    healthy: bool,
+    enabled: bool,
+    sessions_active: i64,
+    failures: u32,
+    down: CancellationToken,
+}
+
+pub struct Member {
+    pub url: String,
+    health: Mutex<Health>,
+    /// Chats sent here since the last health check, so that a burst of new
+    /// or restored chats spreads before the next check reports the counts.
+    assigned: AtomicI64,
+}
+
+impl Member {
+    pub fn id(&self) -> Option<String> {
+        self.health.lock().instance_id.clone()
+    }
+
+    pub fn is_usable(&self) -> bool {
+        let h = self.health.lock();
+        h.healthy && h.enabled && h.instance_id.is_some()
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.health.lock().healthy
+    }
+
+    /// Cancelled when this instance is found down.
+    pub fn down_token(&self) -> CancellationToken {
+        self.health.lock().down.clone()
+    }
+
+    fn load(&self) -> i64 {
+        self.health.lock().sessions_active + self.assigned.load(Ordering::Relaxed)
+    }
+
+    pub fn view(&self) -> MemberView {
+        let h = self.health.lock();
+        MemberView {
+            url: self.url.clone(),
+            instance_id: h.instance_id.clone(),
+            healthy: h.healthy,
+            enabled: h.enabled,
+            sessions_active: h.sessions_active,
+        }
+    }
+}
+
+pub struct Pool {
+    pub members: Vec<Arc<Member>>,
+    client: reqwest::Client,
+}
+
+impl Pool {
+    pub fn new(urls: &[String], client: reqwest::Client) -> Arc<Self> {
+        let members = urls
+            .iter()
+            .map(|u| {
+                Arc::new(Member {
+                    url: u.trim_end_matches('/').to_owned(),
+                    health: Mutex::new(Health {
+                        instance_id: None,
+                        healthy: false,
+                        enabled: false,
+                        sessions_active: 0,
+                        failures: 0,
+                        down: CancellationToken::new(),
+                    }),
+                    assigned: AtomicI64::new(0),
+                })
+            })
+            .collect();
+        Arc::new(Pool { members, client })
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<Arc<Member>> {
+        self.members
+            .iter()
+            .find(|m| m.id().as_deref() == Some(id))
+            .cloned()
+    }
+
+    pub fn views(&self) -> Vec<MemberView> {
+        self.members.iter().map(|m| m.view()).collect()
+    }
+
+    /// The usable instance with the fewest chats; `avoid` is taken only if
+    /// nothing else is usable.
+    pub fn pick(&self, avoid: Option<&Member>) -> Option<Arc<Member>> {
+        let usable = self.members.iter().filter(|m| m.is_usable());
+        let best = usable
+            .clone()
+            .filter(|m| avoid.is_none_or(|a| !std::ptr::eq(a, m.as_ref())))
+            .min_by_key(|m| m.load())
+            .or_else(|| usable.min_by_key(|m| m.load()))
+            .cloned();
+        if let Some(m) = &best {
+            m.assigned.fetch_add(1, Ordering::Relaxed);
+        }
+        best
+    }
+
+    /// Any healthy instance (enabled or not), to ask the session store.
+    pub fn any_healthy(&self, avoid: Option<&Member>) -> Option<Arc<Member>> {
+        let healthy = self.members.iter().filter(|m| m.is_healthy());
+        healthy
+            .clone()
+            .find(|m| avoid.is_none_or(|a| !std::ptr::eq(a, m.as_ref())))
+            .or_else(|| self.members.iter().find(|m| m.is_healthy()))
+            .cloned()
+    }
+
+    /// A request to `member` failed at the transport level: down at once.
+    pub fn report_failure(&self, member: &Member, why: &str) {
+        self.mark_down(member, why);
+    }
+
+    fn mark_down(&self, member: &Member, why: &str) {
+        let mut h = member.health.lock();
+        h.failures = h.failures.saturating_add(1);
+        if h.healthy {
+            h.healthy = false;
+            h.down.cancel();
+            tracing::warn!(
+                event_id = events::GATEWAY_INSTANCE_DOWN,
+                instance = h.instance_id.as_deref().unwrap_or("?"),
+                url = %member.url,
+                reason = why,
+                "instance marked down"
+            );
+            drop(h);
+            self.export();
+        }
+    }
+
+    fn export(&self) {
+        let usable = self.members.iter().filter(|m| m.is_usable()).count();
+        metrics::gauge!(m::GATEWAY_INSTANCES_HEALTHY).set(usable as f64);
+    }
+
+    /// Check one instance now.
+    pub async fn check(&self, member: &Member, timeout: Duration) {
+        let result = self
+            .client
+            .get(format!("{}/status", member.url))
+            .timeout(timeout)
+            .send()
+            .await;
+        let (status, refused) = match result {
+            Ok(r) if r.status().is_success() => (r.json::<serde_json::Value>().await.ok(), false),
+            Ok(_) => (None, false),
+            Err(e) => (None, e.is_connect()),
+        };
+        let Some(status) = status else {
+            let failures = member.health.lock().failures + 1;
+            if refused || failures >= FAILURES_TO_DOWN {
+                self.mark_down(
+                    member,
+                    if refused {
+                        "connection refused"
+                    } else {
+                        "health check failed"
+                    },
+                );
+            } else {
+                member.health.lock().failures = failures;
+            }
+            return;
+        };
+        let mut h = member.health.lock();
+        let was_healthy = h.healthy;
+        let was_enabled = h.enabled;
+        h.instance_id = status["instance_id"].as_str().map(str::to_owned);
+        h.enabled = status["enabled"].as_bool().unwrap_or(false);
+        h.sessions_active = status["sessions_active"].as_i64().unwrap_or(0);
+        // Not ready for new chats when its session store is down.
+        let store_ok = status["store"]["available"].as_bool().unwrap_or(true);
+        h.enabled &= store_ok;
+        h.failures = 0;
+        h.healthy = true;
+        member.assigned.store(0, Ordering::Relaxed);
+        if !was_healthy {
+            h.down = CancellationToken::new();
+            tracing::info!(
+                event_id = events::GATEWAY_INSTANCE_UP,
+                instance = h.instance_id.as_deref().unwrap_or("?"),
+                url = %member.url,
+                "instance healthy"
+            );
+        }
+        let changed = !was_healthy || was_enabled != h.enabled;
+        drop(h);
+        if changed {
+            self.export();
+        }
+    }
+
+    /// Check every instance every `interval` until `stop`.
+    pub fn spawn_health_checks(self: &Arc<Self>, interval: Duration, stop: CancellationToken) {
+        let timeout = (interval * 2).max(Duration::from_millis(500));
+        for member in self.members.clone() {
+            let pool = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = ticker.tick() => pool.check(&member, timeout).await,
+                    }
+                }
+            });
+        }
+    }
+}

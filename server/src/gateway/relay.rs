@@ -1,0 +1,141 @@
+//! The gateway's WebSocket relay: a participant's stream continues across
+//! instance failures. The relay follows the chat's instance stream from the
+//! last seq it forwarded; when that stream ends for any reason but the
+//! chat's closing (the instance died, was frozen, shut down, or lost the
+//! chat), it relocates the chat (restoring it elsewhere if needed) and
+//! reconnects after the same seq: no gap, no duplicate, and the restoration
+//! notices arrive as ordinary events.
+
+use super::tokens::Claims;
+use super::Gateway;
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite;
+
+/// Relocations in a row without a working upstream before giving up.
+const MAX_FAILOVERS: u32 = 10;
+/// Frames a client may send per second (they carry nothing we need).
+const CLIENT_FRAMES_PER_SECOND: u32 = 20;
+
+enum Upstream {
+    /// The chat closed: the stream is over.
+    Closed,
+    /// The participant went away.
+    ClientGone,
+    /// The instance stream ended otherwise: fail over.
+    Lost,
+}
+
+pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: Claims, after: u64) {
+    let mut last = after;
+    let mut failures = 0;
+    let mut failed: Option<Arc<super::pool::Member>> = None;
+    let mut frames = (tokio::time::Instant::now(), 0u32);
+    loop {
+        let member = match failed.take() {
+            None => gw.locate(&chat).await,
+            Some(f) => gw.relocate(&chat, &f).await,
+        };
+        let member = match member {
+            Ok(m) => m,
+            Err(e) => {
+                let code = if e.status == axum::http::StatusCode::CONFLICT {
+                    1000
+                } else {
+                    1011
+                };
+                return close(client, code, "chat unavailable").await;
+            }
+        };
+        let url = format!(
+            "{}/internal/v1/sessions/{chat}/ws?after={last}",
+            member.url.replacen("http://", "ws://", 1)
+        );
+        let down = member.down_token();
+        let connected = tokio::select! {
+            r = tokio_tungstenite::connect_async(&url) => r.ok(),
+            _ = down.cancelled() => None,
+        };
+        let Some((upstream, _)) = connected else {
+            failures += 1;
+            if failures > MAX_FAILOVERS {
+                return close(client, 1011, "no instance could serve the chat").await;
+            }
+            gw.forget(&chat);
+            failed = Some(member);
+            tokio::time::sleep(Duration::from_millis(50 * failures as u64)).await;
+            continue;
+        };
+        failures = 0;
+        let (mut up_tx, mut up_rx) = upstream.split();
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                msg = up_rx.next() => match msg {
+                    Some(Ok(tungstenite::Message::Text(text))) => {
+                        if let Ok(event) = serde_json::from_str::<Value>(&text) {
+                            let ephemeral = event["ephemeral"].as_bool().unwrap_or(false);
+                            let seq = event["seq"].as_u64().unwrap_or(0);
+                            if !ephemeral {
+                                if seq <= last {
+                                    continue;
+                                }
+                                last = seq;
+                            }
+                        }
+                        if client.send(Message::Text(text.as_str().into())).await.is_err() {
+                            break Upstream::ClientGone;
+                        }
+                    }
+                    Some(Ok(tungstenite::Message::Close(frame))) => {
+                        let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
+                        break if code == 1000 { Upstream::Closed } else { Upstream::Lost };
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break Upstream::Lost,
+                },
+                _ = down.cancelled() => break Upstream::Lost,
+                _ = gw.stop.cancelled() => {
+                    let _ = up_tx.close().await;
+                    return close(client, 1001, "gateway shutting down").await;
+                }
+                incoming = client.recv() => match incoming {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Upstream::ClientGone,
+                    Some(Ok(_)) => {
+                        let now = tokio::time::Instant::now();
+                        if now.duration_since(frames.0) > Duration::from_secs(1) {
+                            frames = (now, 0);
+                        }
+                        frames.1 += 1;
+                        if frames.1 > CLIENT_FRAMES_PER_SECOND {
+                            let _ = up_tx.close().await;
+                            return close(client, 1008, "too many frames").await;
+                        }
+                    }
+                },
+            }
+        };
+        let _ = up_tx.close().await;
+        match outcome {
+            Upstream::Closed => return close(client, 1000, "chat closed").await,
+            Upstream::ClientGone => return,
+            Upstream::Lost => {
+                tracing::info!(chat_id = %chat, participant = %who.participant_id, instance = ?member.id(), last_seq = last, "instance stream lost; reconnecting participant");
+                gw.forget(&chat);
+                failed = Some(member);
+            }
+        }
+    }
+}
+
+async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
