@@ -81,7 +81,7 @@ struct Supervisor {
     args: UpArgs,
     admin_token: String,
     agent_credential: String,
-    token_secret: String,
+    token_secret_file: PathBuf,
     gateway_url: String,
     dashboard_url: String,
     supervisor_url: String,
@@ -110,7 +110,6 @@ impl Supervisor {
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.args(&args)
             .env("CONFAB_ADMIN_TOKEN", &self.admin_token)
-            .env("CONFAB_GATEWAY_TOKEN_SECRET", &self.token_secret)
             .env("CONFAB_GATEWAY_AGENT_CREDENTIAL", &self.agent_credential)
             .env("CONFAB_GATEWAY_ADMIN_TOKEN", &self.admin_token)
             .stdin(Stdio::null())
@@ -152,6 +151,7 @@ impl Supervisor {
             "dashboard": self.dashboard_url,
             "supervisor": self.supervisor_url,
             "admin_token": self.admin_token,
+            "token_secret_file": self.token_secret_file,
             "agent_credential": self.agent_credential,
             "store": self.args.store,
             "instances": instances,
@@ -280,12 +280,31 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ],
         log: args.data_dir.join("logs").join("gateway.log"),
     });
+    // The gateways' token secret, in a file only we can read: a second
+    // gateway started by hand (`--set gateway.token-secret-file=…`) serves
+    // the same chats.
+    let token_secret_file = args.data_dir.join("token-secret");
+    if !token_secret_file.exists() {
+        std::fs::write(&token_secret_file, random_token())?;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_secret_file, std::fs::Permissions::from_mode(0o600))?;
+    }
+    if let Some(gw) = procs.last_mut() {
+        gw.args.push("--set".into());
+        gw.args.push(format!(
+            "gateway.token-secret-file={}",
+            token_secret_file.display()
+        ));
+    }
     let supervisor_url = format!("http://127.0.0.1:{}", args.supervisor_port);
     let dashboard_url = format!("http://127.0.0.1:{}", args.dashboard_port);
     let sup = Arc::new(Supervisor {
         admin_token,
         agent_credential,
-        token_secret: random_token(),
+        token_secret_file,
         gateway_url,
         dashboard_url,
         supervisor_url,

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod cluster;
 pub mod ws;
 
 /// The `confab` binary, built once per test process with the same profile

@@ -1,0 +1,303 @@
+//! `confab up` as a test fixture: the real supervisor, real instance
+//! processes, the real gateway, on free loopback ports.
+
+use crate::{confab_bin, free_port, test_log, Answer, Http};
+use serde_json::{json, Value};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub gateway: String,
+    pub supervisor: String,
+    pub admin_token: String,
+    pub agent_credential: String,
+    pub token_secret_file: PathBuf,
+    pub http: Http,
+    child: Child,
+}
+
+/// `n` consecutive free ports.
+fn free_range(n: u16) -> u16 {
+    'outer: for _ in 0..200 {
+        let base = free_port();
+        if base > 65000 - n {
+            continue;
+        }
+        let mut held = Vec::new();
+        for p in base..base + n {
+            match TcpListener::bind(("127.0.0.1", p)) {
+                Ok(l) => held.push(l),
+                Err(_) => continue 'outer,
+            }
+        }
+        return base;
+    }
+    panic!("no range of {n} free ports");
+}
+
+impl TestCluster {
+    pub async fn start(instances: u16, extra: &[&str]) -> TestCluster {
+        let dir = crate::data_dir();
+        let base = free_range(instances);
+        let (gw, sup, dash) = (free_port(), free_port(), free_port());
+        let mut cmd = Command::new(confab_bin());
+        cmd.arg("up")
+            .arg("--instances")
+            .arg(instances.to_string())
+            .arg("--data-dir")
+            .arg(dir.path())
+            .arg("--instance-base-port")
+            .arg(base.to_string())
+            .arg("--gateway-port")
+            .arg(gw.to_string())
+            .arg("--supervisor-port")
+            .arg(sup.to_string())
+            .arg("--dashboard-port")
+            .arg(dash.to_string())
+            .args(extra)
+            .stdin(Stdio::null());
+        if !test_log() {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        let child = cmd.spawn().expect("starting confab up");
+        let cluster_json = dir.path().join("cluster.json");
+        let http = Http::default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let supervisor = format!("http://127.0.0.1:{sup}");
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&cluster_json) {
+                let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let token = v["admin_token"].as_str().unwrap_or("").to_owned();
+                if let Ok(a) = http
+                    .try_get(&format!("{supervisor}/cluster"), Some(&token))
+                    .await
+                {
+                    if a.status == 200 {
+                        let mut c = TestCluster {
+                            gateway: v["gateway"].as_str().unwrap().to_owned(),
+                            supervisor,
+                            admin_token: token,
+                            agent_credential: v["agent_credential"].as_str().unwrap().to_owned(),
+                            token_secret_file: PathBuf::from(
+                                v["token_secret_file"].as_str().unwrap(),
+                            ),
+                            http,
+                            child,
+                            dir,
+                        };
+                        c.wait_gateway_sees(instances as usize).await;
+                        return c;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "confab up did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub async fn cluster(&self) -> Value {
+        self.http
+            .get(
+                &format!("{}/cluster", self.supervisor),
+                Some(&self.admin_token),
+            )
+            .await
+            .ok()
+    }
+
+    pub async fn instance_url(&self, id: &str) -> String {
+        let c = self.cluster().await;
+        c["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == id)
+            .and_then(|i| i["url"].as_str())
+            .unwrap_or_else(|| panic!("no instance {id}"))
+            .to_owned()
+    }
+
+    /// Wait until the gateway reports `n` usable instances.
+    pub async fn wait_gateway_sees(&mut self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(a) = self
+                .http
+                .try_get(&format!("{}/status", self.gateway), None)
+                .await
+            {
+                let usable = a.body["instances"]
+                    .as_array()
+                    .map(|l| {
+                        l.iter()
+                            .filter(|i| i["healthy"] == true && i["enabled"] == true)
+                            .count()
+                    })
+                    .unwrap_or(0);
+                if usable >= n {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway never saw {n} usable instances"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn act(&self, id: &str, action: &str) -> Value {
+        self.http
+            .post(
+                &format!("{}/instances/{id}/{action}", self.supervisor),
+                &json!({}),
+                Some(&self.admin_token),
+            )
+            .await
+            .ok()
+    }
+
+    pub async fn kill(&self, id: &str) {
+        self.act(id, "kill").await;
+    }
+
+    pub async fn restart(&self, id: &str) {
+        self.act(id, "restart").await;
+    }
+
+    pub fn log(&self, component: &str) -> String {
+        std::fs::read_to_string(self.path().join("logs").join(format!("{component}.log")))
+            .unwrap_or_default()
+    }
+
+    // The public API.
+
+    pub async fn create_chat(&self, nickname: &str) -> Chat {
+        let a = self
+            .http
+            .post(
+                &format!("{}/api/v1/chats", self.gateway),
+                &json!({"nickname": nickname}),
+                None,
+            )
+            .await;
+        assert_eq!(a.status, 201, "{:?}", a.body);
+        Chat {
+            id: a.body["chat_id"].as_str().unwrap().to_owned(),
+            participant_id: a.body["participant_id"].as_str().unwrap().to_owned(),
+            token: a.body["token"].as_str().unwrap().to_owned(),
+            instance_id: a.body["instance_id"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub async fn join(&self, chat: &Chat, nickname: &str) -> Chat {
+        let a = self
+            .http
+            .post(
+                &format!("{}/api/v1/chats/{}/join", self.gateway, chat.id),
+                &json!({"nickname": nickname}),
+                Some(&self.agent_credential),
+            )
+            .await
+            .ok();
+        Chat {
+            id: chat.id.clone(),
+            participant_id: a["participant_id"].as_str().unwrap().to_owned(),
+            token: a["token"].as_str().unwrap().to_owned(),
+            instance_id: a["instance_id"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub async fn send(&self, chat: &Chat, text: &str, client_msg_id: Option<&str>) -> Answer {
+        self.send_via(&self.gateway, chat, text, client_msg_id)
+            .await
+    }
+
+    pub async fn send_via(
+        &self,
+        gateway: &str,
+        chat: &Chat,
+        text: &str,
+        client_msg_id: Option<&str>,
+    ) -> Answer {
+        let mut body = json!({"text": text});
+        if let Some(c) = client_msg_id {
+            body["client_msg_id"] = json!(c);
+        }
+        self.http
+            .post(
+                &format!("{gateway}/api/v1/chats/{}/messages", chat.id),
+                &body,
+                Some(&chat.token),
+            )
+            .await
+    }
+
+    pub async fn transcript(&self, chat: &Chat) -> Value {
+        self.http
+            .get(
+                &format!("{}/api/v1/chats/{}/transcript", self.gateway, chat.id),
+                Some(&chat.token),
+            )
+            .await
+            .ok()
+    }
+
+    pub fn ws_url(&self, chat: &Chat, after: u64) -> String {
+        format!(
+            "{}/api/v1/chats/{}/ws?token={}&after={after}",
+            self.gateway.replacen("http://", "ws://", 1),
+            chat.id,
+            chat.token
+        )
+    }
+
+    pub async fn metric(&self, base_url: &str, name: &str) -> f64 {
+        let text = self
+            .http
+            .client
+            .get(format!("{base_url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // SIGTERM: the supervisor stops its children.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Chat {
+    pub id: String,
+    pub participant_id: String,
+    pub token: String,
+    pub instance_id: String,
+}
