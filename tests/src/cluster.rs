@@ -39,6 +39,8 @@ fn free_range(n: u16) -> u16 {
 }
 
 impl TestCluster {
+    // The child is reaped in Drop.
+    #[allow(clippy::zombie_processes)]
     pub async fn start(instances: u16, extra: &[&str]) -> TestCluster {
         let dir = crate::data_dir();
         let base = free_range(instances);
