@@ -55,7 +55,7 @@ pub struct UpArgs {
     /// Agent credential for the agent page (default: random).
     #[arg(long, env = "CONFAB_AGENT_CREDENTIAL", hide_env_values = true)]
     pub agent_credential: Option<String>,
-    /// Extra `section.option=value` settings for every instance.
+    /// Extra `section.option=value` settings for every component.
     #[arg(long = "set", value_name = "SECTION.OPTION=VALUE")]
     pub overrides: Vec<String>,
     /// Log format of the components.
@@ -298,6 +298,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             "gateway.token-secret-file={}",
             token_secret_file.display()
         ));
+        // The same overrides reach every component; each reads its section.
+        for o in &args.overrides {
+            gw.args.push("--set".into());
+            gw.args.push(o.clone());
+        }
     }
     let supervisor_url = format!("http://127.0.0.1:{}", args.supervisor_port);
     let dashboard_url = format!("http://127.0.0.1:{}", args.dashboard_port);

@@ -61,6 +61,16 @@ impl TestCluster {
             .arg(dash.to_string())
             .args(extra)
             .stdin(Stdio::null());
+        // Test clients share a few keep-alive connections among many chats;
+        // only the rate-limit test keeps the per-connection default.
+        if !extra.iter().any(|a| a.contains("rate-limit")) {
+            cmd.args([
+                "--set",
+                "gateway.rate-limit-per-second=100000",
+                "--set",
+                "gateway.rate-limit-burst=100000",
+            ]);
+        }
         if !test_log() {
             cmd.stdout(Stdio::null()).stderr(Stdio::null());
         }

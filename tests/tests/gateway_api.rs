@@ -1,0 +1,250 @@
+//! The gateway's public API: every auth failure, the Origin allow-list, the
+//! rate limit, size limits, errors, the OpenAPI document and the pages.
+
+use confab_e2e::cluster::TestCluster;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Error as WsError;
+
+async fn ws_status(url: &str, origin: Option<&str>) -> u16 {
+    let mut req = url.into_client_request().unwrap();
+    if let Some(o) = origin {
+        req.headers_mut().insert("origin", o.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok(_) => 101,
+        Err(WsError::Http(r)) => r.status().as_u16(),
+        Err(e) => panic!("unexpected WebSocket error {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_auth_failure_is_refused() {
+    let c = TestCluster::start(2, &[]).await;
+    let chat = c.create_chat("Ann").await;
+    let other = c.create_chat("Eve").await;
+    let msg = format!("{}/api/v1/chats/{}/messages", c.gateway, chat.id);
+    let body = json!({"text": "hi"});
+    let h = &c.http;
+
+    let a = h.post(&msg, &body, None).await;
+    assert_eq!((a.status, a.error_code()), (401, "unauthorized"));
+    assert_eq!(h.post(&msg, &body, Some("garbage")).await.status, 401);
+    // A genuine token for another chat.
+    let a = h.post(&msg, &body, Some(&other.token)).await;
+    assert_eq!((a.status, a.error_code()), (403, "forbidden"));
+    // A forged token: another chat's id with a valid-looking signature.
+    let forged = format!(
+        "{}.{}",
+        other.token.split('.').next().unwrap(),
+        chat.token.split('.').nth(1).unwrap()
+    );
+    assert_eq!(h.post(&msg, &body, Some(&forged)).await.status, 401);
+    let transcript = format!("{}/api/v1/chats/{}/transcript", c.gateway, chat.id);
+    assert_eq!(h.get(&transcript, None).await.status, 401);
+    assert_eq!(h.get(&transcript, Some(&other.token)).await.status, 403);
+    let leave = format!("{}/api/v1/chats/{}/leave", c.gateway, chat.id);
+    assert_eq!(
+        h.post(&leave, &json!({}), Some(&other.token)).await.status,
+        403
+    );
+
+    let join = format!("{}/api/v1/chats/{}/join", c.gateway, chat.id);
+    assert_eq!(
+        h.post(&join, &json!({"nickname": "Bob"}), None)
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        h.post(&join, &json!({"nickname": "Bob"}), Some("wrong"))
+            .await
+            .status,
+        401
+    );
+    // A customer token is not an agent credential.
+    assert_eq!(
+        h.post(&join, &json!({"nickname": "Bob"}), Some(&chat.token))
+            .await
+            .status,
+        401
+    );
+    let queue = format!("{}/api/v1/queue", c.gateway);
+    assert_eq!(h.get(&queue, None).await.status, 401);
+    assert_eq!(h.get(&queue, Some(&chat.token)).await.status, 401);
+
+    let ws = c.ws_url(&chat, 0);
+    assert_eq!(ws_status(&ws, None).await, 101);
+    assert_eq!(
+        ws_status(&ws.replace(&chat.token, "garbage"), None).await,
+        401
+    );
+    assert_eq!(
+        ws_status(&ws.replace(&chat.token, &other.token), None).await,
+        403
+    );
+    assert_eq!(ws_status(&ws, Some("http://evil.example")).await, 403);
+    assert_eq!(
+        ws_status(&ws, Some(&c.gateway)).await,
+        101,
+        "same origin is allowed"
+    );
+
+    // Nothing above changed the chat.
+    let t = c.transcript(&chat).await;
+    assert_eq!(t["events"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn allowed_origins_come_from_configuration() {
+    let c = TestCluster::start(1, &[]).await;
+    let chat = c.create_chat("Ann").await;
+    // The default allows same-origin pages only.
+    assert_eq!(
+        ws_status(&c.ws_url(&chat, 0), Some("https://shop.example")).await,
+        403
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_and_limits_through_the_gateway() {
+    let c = TestCluster::start(2, &[]).await;
+    let chat = c.create_chat("Ann").await;
+    let msg = format!("{}/api/v1/chats/{}/messages", c.gateway, chat.id);
+    let h = &c.http;
+    let a = h
+        .post(
+            &msg,
+            &json!({"text": "x".repeat(64 * 1024 + 1)}),
+            Some(&chat.token),
+        )
+        .await;
+    assert_eq!((a.status, a.error_code()), (413, "too_large"));
+    let a = h
+        .post_raw(&msg, b"{\"text\":".to_vec(), Some(&chat.token))
+        .await;
+    assert_eq!((a.status, a.error_code()), (400, "bad_request"));
+    let a = h
+        .post(&msg, &json!({"txt": "typo"}), Some(&chat.token))
+        .await;
+    assert_eq!(a.status, 400);
+    let huge = vec![b'a'; 2 * 1024 * 1024];
+    let a = h.post_raw(&msg, huge, Some(&chat.token)).await;
+    assert_eq!((a.status, a.error_code()), (413, "too_large"));
+    let a = h
+        .post(&format!("{}/api/v1/chats", c.gateway), &json!({}), None)
+        .await;
+    assert_eq!(a.status, 400);
+    let a = h
+        .post(
+            &format!("{}/api/v1/chats/nosuchchat/messages", c.gateway),
+            &json!({"text": "x"}),
+            Some(&chat.token),
+        )
+        .await;
+    assert_eq!(a.status, 403, "the token is for another chat");
+    let emoji = "привет 你好 🎉";
+    c.send(&chat, emoji, None).await.ok();
+    let t = c.transcript(&chat).await;
+    assert_eq!(t["events"][1]["text"], emoji);
+    assert_eq!(
+        c.transcript(&chat).await["events"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_rate_limit_answers_429_per_connection() {
+    // The defaults: 20 requests/s, bursts of 40.
+    let c = TestCluster::start(
+        1,
+        &[
+            "--set",
+            "gateway.rate-limit-per-second=20",
+            "--set",
+            "gateway.rate-limit-burst=40",
+        ],
+    )
+    .await;
+    let chat = c.create_chat("Ann").await;
+    // One keep-alive connection, requests back to back.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    let url = format!("{}/api/v1/chats/{}/transcript", c.gateway, chat.id);
+    let mut statuses = Vec::new();
+    for _ in 0..120 {
+        let r = client
+            .get(&url)
+            .bearer_auth(&chat.token)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let retry_after = r.headers().contains_key("retry-after");
+        // Reading the body returns the connection to the pool for reuse.
+        let body: serde_json::Value = r.json().await.unwrap();
+        if status == 429 {
+            assert!(retry_after);
+            assert_eq!(body["error"]["code"], "rate_limited");
+        }
+        statuses.push(status);
+    }
+    assert!(
+        statuses.contains(&429),
+        "no 429 after 120 back-to-back requests"
+    );
+    assert_eq!(statuses[0], 200);
+    // Another connection has its own budget.
+    let fresh = reqwest::Client::new();
+    let r = fresh
+        .get(&url)
+        .bearer_auth(&chat.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn openapi_document_and_pages_are_served() {
+    let c = TestCluster::start(1, &[]).await;
+    let doc = c
+        .http
+        .get(&format!("{}/api/v1/openapi.json", c.gateway), None)
+        .await
+        .ok();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/api/v1/chats",
+        "/api/v1/chats/{chat_id}/messages",
+        "/api/v1/chats/{chat_id}/transcript",
+        "/api/v1/chats/{chat_id}/ws",
+        "/api/v1/chats/{chat_id}/join",
+        "/api/v1/chats/{chat_id}/leave",
+        "/api/v1/queue",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "missing {path} in the OpenAPI document"
+        );
+    }
+    assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+    for page in ["/", "/agent"] {
+        let text = c
+            .http
+            .client
+            .get(format!("{}{page}", c.gateway))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains("<html") && text.contains("confab"), "{page}");
+    }
+}
