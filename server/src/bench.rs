@@ -24,8 +24,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// The message path against one instance, against the raw store rate.
+    Message,
+    /// Messages through the gateway against straight to the instance.
+    Gateway,
+    /// `--sessions` chats on one instance, kill -9 it, time until every
+    /// chat has accepted a new message through the gateway.
+    Restore,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Scenario::Message)]
+    pub scenario: Scenario,
     /// Chats to spread the messages over.
     #[arg(long, default_value_t = 1000)]
     pub sessions: usize,
@@ -87,19 +101,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         other => bail!("--synchronous must be off, normal, full or extra, got {other:?}"),
     };
     let text = "x".repeat(args.text_bytes);
-    println!("# confab bench\n");
+    println!("# confab bench ({:?})\n", args.scenario);
     println!("machine: {}", machine());
     println!(
         "settings: {} chats, {} concurrent senders, {:?} per phase, {}-byte messages, synchronous={}\n",
         args.sessions, args.concurrency, args.duration, args.text_bytes, args.synchronous
     );
 
+    match args.scenario {
+        Scenario::Message => {}
+        Scenario::Gateway => return gateway_cost(&dir, &args, &text).await,
+        Scenario::Restore => return restoration(&dir, &args).await,
+    }
     let raw = raw_store_rate(&dir.join("raw.db"), synchronous, &args, &text).await?;
     println!("raw SQLite group-commit appends: {raw:.0} rows/s (no HTTP)");
 
     let db = dir.join("server.db");
     let _ = std::fs::remove_file(&db);
-    let mut server = ServerProcess::start(&db, &args.synchronous).await?;
+    let mut server = ServerProcess::instance(&db, &args.synchronous, "bench", free_port()?).await?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency * 2)
         .build()?;
@@ -261,23 +280,22 @@ struct ServerProcess {
     url: String,
 }
 
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 impl ServerProcess {
-    async fn start(db: &Path, synchronous: &str) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+    /// Run `confab <args>` listening on `port`; wait for its /healthz.
+    async fn spawn(args: &[String], port: u16) -> anyhow::Result<Self> {
         let child = Command::new(std::env::current_exe()?)
-            .args(["server", "--instance-id", "bench", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--sqlite-path")
-            .arg(db)
-            .arg("--set")
-            .arg(format!("server.sqlite-synchronous={synchronous}"))
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
-            .context("starting confab server")?;
+            .context("starting a confab component")?;
         let url = format!("http://127.0.0.1:{port}");
         let client = reqwest::Client::new();
         for _ in 0..400 {
@@ -286,7 +304,42 @@ impl ServerProcess {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        bail!("the benchmark server did not start")
+        bail!(
+            "a benchmark component did not start: confab {}",
+            args.join(" ")
+        )
+    }
+
+    async fn instance(db: &Path, synchronous: &str, id: &str, port: u16) -> anyhow::Result<Self> {
+        let args: Vec<String> = vec![
+            "server".into(),
+            "--instance-id".into(),
+            id.into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--sqlite-path".into(),
+            db.display().to_string(),
+            "--set".into(),
+            format!("server.sqlite-synchronous={synchronous}"),
+        ];
+        Self::spawn(&args, port).await
+    }
+
+    async fn gateway(instances: &[String], port: u16) -> anyhow::Result<Self> {
+        let args: Vec<String> = vec![
+            "gateway".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--instance".into(),
+            instances.join(","),
+            "--set".into(),
+            "gateway.rate-limit-per-second=1000000".into(),
+            "--set".into(),
+            "gateway.rate-limit-burst=1000000".into(),
+            "--set".into(),
+            "gateway.token-secret=bench".into(),
+        ];
+        Self::spawn(&args, port).await
     }
 
     fn rss_kib(&self) -> u64 {
@@ -312,28 +365,61 @@ impl Drop for ServerProcess {
     }
 }
 
-/// (chat id, participant id)
-type Chat = (String, String);
+/// Where one chat's messages go: straight to its instance (with the
+/// participant id) or through the gateway (with the participant's token).
+#[derive(Clone)]
+struct Chat {
+    messages_url: String,
+    participant_id: Option<String>,
+    token: Option<String>,
+}
 
 async fn create_chats(client: &reqwest::Client, url: &str, n: usize) -> anyhow::Result<Vec<Chat>> {
+    create_chats_at(client, url, n, false).await
+}
+
+/// `n` chats through the instance's internal API or the gateway's public one.
+async fn create_chats_at(
+    client: &reqwest::Client,
+    url: &str,
+    n: usize,
+    gateway: bool,
+) -> anyhow::Result<Vec<Chat>> {
+    use futures_util::StreamExt;
     let mut chats = Vec::with_capacity(n);
     let mut pending = futures_util::stream::FuturesUnordered::new();
-    use futures_util::StreamExt;
     for i in 0..n {
         let client = client.clone();
-        let url = format!("{url}/internal/v1/sessions");
+        let url = url.to_owned();
         pending.push(async move {
+            let create = if gateway {
+                format!("{url}/api/v1/chats")
+            } else {
+                format!("{url}/internal/v1/sessions")
+            };
             let r: Value = client
-                .post(url)
+                .post(create)
                 .json(&json!({"nickname": format!("bench {i}")}))
                 .send()
                 .await?
+                .error_for_status()?
                 .json()
                 .await?;
-            anyhow::Ok((
-                r["session_id"].as_str().unwrap_or_default().to_owned(),
-                r["participant_id"].as_str().unwrap_or_default().to_owned(),
-            ))
+            anyhow::Ok(if gateway {
+                let id = r["chat_id"].as_str().unwrap_or_default();
+                Chat {
+                    messages_url: format!("{url}/api/v1/chats/{id}/messages"),
+                    participant_id: None,
+                    token: r["token"].as_str().map(str::to_owned),
+                }
+            } else {
+                let id = r["session_id"].as_str().unwrap_or_default();
+                Chat {
+                    messages_url: format!("{url}/internal/v1/sessions/{id}/messages"),
+                    participant_id: r["participant_id"].as_str().map(str::to_owned),
+                    token: None,
+                }
+            })
         });
         if pending.len() >= 64 {
             if let Some(r) = pending.next().await {
@@ -347,13 +433,25 @@ async fn create_chats(client: &reqwest::Client, url: &str, n: usize) -> anyhow::
     Ok(chats)
 }
 
-async fn send(client: &reqwest::Client, url: &str, chat: &Chat, text: &str, cmid: String) -> bool {
-    let r = client
-        .post(format!("{url}/internal/v1/sessions/{}/messages", chat.0))
-        .json(&json!({"participant_id": chat.1, "text": text, "client_msg_id": cmid}))
-        .send()
-        .await;
-    matches!(r, Ok(r) if r.status().is_success())
+async fn send_answer(
+    client: &reqwest::Client,
+    chat: &Chat,
+    text: &str,
+    cmid: String,
+) -> reqwest::Result<reqwest::Response> {
+    let mut body = json!({"text": text, "client_msg_id": cmid});
+    if let Some(p) = &chat.participant_id {
+        body["participant_id"] = json!(p);
+    }
+    let mut req = client.post(&chat.messages_url).json(&body);
+    if let Some(t) = &chat.token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await
+}
+
+async fn send(client: &reqwest::Client, _url: &str, chat: &Chat, text: &str, cmid: String) -> bool {
+    matches!(send_answer(client, chat, text, cmid).await, Ok(r) if r.status().is_success())
 }
 
 async fn closed_loop(
@@ -452,4 +550,177 @@ async fn open_loop(
         Latencies(all),
         errors.load(Ordering::Relaxed),
     )
+}
+
+/// Acknowledged messages/s through the gateway against straight to the
+/// instance, in the same run, on the same instance.
+async fn gateway_cost(dir: &Path, args: &BenchArgs, text: &str) -> anyhow::Result<()> {
+    let db = dir.join("gateway.db");
+    let _ = std::fs::remove_file(&db);
+    let instance = ServerProcess::instance(&db, &args.synchronous, "bench", free_port()?).await?;
+    let gateway = ServerProcess::gateway(std::slice::from_ref(&instance.url), free_port()?).await?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency * 2)
+        .build()?;
+    let direct_chats = create_chats_at(&client, &instance.url, args.sessions, false).await?;
+    let via_chats = create_chats_at(&client, &gateway.url, args.sessions, true).await?;
+    // Alternate the two in short rounds so that a noisy neighbour weighs
+    // on both alike.
+    let rounds = 3;
+    let round = BenchArgs {
+        duration: args.duration / rounds,
+        ..args.clone()
+    };
+    let (mut direct, mut via) = (0.0, 0.0);
+    let (mut dl, mut vl) = (Latencies(Vec::new()), Latencies(Vec::new()));
+    for r in 1..=rounds {
+        let (d, l) = closed_loop(&client, &instance.url, &direct_chats, &round, text).await;
+        dl.0.extend(l.0);
+        let (v, l) = closed_loop(&client, &gateway.url, &via_chats, &round, text).await;
+        vl.0.extend(l.0);
+        println!(
+            "round {r}: direct {d:.0}/s, through the gateway {v:.0}/s, ratio {:.2}",
+            v / d
+        );
+        direct += d / rounds as f64;
+        via += v / rounds as f64;
+    }
+    println!(
+        "straight to the instance: {direct:.0} acknowledged messages/s, p50 {}, p99 {}",
+        ms(dl.percentile(0.5)),
+        ms(dl.percentile(0.99))
+    );
+    println!(
+        "through the gateway:      {via:.0} acknowledged messages/s, p50 {}, p99 {}",
+        ms(vl.percentile(0.5)),
+        ms(vl.percentile(0.99))
+    );
+    println!("gateway / direct: {:.2}", via / direct);
+    Ok(())
+}
+
+/// The reference's kill -9 test at scale: `--sessions` active chats on one
+/// instance, SIGKILL, and the time until each has accepted a new message
+/// through the gateway (which restores it on the other instance).
+async fn restoration(dir: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let db = dir.join("restore.db");
+    let _ = std::fs::remove_file(&db);
+    let (port_a, port_b) = (free_port()?, free_port()?);
+    let mut a = ServerProcess::instance(&db, &args.synchronous, "inst-a", port_a).await?;
+    let urls = [a.url.clone(), format!("http://127.0.0.1:{port_b}")];
+    let gateway = ServerProcess::gateway(&urls, free_port()?).await?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency * 2)
+        .build()?;
+    // Only A is up: every chat lands there.
+    let chats = create_chats_at(&client, &gateway.url, args.sessions, true).await?;
+    for chat in &chats {
+        if !send(&client, "", chat, "before the kill", "before".into()).await {
+            bail!("a message before the kill was refused");
+        }
+    }
+    let _b = ServerProcess::instance(&db, &args.synchronous, "inst-b", port_b).await?;
+    // Let the gateway see B.
+    for _ in 0..200 {
+        let s: Value = client
+            .get(format!("{}/status", gateway.url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let healthy = s["instances"]
+            .as_array()
+            .map(|l| l.iter().filter(|i| i["healthy"] == true).count())
+            .unwrap_or(0);
+        if healthy == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    a.stop(); // SIGKILL
+    let start = Instant::now();
+    let chats = Arc::new(chats);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let (client, chats, next) = (client.clone(), chats.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut times = Vec::new();
+            let mut failures = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(chat) = chats.get(i) else { break };
+                // Retried with the same id until accepted, as a client would.
+                loop {
+                    match send_answer(&client, chat, "after the kill", "after".into()).await {
+                        Ok(r) if r.status().is_success() => break,
+                        _ => {
+                            failures += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                    if start.elapsed() > Duration::from_secs(120) {
+                        break;
+                    }
+                }
+                times.push(start.elapsed().as_micros() as u32);
+            }
+            (times, failures)
+        }));
+    }
+    let mut times = Vec::new();
+    let mut retries = 0;
+    for t in tasks {
+        let (t, f) = t.await?;
+        times.extend(t);
+        retries += f;
+    }
+    let all = start.elapsed();
+    // Every chat holds each message exactly once.
+    let mut lost_or_duplicated = 0;
+    for chat in chats.iter() {
+        let url = chat.messages_url.replace("/messages", "/transcript");
+        let t: Value = client
+            .get(url)
+            .bearer_auth(chat.token.as_deref().unwrap_or_default())
+            .send()
+            .await?
+            .json()
+            .await?;
+        let texts: Vec<&str> = t["events"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .filter(|e| e["kind"] == "message")
+                    .filter_map(|e| e["text"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if texts != ["before the kill", "after the kill"] {
+            lost_or_duplicated += 1;
+        }
+    }
+    let mut lat = Latencies(times);
+    let metrics = client
+        .get(format!("{}/metrics", gateway.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let failovers: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with(crate::telemetry::metrics::GATEWAY_FAILOVERS))
+        .filter_map(|l| l.rsplit(" ").next()?.parse::<f64>().ok())
+        .sum();
+    println!(
+        "restoration of {} chats after kill -9 ({failovers} gateway failovers): all accepted a new message within {:.2} s (p50 {}, p99 {}); {} client retries; {} chats lost or duplicated a message",
+        chats.len(),
+        all.as_secs_f64(),
+        ms(lat.percentile(0.5)),
+        ms(lat.percentile(0.99)),
+        retries,
+        lost_or_duplicated
+    );
+    drop(gateway);
+    Ok(())
 }

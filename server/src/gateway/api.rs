@@ -274,6 +274,16 @@ fn valid_chat_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
+/// A successful instance answer passed on as it came; an error re-issued.
+fn raw_answer(status: StatusCode, body: bytes::Bytes) -> Result<Response, ApiError> {
+    if status.is_success() {
+        Ok((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
+    } else {
+        let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        Err(passthrough(status, &parsed))
+    }
+}
+
 fn answer(status: StatusCode, body: Value) -> Result<Value, ApiError> {
     if status.is_success() {
         Ok(body)
@@ -342,7 +352,7 @@ async fn post_message(
     Path(chat_id): Path<String>,
     headers: HeaderMap,
     JsonBody(b): JsonBody<PostMessage>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     valid_chat_id(&chat_id)?;
     let who = participant(&s.gw, bearer(&headers), &chat_id)?;
     check_text(&b.text)?;
@@ -354,14 +364,14 @@ async fn post_message(
         .unwrap_or_else(|| format!("gw-{}", uuid::Uuid::new_v4().simple()));
     let body = json!({"participant_id": who.participant_id, "text": b.text, "client_msg_id": client_msg_id});
     let (status, body, _) =
-        s.gw.on_chat(
+        s.gw.on_chat_raw(
             &chat_id,
             Method::POST,
             &format!("/internal/v1/sessions/{chat_id}/messages"),
             Some(&body),
         )
         .await?;
-    answer(status, body).map(Json)
+    raw_answer(status, body)
 }
 
 /// The transcript after a seq.
@@ -373,7 +383,7 @@ async fn transcript(
     Path(chat_id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     valid_chat_id(&chat_id)?;
     participant(&s.gw, bearer(&headers), &chat_id)?;
     let after: u64 = match q.get("after") {
@@ -383,14 +393,14 @@ async fn transcript(
         })?,
     };
     let (status, body, _) =
-        s.gw.on_chat(
+        s.gw.on_chat_raw(
             &chat_id,
             Method::GET,
             &format!("/internal/v1/sessions/{chat_id}/transcript?after={after}"),
             None,
         )
         .await?;
-    answer(status, body).map(Json)
+    raw_answer(status, body)
 }
 
 /// Live events over WebSocket, one JSON event per text frame, from seq

@@ -55,14 +55,15 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Call an instance; fails fast when the instance is found down.
-    pub async fn call(
+    /// Call an instance; fails fast when the instance is found down. The
+    /// answer's body is returned as it came, to be passed on unparsed.
+    pub async fn call_raw(
         &self,
         member: &Member,
         method: Method,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<(StatusCode, Value), Unreachable> {
+    ) -> Result<(StatusCode, bytes::Bytes), Unreachable> {
         let mut req = self
             .client
             .request(method, format!("{}{path}", member.url))
@@ -78,9 +79,23 @@ impl Gateway {
         let status =
             StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let body = tokio::select! {
-            b = response.json::<Value>() => b.map_err(|e| Unreachable(e.to_string()))?,
+            b = response.bytes() => b.map_err(|e| Unreachable(e.to_string()))?,
             _ = down.cancelled() => return Err(Unreachable("instance down".into())),
         };
+        Ok((status, body))
+    }
+
+    /// [`Gateway::call_raw`] with the answer parsed as JSON.
+    pub async fn call(
+        &self,
+        member: &Member,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value), Unreachable> {
+        let (status, bytes) = self.call_raw(member, method, path, body).await?;
+        let body = serde_json::from_slice(&bytes)
+            .map_err(|e| Unreachable(format!("answer is not JSON: {e}")))?;
         Ok((status, body))
     }
 
@@ -251,13 +266,26 @@ impl Gateway {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value, Arc<Member>), ApiError> {
+        let (status, bytes, member) = self.on_chat_raw(chat, method, path, body).await?;
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok((status, body, member))
+    }
+
+    /// [`Gateway::on_chat`] with the answer's body unparsed.
+    pub async fn on_chat_raw(
+        &self,
+        chat: &str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, bytes::Bytes, Arc<Member>), ApiError> {
         let mut failed: Option<Arc<Member>> = None;
         for _ in 0..ATTEMPTS {
             let member = match failed.take() {
                 None => self.locate(chat).await?,
                 Some(f) => self.relocate(chat, &f).await?,
             };
-            match self.call(&member, method.clone(), path, body).await {
+            match self.call_raw(&member, method.clone(), path, body).await {
                 Ok((StatusCode::MISDIRECTED_REQUEST, _)) => {
                     self.forget(chat);
                     failed = Some(member);
