@@ -58,6 +58,12 @@ pub struct UpArgs {
     /// Extra `section.option=value` settings for every component.
     #[arg(long = "set", value_name = "SECTION.OPTION=VALUE")]
     pub overrides: Vec<String>,
+    /// Also start a real Prometheus (the `prometheus` binary, if installed)
+    /// scraping every component with confab's alert rules.
+    #[arg(long)]
+    pub with_prometheus: bool,
+    #[arg(long, default_value_t = 9090)]
+    pub prometheus_port: u16,
     /// Log format of the components.
     #[arg(long, default_value = "json")]
     pub component_log_format: String,
@@ -73,6 +79,8 @@ struct ProcInfo {
 
 struct Proc {
     info: ProcInfo,
+    /// None: this `confab` binary.
+    program: Option<PathBuf>,
     args: Vec<String>,
     log: PathBuf,
 }
@@ -98,16 +106,20 @@ fn random_token() -> String {
 
 impl Supervisor {
     fn spawn(self: &Arc<Self>, index: usize) -> anyhow::Result<()> {
-        let (args, log, id) = {
+        let (program, args, log, id) = {
             let procs = self.procs.lock();
             let p = &procs[index];
-            (p.args.clone(), p.log.clone(), p.info.id.clone())
+            (p.program.clone(), p.args.clone(), p.log.clone(), p.info.id.clone())
         };
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)?;
-        let mut cmd = Command::new(std::env::current_exe()?);
+        let program = match program {
+            Some(p) => p,
+            None => std::env::current_exe()?,
+        };
+        let mut cmd = Command::new(program);
         cmd.args(&args)
             .env("CONFAB_ADMIN_TOKEN", &self.admin_token)
             .env("CONFAB_GATEWAY_AGENT_CREDENTIAL", &self.agent_credential)
@@ -257,6 +269,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 pid: None,
                 running: false,
             },
+            program: None,
             args: a,
             log: args.data_dir.join("logs").join(format!("{id}.log")),
         });
@@ -278,6 +291,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             "--instance".into(),
             instance_urls.join(","),
         ],
+        program: None,
         log: args.data_dir.join("logs").join("gateway.log"),
     });
     // The gateways' token secret, in a file only we can read: a second
@@ -302,6 +316,30 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         for o in &args.overrides {
             gw.args.push("--set".into());
             gw.args.push(o.clone());
+        }
+    }
+    let prometheus_yml = write_prometheus_config(&args, &instance_urls)?;
+    if args.with_prometheus {
+        match which("prometheus") {
+            Some(bin) => procs.push(Proc {
+                info: ProcInfo {
+                    id: "prometheus".into(),
+                    url: format!("http://127.0.0.1:{}", args.prometheus_port),
+                    pid: None,
+                    running: false,
+                },
+                program: Some(bin),
+                args: vec![
+                    format!("--config.file={}", prometheus_yml.display()),
+                    format!("--storage.tsdb.path={}", args.data_dir.join("prometheus").display()),
+                    format!("--web.listen-address=127.0.0.1:{}", args.prometheus_port),
+                    "--web.enable-lifecycle".into(),
+                ],
+                log: args.data_dir.join("logs").join("prometheus.log"),
+            }),
+            None => eprintln!(
+                "warning: --with-prometheus: no `prometheus` binary on PATH (Debian: apt-get install prometheus); continuing without it"
+            ),
         }
     }
     let supervisor_url = format!("http://127.0.0.1:{}", args.supervisor_port);
@@ -340,6 +378,48 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await?;
     println!("cluster stopped");
     Ok(())
+}
+
+/// The alert rules, shipped inside the binary so `confab up` works anywhere.
+const ALERT_RULES: &str = include_str!("../../alerts/confab-rules.yml");
+
+/// Write `<data-dir>/prometheus.yml` (targets: every instance as job
+/// `confab`, the gateway as `confab-gateway`) and the alert rules beside it.
+fn write_prometheus_config(args: &UpArgs, instance_urls: &[String]) -> anyhow::Result<PathBuf> {
+    let rules = args.data_dir.join("confab-rules.yml");
+    std::fs::write(&rules, ALERT_RULES)?;
+    let targets: Vec<String> = instance_urls
+        .iter()
+        .map(|u| format!("'{}'", u.trim_start_matches("http://")))
+        .collect();
+    let text = [
+        "# Written by `confab up`: scrape every component of the local cluster.".to_owned(),
+        "global:".into(),
+        "  scrape_interval: 5s".into(),
+        "  evaluation_interval: 5s".into(),
+        "rule_files:".into(),
+        format!("  - {}", rules.display()),
+        "scrape_configs:".into(),
+        "  - job_name: confab".into(),
+        "    static_configs:".into(),
+        format!("      - targets: [{}]", targets.join(", ")),
+        "  - job_name: confab-gateway".into(),
+        "    static_configs:".into(),
+        format!("      - targets: ['127.0.0.1:{}']", args.gateway_port),
+        String::new(),
+    ]
+    .join("\n");
+    let path = args.data_dir.join("prometheus.yml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
 }
 
 async fn wait_until_healthy(sup: &Supervisor) {
@@ -386,6 +466,10 @@ fn print_banner(sup: &Supervisor) {
     );
     println!("  dashboard            {}", sup.dashboard_url);
     println!("  supervisor API       {}", sup.supervisor_url);
+    if let Some(p) = sup.procs.lock().iter().find(|p| p.info.id == "prometheus") {
+        println!("  Prometheus           {}", p.info.url);
+    }
+    println!("  Prometheus config    {}/prometheus.yml", a.data_dir.display());
     println!("  admin token          {}", sup.admin_token);
     println!("  agent credential     {}", sup.agent_credential);
     println!();
