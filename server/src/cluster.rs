@@ -109,7 +109,12 @@ impl Supervisor {
         let (program, args, log, id) = {
             let procs = self.procs.lock();
             let p = &procs[index];
-            (p.program.clone(), p.args.clone(), p.log.clone(), p.info.id.clone())
+            (
+                p.program.clone(),
+                p.args.clone(),
+                p.log.clone(),
+                p.info.id.clone(),
+            )
         };
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -469,7 +474,10 @@ fn print_banner(sup: &Supervisor) {
     if let Some(p) = sup.procs.lock().iter().find(|p| p.info.id == "prometheus") {
         println!("  Prometheus           {}", p.info.url);
     }
-    println!("  Prometheus config    {}/prometheus.yml", a.data_dir.display());
+    println!(
+        "  Prometheus config    {}/prometheus.yml",
+        a.data_dir.display()
+    );
     println!("  admin token          {}", sup.admin_token);
     println!("  agent credential     {}", sup.agent_credential);
     println!();

@@ -1,0 +1,229 @@
+//! Every metric the dashboards and alert rules use is exported by a running
+//! cluster, every panel query and rule parses as PromQL, and each
+//! component's /metrics passes `promtool check metrics`.
+
+use confab_e2e::cluster::TestCluster;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// Metric names in a PromQL expression (confab's, and `up`).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut token = String::new();
+    let mut in_string = false;
+    for ch in expr.chars().chain(std::iter::once(' ')) {
+        if ch == '"' {
+            in_string = !in_string;
+            token.clear();
+            continue;
+        }
+        if in_string {
+            continue;
+        }
+        if ch.is_ascii_alphanumeric() || ch == '_' || ch == ':' {
+            token.push(ch);
+        } else {
+            if token.starts_with("confab_") || token == "up" {
+                names.push(token.clone());
+            }
+            token.clear();
+        }
+    }
+    names
+}
+
+fn dashboard_exprs() -> Vec<(String, String)> {
+    fn walk(v: &Value, file: &str, out: &mut Vec<(String, String)>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    if k == "expr" {
+                        if let Some(e) = v.as_str() {
+                            out.push((file.to_owned(), e.to_owned()));
+                        }
+                    } else if k == "query" && m.contains_key("definition") {
+                        // Template variable queries (label_values) are Grafana's, not PromQL.
+                    } else {
+                        walk(v, file, out);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, file, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(repo().join("grafana/dashboards")).unwrap() {
+        let path = entry.unwrap().path();
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        walk(&v, &path.display().to_string(), &mut out);
+    }
+    assert!(
+        out.len() >= 10,
+        "too few panel queries found: {}",
+        out.len()
+    );
+    out
+}
+
+fn rule_exprs() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo().join("alerts/confab-rules.yml")).unwrap();
+    let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut out = Vec::new();
+    for g in v["groups"].as_sequence().unwrap() {
+        for r in g["rules"].as_sequence().unwrap() {
+            let name = r["alert"]
+                .as_str()
+                .or(r["record"].as_str())
+                .unwrap_or("?")
+                .to_owned();
+            out.push((name, r["expr"].as_str().unwrap().to_owned()));
+        }
+    }
+    out
+}
+
+/// Grafana's variables replaced by concrete values, as Grafana would.
+fn substitute(expr: &str) -> String {
+    let e = expr
+        .replace("$__rate_interval", "1m")
+        .replace("${__rate_interval}", "1m")
+        .replace("$__interval", "1m")
+        .replace("$__range", "1h")
+        .replace("${job}", "confab")
+        .replace("${instance}", ".*")
+        .replace("$job", "confab")
+        .replace("$instance", ".*");
+    assert!(!e.contains('$'), "unknown Grafana variable in {expr}");
+    e
+}
+
+fn exported(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_owned())
+        .collect()
+}
+
+fn promtool_check_metrics(text: &str) -> String {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "promtool check metrics failed");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dashboards_and_alerts_use_only_exported_metrics_and_valid_promql() {
+    let c = TestCluster::start(2, &[]).await;
+    // Some traffic so that every labelled series exists.
+    let chat = c.create_chat("Ann").await;
+    c.send(&chat, "hello", None).await.ok();
+    c.kill(&chat.instance_id).await;
+    c.send(&chat, "after", None).await.ok();
+
+    let cluster = c.cluster().await;
+    let mut urls: Vec<String> = cluster["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["running"] == true)
+        .map(|i| i["url"].as_str().unwrap().to_owned())
+        .collect();
+    urls.push(c.gateway.clone());
+    let mut names = BTreeSet::from(["up".to_string()]);
+    for url in &urls {
+        let text = c
+            .http
+            .client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let problems = promtool_check_metrics(&text);
+        assert!(
+            problems.trim().is_empty(),
+            "promtool check metrics on {url}:\n{problems}"
+        );
+        names.extend(exported(&text));
+    }
+
+    let mut exprs = dashboard_exprs();
+    exprs.extend(rule_exprs());
+    let mut missing = BTreeSet::new();
+    for (_, expr) in &exprs {
+        for n in metric_names(expr) {
+            if !names.contains(&n) {
+                missing.insert(n);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "used in grafana/ or alerts/ but not exported: {missing:?}\nexported: {names:?}"
+    );
+
+    // Every query parses as PromQL: promtool checks them as recording rules.
+    let dir = confab_e2e::data_dir();
+    let mut rules = String::from("groups:\n  - name: parse-check\n    rules:\n");
+    for (i, (_, expr)) in exprs.iter().enumerate() {
+        let e = substitute(expr);
+        rules.push_str(&format!(
+            "      - record: parse_check_{i}\n        expr: {}\n",
+            serde_json::to_string(&e).unwrap()
+        ));
+    }
+    let file = dir.path().join("parse-check.yml");
+    std::fs::write(&file, rules).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "a panel query or rule does not parse:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "{} queries over {} metric names checked",
+        exprs.len(),
+        names.len()
+    );
+}
+
+#[test]
+fn metric_name_extraction_skips_label_values() {
+    assert_eq!(
+        metric_names(
+            r#"sum(rate(confab_transcript_saves_total{result="error", x="confab_fake"}[5m])) / up"#
+        ),
+        vec!["confab_transcript_saves_total", "up"]
+    );
+}
