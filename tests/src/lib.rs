@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod cluster;
+pub mod kassandra;
 pub mod ws;
 
 /// The `confab` binary, built once per test process with the same profile

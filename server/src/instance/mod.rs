@@ -47,7 +47,17 @@ impl Application {
                 })?,
             ),
             StoreBackend::Cassandra => {
-                anyhow::bail!("the cassandra session store is not available in this build yet")
+                let c = &config.cassandra;
+                let session = crate::store::cassandra::connect(c, |b| b)
+                    .await
+                    .with_context(|| {
+                        format!("connecting to Cassandra at {}", c.contact_points.join(","))
+                    })?;
+                Arc::new(
+                    crate::store::cassandra::CassandraStore::new(session, c)
+                        .await
+                        .with_context(|| format!("preparing statements in keyspace {} (run `confab cassandra init`?)", c.keyspace))?,
+                )
             }
         };
         let contact_path = server

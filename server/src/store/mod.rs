@@ -7,6 +7,7 @@ use crate::session::{Event, SessionState};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub mod cassandra;
 pub mod sqlite;
 #[cfg(any(test, feature = "store-suite"))]
 pub mod suite;

@@ -576,7 +576,14 @@ mod tests {
             ..SqliteOptions::default()
         };
         let open = || SqliteStore::open(&path, options).unwrap();
-        crate::store::suite::run_all(&open(), &open()).await;
+        crate::store::suite::run_all(
+            &open(),
+            &open(),
+            crate::store::suite::Capabilities {
+                refuses_duplicate_writes: true,
+            },
+        )
+        .await;
         let contacts = SqliteContactStore::open(&path, options).unwrap();
         crate::store::suite::contact_store(&contacts).await;
     }

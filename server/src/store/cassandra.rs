@@ -1,0 +1,626 @@
+//! The Cassandra / ScyllaDB session store, through the `scylla` driver.
+//!
+//! Fencing without lightweight transactions. Cassandra resolves two writes
+//! to one primary key by timestamp, so a stale owner writing "event N" could
+//! silently replace the new owner's acknowledged event N. Here:
+//! - events are keyed by (session, seq, epoch): writers of different epochs
+//!   never touch the same row;
+//! - ownership is a history of claim rows (session, epoch, owner, cut); the
+//!   owner is the claim with the greatest epoch; `cut` is the last seq that
+//!   was valid when the claim was made;
+//! - an event (seq, epoch) is part of the transcript iff its epoch has a
+//!   claim, seq > that claim's cut, and seq <= the next claim's cut;
+//! - a claim is written first, then the transcript is read and the cut
+//!   recorded; an append writes its events, then reads the claims back and
+//!   acknowledges only if its epoch is still the greatest.
+//!
+//! With QUORUM writes and reads (R + W > RF), an acknowledged append's
+//! events were written before its read-back, which preceded any newer
+//! claim's completion, which preceded that claimer's transcript read: the
+//! newer owner sees every acknowledged event. A stale owner's later write
+//! lands above the new cut (not part of the transcript) and is refused by
+//! its read-back. Epochs carry a random low part, so two instances claiming
+//! at once get distinct epochs and distinct rows.
+
+use super::{Append, SessionRecord, SessionStore, StoreError, StoreResult};
+use crate::config::{CassandraConfig, Consistency as Level};
+use crate::session::{Event, EventKind, Role, SessionState};
+use async_trait::async_trait;
+use futures_util::TryStreamExt;
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::policies::retry::DefaultRetryPolicy;
+use scylla::policies::timestamp_generator::MonotonicTimestampGenerator;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::Consistency;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// The schema scripts (also for cqlsh); `confab.` is replaced by the
+/// configured keyspace.
+pub const KEYSPACE_SINGLE_NODE_CQL: &str =
+    include_str!("../../../cassandra/01-keyspace-single-node.cql");
+pub const TABLES_CQL: &str = include_str!("../../../cassandra/02-tables.cql");
+pub const TABLES_TTL_CQL: &str = include_str!("../../../cassandra/02-tables-ttl.cql");
+
+/// Requests in flight at once, per instance.
+const MAX_IN_FLIGHT: usize = 512;
+/// Bits of an epoch that are random (the rest counts claims).
+const EPOCH_RANDOM_BITS: u32 = 20;
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn level(l: Level) -> Consistency {
+    match l {
+        Level::Any => Consistency::Any,
+        Level::One => Consistency::One,
+        Level::Two => Consistency::Two,
+        Level::Three => Consistency::Three,
+        Level::Quorum => Consistency::Quorum,
+        Level::All => Consistency::All,
+        Level::LocalQuorum => Consistency::LocalQuorum,
+        Level::EachQuorum => Consistency::EachQuorum,
+        Level::LocalOne => Consistency::LocalOne,
+    }
+}
+
+/// CQL statements of a script: full-line `--` comments dropped, split on `;`.
+pub fn statements(script: &str, keyspace: &str) -> Vec<String> {
+    let text: String = script
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.split(';')
+        .map(|s| {
+            s.trim()
+                .replace("confab.", &format!("{keyspace}."))
+                .replace("EXISTS confab ", &format!("EXISTS {keyspace} "))
+        })
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Connect with the `[cassandra]` options.
+pub async fn connect(
+    config: &CassandraConfig,
+    extra: impl FnOnce(SessionBuilder) -> SessionBuilder,
+) -> StoreResult<Session> {
+    // `local-dc = ""`: no preference (a single-DC cluster).
+    let mut policy = DefaultPolicy::builder().token_aware(true);
+    if !config.local_dc.is_empty() {
+        policy = policy
+            .prefer_datacenter(config.local_dc.clone())
+            .permit_dc_failover(false);
+    }
+    let policy = policy.build();
+    let profile = ExecutionProfile::builder()
+        .consistency(level(config.write_consistency))
+        .request_timeout(Some(config.reconnect_timeout.max(Duration::from_secs(1))))
+        .retry_policy(Arc::new(DefaultRetryPolicy::new()))
+        .load_balancing_policy(policy)
+        .build();
+    let mut builder = SessionBuilder::new()
+        .known_nodes(&config.contact_points)
+        .default_execution_profile_handle(profile.into_handle())
+        .connection_timeout(config.reconnect_timeout)
+        .timestamp_generator(Arc::new(MonotonicTimestampGenerator::new()));
+    if !config.username.is_empty() {
+        builder = builder.user(
+            config.username.clone(),
+            config.password.clone().unwrap_or_default(),
+        );
+    }
+    if let Some(ca) = &config.tls_ca_file {
+        let mut tls = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls())
+            .map_err(unavailable)?;
+        tls.set_ca_file(ca)
+            .map_err(|e| unavailable(format!("cassandra.tls-ca-file {}: {e}", ca.display())))?;
+        builder = builder.tls_context(Some(scylla::client::session::OpenSsl010Config::new(tls)));
+    }
+    extra(builder).build().await.map_err(unavailable)
+}
+
+/// Create the keyspace (single-node replication; production keyspaces are
+/// made by the operator from `cassandra/01-keyspace-production.cql`) and
+/// the tables, optionally with the TTL variant.
+pub async fn init_schema(session: &Session, keyspace: &str, ttl: bool) -> StoreResult<()> {
+    let tables = if ttl { TABLES_TTL_CQL } else { TABLES_CQL };
+    for stmt in statements(KEYSPACE_SINGLE_NODE_CQL, keyspace)
+        .into_iter()
+        .chain(statements(tables, keyspace))
+    {
+        session
+            .query_unpaged(stmt.as_str(), ())
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+struct Statements {
+    ins_session: PreparedStatement,
+    sel_session: PreparedStatement,
+    upd_state: PreparedStatement,
+    ins_claim: PreparedStatement,
+    sel_claims: PreparedStatement,
+    ins_event: PreparedStatement,
+    sel_events: PreparedStatement,
+    ins_index: PreparedStatement,
+    sel_index: PreparedStatement,
+    del_events: PreparedStatement,
+    del_claims: PreparedStatement,
+    del_session: PreparedStatement,
+    del_index: PreparedStatement,
+    ping: PreparedStatement,
+}
+
+pub struct CassandraStore {
+    session: Session,
+    st: Statements,
+    in_flight: Semaphore,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    epoch: i64,
+    cut: i64,
+}
+
+/// intx, subject, created_at, state
+type Header = (String, Option<String>, i64, SessionState);
+
+/// intx, subject, created_at, state, as stored (nullable)
+type HeaderRow = (Option<String>, Option<String>, Option<i64>, Option<String>);
+
+type EventRow = (
+    i64,
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
+
+impl CassandraStore {
+    /// Prepare every statement once, with its consistency level.
+    pub async fn new(session: Session, config: &CassandraConfig) -> StoreResult<Self> {
+        let ks = &config.keyspace;
+        let (read, write) = (
+            level(config.read_consistency),
+            level(config.write_consistency),
+        );
+        let prepare = |cql: String, c: Consistency| {
+            let session = &session;
+            async move {
+                let mut ps = session.prepare(cql).await.map_err(unavailable)?;
+                ps.set_consistency(c);
+                ps.set_is_idempotent(true);
+                StoreResult::Ok(ps)
+            }
+        };
+        let st = Statements {
+            ins_session: prepare(format!("INSERT INTO {ks}.sessions (session_id, intx, subject, created_at, state) VALUES (?, ?, ?, ?, ?)"), write).await?,
+            sel_session: prepare(format!("SELECT intx, subject, created_at, state FROM {ks}.sessions WHERE session_id = ?"), read).await?,
+            upd_state: prepare(format!("INSERT INTO {ks}.sessions (session_id, state) VALUES (?, ?)"), write).await?,
+            ins_claim: prepare(format!("INSERT INTO {ks}.session_claims (session_id, epoch, owner, cut) VALUES (?, ?, ?, ?)"), write).await?,
+            sel_claims: prepare(format!("SELECT epoch, owner, cut FROM {ks}.session_claims WHERE session_id = ?"), read).await?,
+            ins_event: prepare(
+                format!("INSERT INTO {ks}.events (session_id, seq, epoch, kind, participant_id, nickname, text, reason, role, client_msg_id, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                write,
+            )
+            .await?,
+            sel_events: prepare(
+                format!("SELECT seq, epoch, kind, participant_id, nickname, text, reason, role, client_msg_id, at FROM {ks}.events WHERE session_id = ?"),
+                read,
+            )
+            .await?,
+            ins_index: prepare(format!("INSERT INTO {ks}.session_index (bucket, session_id, state, created_at) VALUES (?, ?, ?, ?)"), write).await?,
+            sel_index: prepare(format!("SELECT session_id, state, created_at FROM {ks}.session_index WHERE bucket = ?"), read).await?,
+            del_events: prepare(format!("DELETE FROM {ks}.events WHERE session_id = ?"), write).await?,
+            del_claims: prepare(format!("DELETE FROM {ks}.session_claims WHERE session_id = ?"), write).await?,
+            del_session: prepare(format!("DELETE FROM {ks}.sessions WHERE session_id = ?"), write).await?,
+            del_index: prepare(format!("DELETE FROM {ks}.session_index WHERE bucket = ? AND session_id = ?"), write).await?,
+            ping: prepare("SELECT release_version FROM system.local".to_owned(), Consistency::One).await?,
+        };
+        Ok(CassandraStore {
+            session,
+            st,
+            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+        })
+    }
+
+    async fn permit(&self) -> StoreResult<tokio::sync::SemaphorePermit<'_>> {
+        self.in_flight.acquire().await.map_err(unavailable)
+    }
+
+    async fn exec(
+        &self,
+        ps: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> StoreResult<()> {
+        let _p = self.permit().await?;
+        self.session
+            .execute_unpaged(ps, values)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// All rows of a query, across pages (partitions can be long).
+    async fn rows<R>(
+        &self,
+        ps: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> StoreResult<Vec<R>>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm> + Send + 'static,
+    {
+        let _p = self.permit().await?;
+        let pager = self
+            .session
+            .execute_iter(ps.clone(), values)
+            .await
+            .map_err(unavailable)?;
+        pager
+            .rows_stream::<R>()
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn header(&self, session_id: &str) -> StoreResult<Option<Header>> {
+        let rows: Vec<HeaderRow> = self.rows(&self.st.sel_session, (session_id,)).await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .and_then(|(intx, subject, created, state)| {
+                Some((
+                    intx?,
+                    subject,
+                    created.unwrap_or(0),
+                    state.as_deref().and_then(SessionState::parse)?,
+                ))
+            }))
+    }
+
+    /// Claims in epoch order, with their owners.
+    async fn claims(&self, session_id: &str) -> StoreResult<Vec<(Claim, String)>> {
+        let mut rows: Vec<(i64, String, Option<i64>)> =
+            self.rows(&self.st.sel_claims, (session_id,)).await?;
+        rows.sort_by_key(|r| r.0);
+        Ok(rows
+            .into_iter()
+            .map(|(epoch, owner, cut)| {
+                (
+                    Claim {
+                        epoch,
+                        cut: cut.unwrap_or(-1),
+                    },
+                    owner,
+                )
+            })
+            .collect())
+    }
+
+    async fn events(
+        &self,
+        session_id: &str,
+        claims: &[(Claim, String)],
+    ) -> StoreResult<Vec<Event>> {
+        let rows: Vec<EventRow> = self.rows(&self.st.sel_events, (session_id,)).await?;
+        Ok(valid_events(claims, rows))
+    }
+
+    async fn record(
+        &self,
+        session_id: &str,
+    ) -> StoreResult<Option<(SessionRecord, Vec<(Claim, String)>)>> {
+        let (header, claims) = tokio::try_join!(self.header(session_id), self.claims(session_id))?;
+        let Some((intx, subject, created_at_ms, state)) = header else {
+            return Ok(None);
+        };
+        let Some((current, owner)) = claims.last().cloned() else {
+            return Ok(None);
+        };
+        Ok(Some((
+            SessionRecord {
+                session_id: session_id.to_owned(),
+                intx,
+                owner_instance: owner,
+                epoch: current.epoch as u64,
+                state,
+                subject,
+                created_at_ms,
+            },
+            claims,
+        )))
+    }
+
+    async fn set_state(
+        &self,
+        session_id: &str,
+        state: SessionState,
+        created_at_ms: Option<i64>,
+    ) -> StoreResult<()> {
+        self.exec(&self.st.upd_state, (session_id, state.as_str()))
+            .await?;
+        if state == SessionState::Closed {
+            self.exec(&self.st.del_index, (0i32, session_id)).await
+        } else {
+            let created = match created_at_ms {
+                Some(c) => c,
+                None => self.header(session_id).await?.map(|h| h.2).unwrap_or(0),
+            };
+            self.exec(
+                &self.st.ins_index,
+                (0i32, session_id, state.as_str(), created),
+            )
+            .await
+        }
+    }
+
+    async fn write_events(
+        &self,
+        session_id: &str,
+        epoch: i64,
+        events: &[Event],
+    ) -> StoreResult<()> {
+        let writes = events.iter().map(|e| {
+            self.exec(
+                &self.st.ins_event,
+                (
+                    session_id,
+                    e.seq as i64,
+                    epoch,
+                    e.kind.as_str(),
+                    e.participant_id.as_deref(),
+                    e.nickname.as_deref(),
+                    e.text.as_deref(),
+                    e.reason.as_deref(),
+                    e.role.map(Role::as_str),
+                    e.client_msg_id.as_deref(),
+                    e.at_ms,
+                ),
+            )
+        });
+        futures_util::future::try_join_all(writes).await?;
+        Ok(())
+    }
+}
+
+fn random_bits() -> i64 {
+    let b = *uuid::Uuid::new_v4().as_bytes();
+    (i64::from(b[0]) | i64::from(b[1]) << 8 | i64::from(b[2]) << 16)
+        & ((1 << EPOCH_RANDOM_BITS) - 1)
+}
+
+/// The epoch after `current`: one more claim, a fresh random low part.
+fn next_epoch(current: i64) -> i64 {
+    (((current >> EPOCH_RANDOM_BITS) + 1) << EPOCH_RANDOM_BITS) | random_bits()
+}
+
+/// The transcript: the events each claim's epoch wrote between its cut and
+/// the next claim's cut, in seq order; a client_msg_id counts once.
+fn valid_events(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Vec<Event> {
+    let mut events: Vec<Event> = rows
+        .into_iter()
+        .filter(|row| {
+            let (seq, epoch) = (row.0, row.1);
+            let Some(i) = claims.iter().position(|(c, _)| c.epoch == epoch) else {
+                return false;
+            };
+            let lower = claims[i].0.cut.max(0);
+            let upper = claims
+                .get(i + 1)
+                .map(|(c, _)| c.cut)
+                .filter(|c| *c >= 0)
+                .unwrap_or(i64::MAX);
+            seq > lower && seq <= upper
+        })
+        .map(
+            |(seq, _, kind, participant_id, nickname, text, reason, role, client_msg_id, at)| {
+                Event {
+                    seq: seq as u64,
+                    kind: kind
+                        .as_deref()
+                        .and_then(EventKind::parse)
+                        .unwrap_or(EventKind::Notice),
+                    participant_id,
+                    nickname,
+                    text,
+                    reason,
+                    role: role.as_deref().and_then(Role::parse),
+                    client_msg_id,
+                    at_ms: at.unwrap_or(0),
+                }
+            },
+        )
+        .collect();
+    events.sort_by_key(|e| e.seq);
+    events.dedup_by_key(|e| e.seq);
+    let mut seen = std::collections::HashSet::new();
+    events.retain(|e| {
+        e.client_msg_id
+            .as_ref()
+            .is_none_or(|c| seen.insert(c.clone()))
+    });
+    events
+}
+
+#[async_trait]
+impl SessionStore for CassandraStore {
+    fn backend(&self) -> &'static str {
+        "cassandra"
+    }
+
+    async fn create_session(&self, record: SessionRecord, events: Vec<Event>) -> StoreResult<()> {
+        if self.header(&record.session_id).await?.is_some() {
+            return Err(StoreError::AlreadyExists(record.session_id));
+        }
+        let id = record.session_id.as_str();
+        self.exec(
+            &self.st.ins_session,
+            (
+                id,
+                record.intx.as_str(),
+                record.subject.as_deref(),
+                record.created_at_ms,
+                record.state.as_str(),
+            ),
+        )
+        .await?;
+        self.exec(
+            &self.st.ins_claim,
+            (
+                id,
+                record.epoch as i64,
+                record.owner_instance.as_str(),
+                0i64,
+            ),
+        )
+        .await?;
+        self.exec(
+            &self.st.ins_index,
+            (0i32, id, record.state.as_str(), record.created_at_ms),
+        )
+        .await?;
+        self.write_events(id, record.epoch as i64, &events).await
+    }
+
+    async fn append_events(&self, a: Append) -> StoreResult<()> {
+        let id = a.session_id.as_str();
+        let epoch = a.epoch as i64;
+        self.write_events(id, epoch, &a.events).await?;
+        let changes_state = a.events.iter().any(|e| {
+            e.kind == EventKind::Closed
+                || (e.kind == EventKind::Joined && e.role == Some(Role::Agent))
+        });
+        // Read back: acknowledged only if this epoch still owns the session.
+        let (header, claims) = tokio::try_join!(self.header(id), self.claims(id))?;
+        let Some(header) = header else {
+            return Err(StoreError::NotFound(a.session_id));
+        };
+        let current = claims.last().map(|(c, _)| c.epoch).unwrap_or(-1);
+        if current != epoch {
+            return Err(StoreError::Fenced {
+                session_id: a.session_id,
+                attempted: a.epoch,
+                current: current.max(0) as u64,
+            });
+        }
+        if header.3 == SessionState::Closed {
+            return Err(StoreError::Closed(a.session_id));
+        }
+        if changes_state && header.3 != a.state {
+            self.set_state(id, a.state, Some(header.2)).await?;
+        }
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        session_id: &str,
+        new_owner: &str,
+    ) -> StoreResult<(SessionRecord, Vec<Event>)> {
+        let Some((record, _)) = self.record(session_id).await? else {
+            return Err(StoreError::NotFound(session_id.to_owned()));
+        };
+        if record.state == SessionState::Closed {
+            return Err(StoreError::Closed(session_id.to_owned()));
+        }
+        let epoch = next_epoch(record.epoch as i64);
+        // 1. the claim (cut unknown yet)
+        self.exec(&self.st.ins_claim, (session_id, epoch, new_owner, -1i64))
+            .await?;
+        // 2. the transcript as of now, under the claims as of now
+        let claims_now = self.claims(session_id).await?;
+        let latest = claims_now.last().map(|(c, _)| c.epoch).unwrap_or(epoch);
+        if latest != epoch {
+            // Another instance claimed after us: it owns the session.
+            return Err(StoreError::Fenced {
+                session_id: session_id.to_owned(),
+                attempted: epoch as u64,
+                current: latest as u64,
+            });
+        }
+        let events = self.events(session_id, &claims_now).await?;
+        // 3. the cut: what was valid when this claim took over
+        let cut = events.last().map(|e| e.seq as i64).unwrap_or(0);
+        self.exec(&self.st.ins_claim, (session_id, epoch, new_owner, cut))
+            .await?;
+        Ok((
+            SessionRecord {
+                owner_instance: new_owner.to_owned(),
+                epoch: epoch as u64,
+                ..record
+            },
+            events,
+        ))
+    }
+
+    async fn locate(&self, session_id: &str) -> StoreResult<Option<SessionRecord>> {
+        Ok(self.record(session_id).await?.map(|(r, _)| r))
+    }
+
+    async fn load(&self, session_id: &str) -> StoreResult<Option<(SessionRecord, Vec<Event>)>> {
+        let Some((record, claims)) = self.record(session_id).await? else {
+            return Ok(None);
+        };
+        let events = self.events(session_id, &claims).await?;
+        Ok(Some((record, events)))
+    }
+
+    async fn list_sessions(
+        &self,
+        state: Option<SessionState>,
+        limit: usize,
+    ) -> StoreResult<Vec<SessionRecord>> {
+        let mut rows: Vec<(String, Option<String>, Option<i64>)> =
+            self.rows(&self.st.sel_index, (0i32,)).await?;
+        rows.retain(|(_, s, _)| state.is_none_or(|want| s.as_deref() == Some(want.as_str())));
+        rows.sort_by_key(|r| r.2.unwrap_or(0));
+        rows.truncate(limit);
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, _, _) in rows {
+            if let Some(r) = self.locate(&id).await? {
+                if state.is_none_or(|s| s == r.state) {
+                    out.push(r);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_session(&self, session_id: &str, epoch: u64) -> StoreResult<()> {
+        let claims = self.claims(session_id).await?;
+        let Some((current, _)) = claims.last() else {
+            return Err(StoreError::NotFound(session_id.to_owned()));
+        };
+        if current.epoch as u64 != epoch {
+            return Err(StoreError::Fenced {
+                session_id: session_id.to_owned(),
+                attempted: epoch,
+                current: current.epoch as u64,
+            });
+        }
+        self.exec(&self.st.del_index, (0i32, session_id)).await?;
+        self.exec(&self.st.del_events, (session_id,)).await?;
+        self.exec(&self.st.del_session, (session_id,)).await?;
+        self.exec(&self.st.del_claims, (session_id,)).await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.exec(&self.st.ping, ()).await
+    }
+}
