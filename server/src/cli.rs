@@ -25,6 +25,11 @@ pub enum Command {
     Gateway(GatewayArgs),
     /// Start a local cluster: instances, gateway and dashboard.
     Up(crate::cluster::UpArgs),
+    /// Cassandra schema management.
+    Cassandra {
+        #[command(subcommand)]
+        command: CassandraCommand,
+    },
     /// Load-generate against a real instance and report figures against
     /// the raw store rate measured in the same run.
     Bench(crate::bench::BenchArgs),
@@ -79,6 +84,22 @@ pub struct ServerArgs {
     /// Admin token for /admin (server.admin-token).
     #[arg(long, env = "CONFAB_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CassandraCommand {
+    /// Create the keyspace (single-node replication if it does not exist
+    /// yet) and the tables, from the scripts in `cassandra/`.
+    Init {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Contact points HOST:PORT,… (cassandra.contact-points).
+        #[arg(long)]
+        contact_points: Option<String>,
+        /// Use the TTL variant of the tables (self-cleaning records).
+        #[arg(long)]
+        ttl: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -145,6 +166,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
         }
         Command::Up(args) => crate::cluster::run(args).await,
+        Command::Cassandra {
+            command:
+                CassandraCommand::Init {
+                    config,
+                    contact_points,
+                    ttl,
+                },
+        } => {
+            let config = config.load(&[("cassandra.contact-points", contact_points)])?;
+            let c = &config.cassandra;
+            let session = crate::store::cassandra::connect(c, |b| b).await?;
+            crate::store::cassandra::init_schema(&session, &c.keyspace, ttl).await?;
+            println!(
+                "keyspace {} ready at {} ({} tables)",
+                c.keyspace,
+                c.contact_points.join(","),
+                if ttl { "TTL" } else { "plain" }
+            );
+            Ok(())
+        }
         Command::Bench(args) => crate::bench::run(args).await,
     }
 }

@@ -624,3 +624,89 @@ impl SessionStore for CassandraStore {
         self.exec(&self.st.ping, ()).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seq: i64, epoch: i64, text: &str, cmid: Option<&str>) -> EventRow {
+        (
+            seq,
+            epoch,
+            Some("message".into()),
+            None,
+            None,
+            Some(text.into()),
+            None,
+            None,
+            cmid.map(str::to_owned),
+            Some(0),
+        )
+    }
+
+    fn claim(epoch: i64, cut: i64) -> (Claim, String) {
+        (Claim { epoch, cut }, format!("owner-{epoch}"))
+    }
+
+    fn texts(events: &[Event]) -> Vec<String> {
+        events.iter().filter_map(|e| e.text.clone()).collect()
+    }
+
+    #[test]
+    fn a_stale_epoch_above_the_new_cut_is_not_in_the_transcript() {
+        let claims = [claim(1, 0), claim(2, 2)];
+        let rows = vec![
+            row(1, 1, "a", None),
+            row(2, 1, "b", None),
+            row(3, 1, "stale write after the claim", None),
+            row(3, 2, "new owner", None),
+        ];
+        assert_eq!(texts(&valid_events(&claims, rows)), ["a", "b", "new owner"]);
+    }
+
+    #[test]
+    fn a_claim_whose_cut_is_unknown_does_not_hide_earlier_events() {
+        let claims = [claim(1, 0), claim(2, -1)];
+        let rows = vec![row(1, 1, "a", None), row(2, 1, "b", None)];
+        assert_eq!(texts(&valid_events(&claims, rows)), ["a", "b"]);
+    }
+
+    #[test]
+    fn events_of_unknown_epochs_and_repeated_client_ids_are_dropped() {
+        let claims = [claim(1, 0)];
+        let rows = vec![
+            row(1, 1, "first", Some("m1")),
+            row(2, 1, "retry", Some("m1")),
+            row(3, 9, "no such claim", None),
+        ];
+        assert_eq!(texts(&valid_events(&claims, rows)), ["first"]);
+    }
+
+    #[test]
+    fn epochs_increase_and_differ_between_concurrent_claims() {
+        let e1 = next_epoch(1);
+        let e2 = next_epoch(1);
+        assert!(e1 > 1 && e2 > 1);
+        assert_eq!(e1 >> EPOCH_RANDOM_BITS, e2 >> EPOCH_RANDOM_BITS);
+        assert!(next_epoch(e1) > e1.max(e2));
+    }
+
+    #[test]
+    fn scripts_split_into_statements_for_any_keyspace() {
+        let ks = statements(KEYSPACE_SINGLE_NODE_CQL, "other_ks");
+        assert_eq!(ks.len(), 1);
+        assert!(
+            ks[0].starts_with("CREATE KEYSPACE IF NOT EXISTS other_ks "),
+            "{}",
+            ks[0]
+        );
+        let tables = statements(TABLES_CQL, "other_ks");
+        assert_eq!(tables.len(), 4);
+        assert!(tables
+            .iter()
+            .all(|t| t.starts_with("CREATE TABLE IF NOT EXISTS other_ks.")));
+        assert!(statements(TABLES_TTL_CQL, "k")
+            .iter()
+            .all(|t| t.contains("default_time_to_live")));
+    }
+}

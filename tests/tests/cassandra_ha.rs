@@ -1,0 +1,171 @@
+//! Real `confab server` processes on the Cassandra store (the kassandra test
+//! node over TCP, or CONFAB_TEST_CASSANDRA): kill -9 restoration, fencing of
+//! a paused owner, and the availability alarms 59520 / 59521 when the node
+//! freezes (connections open, no answers) or dies.
+
+use confab_e2e::kassandra::{init_keyspace, Node};
+use confab_e2e::{data_dir, texts, Http, Server};
+use std::time::{Duration, Instant};
+
+fn cassandra_sets(node: &Node, keyspace: &str) -> Vec<String> {
+    vec![
+        "server.store=cassandra".into(),
+        format!("cassandra.contact-points={}", node.contact_point()),
+        format!("cassandra.keyspace={keyspace}"),
+        format!("cassandra.local-dc={}", std::env::var("CONFAB_TEST_CASSANDRA_DC").unwrap_or_default()),
+        "cassandra.reconnect-timeout=2s".into(),
+    ]
+}
+
+async fn start(dir: &std::path::Path, id: &str, sets: &[String]) -> Server {
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    Server::start(dir, id, &dir.join("contacts.db"), &refs).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_minus_nine_and_restore_on_the_cassandra_store() {
+    let node = Node::get().await;
+    let keyspace = init_keyspace(&node.contact_point()).await;
+    let dir = data_dir();
+    let sets = cassandra_sets(&node, &keyspace);
+    let mut a = start(dir.path(), "inst-a", &sets).await;
+    let b = start(dir.path(), "inst-b", &sets).await;
+    let http = Http::default();
+    let (chat, pid) = http.create_session(&a, "Анна").await;
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let text = format!("сообщение {i} 🙂");
+        http.send(&a, &chat, &pid, &text, Some(&format!("c{i}"))).await.ok();
+        acked.push(text);
+    }
+    a.kill();
+    let r = http.restore(&b, &chat).await.ok();
+    assert_eq!(r["instance_id"], "inst-b");
+    let retry = http.send(&b, &chat, &pid, &acked[19], Some("c19")).await.ok();
+    assert_eq!(retry["duplicate"], true, "idempotent across the kill");
+    http.send(&b, &chat, &pid, "after", None).await.ok();
+    acked.push("after".into());
+    let events = http.events(&b, &chat).await;
+    assert_eq!(texts(&events), acked);
+    let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
+    assert!(reasons.contains(&"disconnected") && reasons.contains(&"reconnected"));
+    // Closing moves the transcript to the contact store and deletes the rows.
+    http.post(
+        &b.internal(&format!("/sessions/{chat}/leave")),
+        &serde_json::json!({"participant_id": pid}),
+        None,
+    )
+    .await
+    .ok();
+    assert_eq!(b.events(59245).len(), 1);
+    let closed = http.send(&b, &chat, &pid, "late", None).await;
+    assert_eq!(closed.status, 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_owner_cannot_write_after_restoration_on_cassandra() {
+    let node = Node::get().await;
+    let keyspace = init_keyspace(&node.contact_point()).await;
+    let dir = data_dir();
+    let sets = cassandra_sets(&node, &keyspace);
+    let a = start(dir.path(), "inst-a", &sets).await;
+    let b = start(dir.path(), "inst-b", &sets).await;
+    let http = Http::default();
+    let (chat, pid) = http.create_session(&a, "Ann").await;
+    http.send(&a, &chat, &pid, "before the pause", None).await.ok();
+    a.pause();
+    let stale = {
+        let (http, url, pid) = (http.clone(), a.internal(&format!("/sessions/{chat}/messages")), pid.clone());
+        tokio::spawn(async move { http.post(&url, &serde_json::json!({"participant_id": pid, "text": "stale write"}), None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    http.restore(&b, &chat).await.ok();
+    http.send(&b, &chat, &pid, "new owner", None).await.ok();
+    a.resume();
+    let answer = stale.await.unwrap();
+    assert_eq!(answer.status, 421, "the stale owner's write must be refused: {:?}", answer.body);
+    http.send(&b, &chat, &pid, "and on", None).await.ok();
+    assert_eq!(texts(&http.events(&b, &chat).await), vec!["before the pause", "new owner", "and on"]);
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn gauge(http: &Http, s: &Server) -> String {
+    let text = http.client.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with("confab_store_available{store=\"cassandra\"}"))
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn frozen_and_dead_nodes_raise_59520_then_59521_once_each() {
+    let node = Node::get().await;
+    let Some(test_node) = node.test_node() else {
+        println!("outage test needs the test node (it freezes and kills it); skipped against a real cluster");
+        return;
+    };
+    let keyspace = init_keyspace(&node.contact_point()).await;
+    let dir = data_dir();
+    let mut sets = cassandra_sets(&node, &keyspace);
+    sets.extend([
+        "settings.transcript-resend-attempts=1".to_string(),
+        "settings.transcript-resend-delay=200ms".to_string(),
+        "settings.transcript-save-on-error=continue".to_string(),
+    ]);
+    let s = start(dir.path(), "inst-a", &sets).await;
+    let http = Http::default();
+    let (chat, pid) = http.create_session(&s, "Ann").await;
+    http.send(&s, &chat, &pid, "before", None).await.ok();
+    assert!(gauge(&http, &s).await.ends_with(" 1"));
+
+    // A frozen node: connections stay open, nothing answers.
+    test_node.freeze();
+    wait_for("59520 after the freeze", || s.events(59520).len() == 1).await;
+    let e = &s.events(59520)[0];
+    assert_eq!(e["message"], "Cassandra status changed to \"UNAVAILABLE\"");
+    assert!(gauge(&http, &s).await.ends_with(" 0"));
+    let status = http.get(&format!("{}/status", s.url), None).await.ok();
+    assert_eq!(status["store"]["available"], false);
+    assert_eq!(http.get(&format!("{}/readyz", s.url), None).await.status, 503);
+    assert_eq!(http.get(&format!("{}/healthz", s.url), None).await.status, 200, "alive");
+    let refused = http.post(&s.internal("/sessions"), &serde_json::json!({"nickname": "new"}), None).await;
+    assert_eq!(refused.status, 503, "not ready for new chats");
+    let failed = http.send(&s, &chat, &pid, "during the outage", Some("m1")).await;
+    assert_eq!((failed.status, failed.error_code()), (503, "save_failed"), "no acknowledgement without a save");
+    assert_eq!(s.events(59520).len(), 1, "logged once per transition");
+
+    test_node.resume();
+    wait_for("59521 after the thaw", || s.events(59521).len() == 1).await;
+    assert_eq!(s.events(59521)[0]["message"], "Cassandra status changed to \"AVAILABLE\"");
+    assert!(gauge(&http, &s).await.ends_with(" 1"));
+    let ok = http.send(&s, &chat, &pid, "during the outage", Some("m1")).await.ok();
+    assert!(ok["seq"].as_u64().is_some(), "the chat continues");
+
+    // A dead node: connections refused.
+    test_node.kill();
+    wait_for("59520 after the kill", || s.events(59520).len() == 2).await;
+    test_node.restart().await;
+    wait_for("59521 after the restart", || s.events(59521).len() == 2).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = http.send(&s, &chat, &pid, "after the restart", Some("m2")).await;
+        if a.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the chat did not continue: {:?}", a.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        texts(&http.events(&s, &chat).await),
+        vec!["before", "during the outage", "after the restart"]
+    );
+    let metrics = http.client.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("confab_store_status_transitions_total{store=\"cassandra\",status=\"unavailable\"} 2"), "{metrics}");
+}
