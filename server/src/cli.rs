@@ -176,7 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let config = config.load(&[("cassandra.contact-points", contact_points)])?;
             let c = &config.cassandra;
-            let session = crate::store::cassandra::connect(c, |b| b).await?;
+            let session = crate::store::cassandra::connect(c).await?;
             crate::store::cassandra::init_schema(&session, &c.keyspace, ttl).await?;
             println!(
                 "keyspace {} ready at {} ({} tables)",

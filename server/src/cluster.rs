@@ -323,6 +323,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             gw.args.push(o.clone());
         }
     }
+    if args.store == "cassandra" {
+        init_cassandra(&args).await?;
+    }
     let prometheus_yml = write_prometheus_config(&args, &instance_urls)?;
     if args.with_prometheus {
         match which("prometheus") {
@@ -382,6 +385,30 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         })
         .await?;
     println!("cluster stopped");
+    Ok(())
+}
+
+/// Create the keyspace and tables (idempotent) before the instances start.
+async fn init_cassandra(args: &UpArgs) -> anyhow::Result<()> {
+    let mut layers = crate::config::Layers::default().with_env(std::env::vars());
+    layers = layers.with_overrides(args.overrides.iter().map(String::as_str))?;
+    if !args.cassandra_contact_points.is_empty() {
+        layers = layers.with(
+            "cassandra.contact-points",
+            args.cassandra_contact_points.join(","),
+        )?;
+    }
+    let config = layers.resolve()?;
+    let c = &config.cassandra;
+    let session = crate::store::cassandra::connect(c)
+        .await
+        .with_context(|| format!("connecting to Cassandra at {}", c.contact_points.join(",")))?;
+    crate::store::cassandra::init_schema(&session, &c.keyspace, false).await?;
+    println!(
+        "Cassandra keyspace {} ready at {}",
+        c.keyspace,
+        c.contact_points.join(",")
+    );
     Ok(())
 }
 

@@ -114,6 +114,9 @@ pub struct CassandraConfig {
     pub password: Option<String>,
     pub tls_ca_file: Option<PathBuf>,
     pub reconnect_timeout: Duration,
+    /// Wait for schema agreement after DDL (`confab cassandra init`). Off
+    /// only for single test nodes that cannot report it (empty system.peers).
+    pub await_schema_agreement: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +207,7 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("cassandra", "password-file"),
     ("cassandra", "tls-ca-file"),
     ("cassandra", "reconnect-timeout"),
+    ("cassandra", "await-schema-agreement"),
     ("server", "instance-id"),
     ("server", "listen"),
     ("server", "store"),
@@ -503,6 +507,7 @@ impl Layers {
             tls_ca_file: self.opt_string("cassandra.tls-ca-file")?.map(PathBuf::from),
             reconnect_timeout: self
                 .duration("cassandra.reconnect-timeout", Duration::from_secs(5))?,
+            await_schema_agreement: self.boolean("cassandra.await-schema-agreement", true)?,
         };
         if cassandra.contact_points.is_empty() {
             return Err(ConfigError::Invalid {

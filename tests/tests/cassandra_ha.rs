@@ -12,8 +12,15 @@ fn cassandra_sets(node: &Node, keyspace: &str) -> Vec<String> {
         "server.store=cassandra".into(),
         format!("cassandra.contact-points={}", node.contact_point()),
         format!("cassandra.keyspace={keyspace}"),
-        format!("cassandra.local-dc={}", std::env::var("CONFAB_TEST_CASSANDRA_DC").unwrap_or_default()),
+        format!(
+            "cassandra.local-dc={}",
+            std::env::var("CONFAB_TEST_CASSANDRA_DC").unwrap_or_default()
+        ),
         "cassandra.reconnect-timeout=2s".into(),
+        format!(
+            "cassandra.await-schema-agreement={}",
+            confab_e2e::kassandra::schema_agreement()
+        ),
     ]
 }
 
@@ -35,13 +42,18 @@ async fn kill_minus_nine_and_restore_on_the_cassandra_store() {
     let mut acked = Vec::new();
     for i in 0..20 {
         let text = format!("сообщение {i} 🙂");
-        http.send(&a, &chat, &pid, &text, Some(&format!("c{i}"))).await.ok();
+        http.send(&a, &chat, &pid, &text, Some(&format!("c{i}")))
+            .await
+            .ok();
         acked.push(text);
     }
     a.kill();
     let r = http.restore(&b, &chat).await.ok();
     assert_eq!(r["instance_id"], "inst-b");
-    let retry = http.send(&b, &chat, &pid, &acked[19], Some("c19")).await.ok();
+    let retry = http
+        .send(&b, &chat, &pid, &acked[19], Some("c19"))
+        .await
+        .ok();
     assert_eq!(retry["duplicate"], true, "idempotent across the kill");
     http.send(&b, &chat, &pid, "after", None).await.ok();
     acked.push("after".into());
@@ -72,20 +84,40 @@ async fn a_paused_owner_cannot_write_after_restoration_on_cassandra() {
     let b = start(dir.path(), "inst-b", &sets).await;
     let http = Http::default();
     let (chat, pid) = http.create_session(&a, "Ann").await;
-    http.send(&a, &chat, &pid, "before the pause", None).await.ok();
+    http.send(&a, &chat, &pid, "before the pause", None)
+        .await
+        .ok();
     a.pause();
     let stale = {
-        let (http, url, pid) = (http.clone(), a.internal(&format!("/sessions/{chat}/messages")), pid.clone());
-        tokio::spawn(async move { http.post(&url, &serde_json::json!({"participant_id": pid, "text": "stale write"}), None).await })
+        let (http, url, pid) = (
+            http.clone(),
+            a.internal(&format!("/sessions/{chat}/messages")),
+            pid.clone(),
+        );
+        tokio::spawn(async move {
+            http.post(
+                &url,
+                &serde_json::json!({"participant_id": pid, "text": "stale write"}),
+                None,
+            )
+            .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     http.restore(&b, &chat).await.ok();
     http.send(&b, &chat, &pid, "new owner", None).await.ok();
     a.resume();
     let answer = stale.await.unwrap();
-    assert_eq!(answer.status, 421, "the stale owner's write must be refused: {:?}", answer.body);
+    assert_eq!(
+        answer.status, 421,
+        "the stale owner's write must be refused: {:?}",
+        answer.body
+    );
     http.send(&b, &chat, &pid, "and on", None).await.ok();
-    assert_eq!(texts(&http.events(&b, &chat).await), vec!["before the pause", "new owner", "and on"]);
+    assert_eq!(
+        texts(&http.events(&b, &chat).await),
+        vec!["before the pause", "new owner", "and on"]
+    );
 }
 
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
@@ -97,7 +129,15 @@ async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 async fn gauge(http: &Http, s: &Server) -> String {
-    let text = http.client.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap();
+    let text = http
+        .client
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     text.lines()
         .find(|l| l.starts_with("confab_store_available{store=\"cassandra\"}"))
         .unwrap_or("")
@@ -133,19 +173,44 @@ async fn frozen_and_dead_nodes_raise_59520_then_59521_once_each() {
     assert!(gauge(&http, &s).await.ends_with(" 0"));
     let status = http.get(&format!("{}/status", s.url), None).await.ok();
     assert_eq!(status["store"]["available"], false);
-    assert_eq!(http.get(&format!("{}/readyz", s.url), None).await.status, 503);
-    assert_eq!(http.get(&format!("{}/healthz", s.url), None).await.status, 200, "alive");
-    let refused = http.post(&s.internal("/sessions"), &serde_json::json!({"nickname": "new"}), None).await;
+    assert_eq!(
+        http.get(&format!("{}/readyz", s.url), None).await.status,
+        503
+    );
+    assert_eq!(
+        http.get(&format!("{}/healthz", s.url), None).await.status,
+        200,
+        "alive"
+    );
+    let refused = http
+        .post(
+            &s.internal("/sessions"),
+            &serde_json::json!({"nickname": "new"}),
+            None,
+        )
+        .await;
     assert_eq!(refused.status, 503, "not ready for new chats");
-    let failed = http.send(&s, &chat, &pid, "during the outage", Some("m1")).await;
-    assert_eq!((failed.status, failed.error_code()), (503, "save_failed"), "no acknowledgement without a save");
+    let failed = http
+        .send(&s, &chat, &pid, "during the outage", Some("m1"))
+        .await;
+    assert_eq!(
+        (failed.status, failed.error_code()),
+        (503, "save_failed"),
+        "no acknowledgement without a save"
+    );
     assert_eq!(s.events(59520).len(), 1, "logged once per transition");
 
     test_node.resume();
     wait_for("59521 after the thaw", || s.events(59521).len() == 1).await;
-    assert_eq!(s.events(59521)[0]["message"], "Cassandra status changed to \"AVAILABLE\"");
+    assert_eq!(
+        s.events(59521)[0]["message"],
+        "Cassandra status changed to \"AVAILABLE\""
+    );
     assert!(gauge(&http, &s).await.ends_with(" 1"));
-    let ok = http.send(&s, &chat, &pid, "during the outage", Some("m1")).await.ok();
+    let ok = http
+        .send(&s, &chat, &pid, "during the outage", Some("m1"))
+        .await
+        .ok();
     assert!(ok["seq"].as_u64().is_some(), "the chat continues");
 
     // A dead node: connections refused.
@@ -155,17 +220,93 @@ async fn frozen_and_dead_nodes_raise_59520_then_59521_once_each() {
     wait_for("59521 after the restart", || s.events(59521).len() == 2).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let a = http.send(&s, &chat, &pid, "after the restart", Some("m2")).await;
+        let a = http
+            .send(&s, &chat, &pid, "after the restart", Some("m2"))
+            .await;
         if a.status == 200 {
             break;
         }
-        assert!(Instant::now() < deadline, "the chat did not continue: {:?}", a.body);
+        assert!(
+            Instant::now() < deadline,
+            "the chat did not continue: {:?}",
+            a.body
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(
         texts(&http.events(&s, &chat).await),
         vec!["before", "during the outage", "after the restart"]
     );
-    let metrics = http.client.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("confab_store_status_transitions_total{store=\"cassandra\",status=\"unavailable\"} 2"), "{metrics}");
+    let metrics = http
+        .client
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "confab_store_status_transitions_total{store=\"cassandra\",status=\"unavailable\"} 2"
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn confab_up_runs_on_the_cassandra_store() {
+    let node = Node::get().await;
+    let keyspace = format!(
+        "confab_up_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let dc = format!(
+        "cassandra.local-dc={}",
+        std::env::var("CONFAB_TEST_CASSANDRA_DC").unwrap_or_default()
+    );
+    let ks = format!("cassandra.keyspace={keyspace}");
+    let cp = node.contact_point();
+    let agreement = format!(
+        "cassandra.await-schema-agreement={}",
+        confab_e2e::kassandra::schema_agreement()
+    );
+    let c = confab_e2e::cluster::TestCluster::start(
+        2,
+        &[
+            "--store",
+            "cassandra",
+            "--cassandra-contact-points",
+            &cp,
+            "--set",
+            &ks,
+            "--set",
+            &dc,
+            "--set",
+            &agreement,
+        ],
+    )
+    .await;
+    let chat = c.create_chat("Ann").await;
+    c.send(&chat, "on cassandra", None).await.ok();
+    c.kill(&chat.instance_id).await;
+    c.send(&chat, "after the kill", None).await.ok();
+    let t = c.transcript(&chat).await;
+    assert_ne!(t["instance_id"], chat.instance_id.as_str());
+    assert_eq!(
+        texts(t["events"].as_array().unwrap()),
+        vec!["on cassandra", "after the kill"]
+    );
+    let status = c
+        .http
+        .get(
+            &format!(
+                "{}/status",
+                c.instance_url(t["instance_id"].as_str().unwrap()).await
+            ),
+            None,
+        )
+        .await
+        .ok();
+    assert_eq!(status["store"]["backend"], "cassandra");
 }

@@ -11,10 +11,10 @@ async fn cassandra_passes_the_store_suite() {
     let keyspace = init_keyspace(&node.contact_point()).await;
     let config = cassandra_config(&node.contact_point(), &keyspace);
     // Two sessions: two instances.
-    let a = CassandraStore::new(connect(&config, |b| b).await.unwrap(), &config)
+    let a = CassandraStore::new(connect(&config).await.unwrap(), &config)
         .await
         .unwrap();
-    let b = CassandraStore::new(connect(&config, |b| b).await.unwrap(), &config)
+    let b = CassandraStore::new(connect(&config).await.unwrap(), &config)
         .await
         .unwrap();
     suite::run_all(

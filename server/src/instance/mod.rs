@@ -48,11 +48,9 @@ impl Application {
             ),
             StoreBackend::Cassandra => {
                 let c = &config.cassandra;
-                let session = crate::store::cassandra::connect(c, |b| b)
-                    .await
-                    .with_context(|| {
-                        format!("connecting to Cassandra at {}", c.contact_points.join(","))
-                    })?;
+                let session = crate::store::cassandra::connect(c).await.with_context(|| {
+                    format!("connecting to Cassandra at {}", c.contact_points.join(","))
+                })?;
                 Arc::new(
                     crate::store::cassandra::CassandraStore::new(session, c)
                         .await

@@ -87,10 +87,7 @@ pub fn statements(script: &str, keyspace: &str) -> Vec<String> {
 }
 
 /// Connect with the `[cassandra]` options.
-pub async fn connect(
-    config: &CassandraConfig,
-    extra: impl FnOnce(SessionBuilder) -> SessionBuilder,
-) -> StoreResult<Session> {
+pub async fn connect(config: &CassandraConfig) -> StoreResult<Session> {
     // `local-dc = ""`: no preference (a single-DC cluster).
     let mut policy = DefaultPolicy::builder().token_aware(true);
     if !config.local_dc.is_empty() {
@@ -109,7 +106,9 @@ pub async fn connect(
         .known_nodes(&config.contact_points)
         .default_execution_profile_handle(profile.into_handle())
         .connection_timeout(config.reconnect_timeout)
-        .timestamp_generator(Arc::new(MonotonicTimestampGenerator::new()));
+        .timestamp_generator(Arc::new(MonotonicTimestampGenerator::new()))
+        .auto_await_schema_agreement(config.await_schema_agreement)
+        .auto_await_schema_agreement(config.await_schema_agreement);
     if !config.username.is_empty() {
         builder = builder.user(
             config.username.clone(),
@@ -123,7 +122,7 @@ pub async fn connect(
             .map_err(|e| unavailable(format!("cassandra.tls-ca-file {}: {e}", ca.display())))?;
         builder = builder.tls_context(Some(scylla::client::session::OpenSsl010Config::new(tls)));
     }
-    extra(builder).build().await.map_err(unavailable)
+    builder.build().await.map_err(unavailable)
 }
 
 /// Create the keyspace (single-node replication; production keyspaces are
