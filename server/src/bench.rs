@@ -33,6 +33,9 @@ pub enum Scenario {
     /// `--sessions` chats on one instance, kill -9 it, time until every
     /// chat has accepted a new message through the gateway.
     Restore,
+    /// The message path on the Cassandra store (the in-memory kassandra
+    /// test node, not a real Cassandra) against the SQLite store.
+    Cassandra,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -112,6 +115,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Message => {}
         Scenario::Gateway => return gateway_cost(&dir, &args, &text).await,
         Scenario::Restore => return restoration(&dir, &args).await,
+        Scenario::Cassandra => return cassandra_vs_sqlite(&dir, &args, &text).await,
     }
     let raw = raw_store_rate(&dir.join("raw.db"), synchronous, &args, &text).await?;
     println!("raw SQLite group-commit appends: {raw:.0} rows/s (no HTTP)");
@@ -322,6 +326,28 @@ impl ServerProcess {
             "--set".into(),
             format!("server.sqlite-synchronous={synchronous}"),
         ];
+        Self::spawn(&args, port).await
+    }
+
+    async fn instance_with(
+        db: &Path,
+        id: &str,
+        port: u16,
+        sets: &[String],
+    ) -> anyhow::Result<Self> {
+        let mut args: Vec<String> = vec![
+            "server".into(),
+            "--instance-id".into(),
+            id.into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--sqlite-path".into(),
+            db.display().to_string(),
+        ];
+        for s in sets {
+            args.push("--set".into());
+            args.push(s.clone());
+        }
         Self::spawn(&args, port).await
     }
 
@@ -722,5 +748,68 @@ async fn restoration(dir: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         lost_or_duplicated
     );
     drop(gateway);
+    Ok(())
+}
+
+/// Acknowledged messages/s and latency on the Cassandra store (the kassandra
+/// test node in this process) against the SQLite store, alternating rounds.
+async fn cassandra_vs_sqlite(dir: &Path, args: &BenchArgs, text: &str) -> anyhow::Result<()> {
+    let node = crate::store::test_node::TestNode::start().await;
+    let keyspace = "confab_bench";
+    let sets = vec![
+        "server.store=cassandra".to_string(),
+        format!("cassandra.contact-points={}", node.addr),
+        format!("cassandra.keyspace={keyspace}"),
+        "cassandra.local-dc=".into(),
+        "cassandra.await-schema-agreement=false".into(),
+    ];
+    let config = crate::config::Layers::default()
+        .with_overrides(sets.iter().map(String::as_str))?
+        .resolve()?;
+    let session = crate::store::cassandra::connect(&config.cassandra).await?;
+    crate::store::cassandra::init_schema(&session, keyspace, false).await?;
+    let db = dir.join("cassandra-bench.db");
+    let _ = std::fs::remove_file(&db);
+    let on_cassandra =
+        ServerProcess::instance_with(&db, "bench-cassandra", free_port()?, &sets).await?;
+    let on_sqlite = ServerProcess::instance(
+        &dir.join("sqlite-bench.db"),
+        &args.synchronous,
+        "bench-sqlite",
+        free_port()?,
+    )
+    .await?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency * 2)
+        .build()?;
+    let cassandra_chats = create_chats_at(&client, &on_cassandra.url, args.sessions, false).await?;
+    let sqlite_chats = create_chats_at(&client, &on_sqlite.url, args.sessions, false).await?;
+    let rounds = 3;
+    let round = BenchArgs {
+        duration: args.duration / rounds,
+        ..args.clone()
+    };
+    let (mut c_rate, mut s_rate) = (0.0, 0.0);
+    let (mut cl, mut sl) = (Latencies(Vec::new()), Latencies(Vec::new()));
+    for r in 1..=rounds {
+        let (s, l) = closed_loop(&client, &on_sqlite.url, &sqlite_chats, &round, text).await;
+        sl.0.extend(l.0);
+        let (c, l) = closed_loop(&client, &on_cassandra.url, &cassandra_chats, &round, text).await;
+        cl.0.extend(l.0);
+        println!("round {r}: SQLite {s:.0}/s, Cassandra (kassandra node) {c:.0}/s");
+        s_rate += s / rounds as f64;
+        c_rate += c / rounds as f64;
+    }
+    println!(
+        "SQLite store:    {s_rate:.0} acknowledged messages/s, p50 {}, p99 {}",
+        ms(sl.percentile(0.5)),
+        ms(sl.percentile(0.99))
+    );
+    println!(
+        "Cassandra store: {c_rate:.0} acknowledged messages/s, p50 {}, p99 {} (kassandra: an in-memory single-node CQL server in the benchmark process, NOT a real Cassandra; each save is a write plus a quorum read-back)",
+        ms(cl.percentile(0.5)),
+        ms(cl.percentile(0.99))
+    );
+    println!("Cassandra / SQLite: {:.2}", c_rate / s_rate);
     Ok(())
 }

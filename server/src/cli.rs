@@ -88,6 +88,13 @@ pub struct ServerArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum CassandraCommand {
+    /// Serve an in-memory CQL test node (the kassandra crate) for trying
+    /// `confab up --store cassandra` without a cluster. Not a real
+    /// Cassandra: no replication, no TTL, data lost on exit.
+    TestNode {
+        #[arg(long, default_value = "127.0.0.1:9042")]
+        listen: std::net::SocketAddr,
+    },
     /// Create the keyspace (single-node replication if it does not exist
     /// yet) and the tables, from the scripts in `cassandra/`.
     Init {
@@ -166,6 +173,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
         }
         Command::Up(args) => crate::cluster::run(args).await,
+        Command::Cassandra {
+            command: CassandraCommand::TestNode { listen },
+        } => {
+            let node = crate::store::test_node::TestNode::start_on(listen).await?;
+            println!(
+                "CQL test node (kassandra, in memory, NOT a real Cassandra) on {}; \
+                 use --set cassandra.await-schema-agreement=false --set cassandra.local-dc= with it",
+                node.addr
+            );
+            crate::instance::shutdown_signal().await;
+            Ok(())
+        }
         Command::Cassandra {
             command:
                 CassandraCommand::Init {

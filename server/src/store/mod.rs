@@ -11,6 +11,7 @@ pub mod cassandra;
 pub mod sqlite;
 #[cfg(any(test, feature = "store-suite"))]
 pub mod suite;
+pub mod test_node;
 
 /// The stored header of a session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

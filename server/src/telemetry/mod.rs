@@ -19,7 +19,7 @@ pub enum LogFormat {
 /// Install the global subscriber. `RUST_LOG` overrides the default filter.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,tower_http=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,tower_http=warn,kassandra=off"));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init(),
