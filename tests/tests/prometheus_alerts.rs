@@ -1,0 +1,140 @@
+//! A real Prometheus (Debian's `prometheus`, started by
+//! `confab up --with-prometheus`) scrapes a cluster on the Cassandra store
+//! with confab's alert rules. The CQL test node freezes and an instance is
+//! killed: ConfabCassandraUnavailable and ConfabInstanceDown fire. Bounded
+//! by the rules' own `for` durations (1 and 2 minutes).
+
+use confab_e2e::cluster::TestCluster;
+use confab_e2e::kassandra::{schema_agreement, Node};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+async fn alert_states(http: &confab_e2e::Http, prometheus: &str) -> BTreeMap<String, String> {
+    let mut states = BTreeMap::new();
+    if let Ok(a) = http
+        .try_get(&format!("{prometheus}/api/v1/alerts"), None)
+        .await
+    {
+        for alert in a.body["data"]["alerts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            let name = alert["labels"]["alertname"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            let state = alert["state"].as_str().unwrap_or("").to_owned();
+            // "firing" wins over "pending" for alerts with several series.
+            if states.get(&name).map(String::as_str) != Some("firing") {
+                states.insert(name, state);
+            }
+        }
+    }
+    states
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cassandra_unavailable_and_instance_down_alerts_fire_in_a_real_prometheus() {
+    let node = Node::get().await;
+    let Some(test_node) = node.test_node() else {
+        println!("this test freezes the CQL node, so it runs on the test node only");
+        return;
+    };
+    let prometheus_port = confab_e2e::free_port();
+    let cp = node.contact_point();
+    let ks = format!(
+        "cassandra.keyspace=confab_prom_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let agreement = format!("cassandra.await-schema-agreement={}", schema_agreement());
+    let port = prometheus_port.to_string();
+    let c = TestCluster::start(
+        2,
+        &[
+            "--store",
+            "cassandra",
+            "--cassandra-contact-points",
+            &cp,
+            "--set",
+            &ks,
+            "--set",
+            "cassandra.local-dc=",
+            "--set",
+            &agreement,
+            "--set",
+            "cassandra.reconnect-timeout=2s",
+            "--with-prometheus",
+            "--prometheus-port",
+            &port,
+        ],
+    )
+    .await;
+    let prometheus = format!("http://127.0.0.1:{prometheus_port}");
+    // Prometheus scrapes every component.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = c
+            .http
+            .try_get(&format!("{prometheus}/api/v1/query?query=up"), None)
+            .await
+            .map(|a| {
+                a.body["data"]["result"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        if up.len() == 3 && up.iter().all(|r| r["value"][1] == "1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never scraped all targets: {up:?}\n{}",
+            c.log("prometheus")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let states = alert_states(&c.http, &prometheus).await;
+    assert!(
+        !states.values().any(|s| s == "firing"),
+        "alerts firing on a healthy cluster: {states:?}"
+    );
+
+    test_node.freeze();
+    c.kill("inst-2").await;
+    let start = Instant::now();
+    let mut fired: BTreeMap<String, u64> = BTreeMap::new();
+    while fired.len() < 2 {
+        let states = alert_states(&c.http, &prometheus).await;
+        for name in ["ConfabCassandraUnavailable", "ConfabInstanceDown"] {
+            if states.get(name).map(String::as_str) == Some("firing") && !fired.contains_key(name) {
+                fired.insert(name.into(), start.elapsed().as_secs());
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(240),
+            "alerts did not fire in time; states {states:?}, fired {fired:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    println!("fired after (s): {fired:?}");
+    let alerts: Value = c
+        .http
+        .get(&format!("{prometheus}/api/v1/alerts"), None)
+        .await
+        .ok();
+    let cassandra = alerts["data"]["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["labels"]["alertname"] == "ConfabCassandraUnavailable")
+        .cloned()
+        .unwrap();
+    assert_eq!(cassandra["labels"]["severity"], "page");
+    assert!(cassandra["annotations"]["runbook"]
+        .as_str()
+        .is_some_and(|r| !r.is_empty()));
+    test_node.resume();
+}
