@@ -592,35 +592,16 @@ async fn gateway_cost(dir: &Path, args: &BenchArgs, text: &str) -> anyhow::Resul
     let via_chats = create_chats_at(&client, &gateway.url, args.sessions, true).await?;
     // Alternate the two in short rounds so that a noisy neighbour weighs
     // on both alike.
-    let rounds = 3;
-    let round = BenchArgs {
-        duration: args.duration / rounds,
-        ..args.clone()
-    };
-    let (mut direct, mut via) = (0.0, 0.0);
-    let (mut dl, mut vl) = (Latencies(Vec::new()), Latencies(Vec::new()));
-    for r in 1..=rounds {
-        let (d, l) = closed_loop(&client, &instance.url, &direct_chats, &round, text).await;
-        dl.0.extend(l.0);
-        let (v, l) = closed_loop(&client, &gateway.url, &via_chats, &round, text).await;
-        vl.0.extend(l.0);
-        println!(
-            "round {r}: direct {d:.0}/s, through the gateway {v:.0}/s, ratio {:.2}",
-            v / d
-        );
-        direct += d / rounds as f64;
-        via += v / rounds as f64;
-    }
-    println!(
-        "straight to the instance: {direct:.0} acknowledged messages/s, p50 {}, p99 {}",
-        ms(dl.percentile(0.5)),
-        ms(dl.percentile(0.99))
-    );
-    println!(
-        "through the gateway:      {via:.0} acknowledged messages/s, p50 {}, p99 {}",
-        ms(vl.percentile(0.5)),
-        ms(vl.percentile(0.99))
-    );
+    let [direct, via] = compare(
+        &client,
+        args,
+        text,
+        [
+            ("straight to the instance", &instance.url, &direct_chats),
+            ("through the gateway", &gateway.url, &via_chats),
+        ],
+    )
+    .await;
     println!("gateway / direct: {:.2}", via / direct);
     Ok(())
 }
@@ -784,32 +765,58 @@ async fn cassandra_vs_sqlite(dir: &Path, args: &BenchArgs, text: &str) -> anyhow
         .build()?;
     let cassandra_chats = create_chats_at(&client, &on_cassandra.url, args.sessions, false).await?;
     let sqlite_chats = create_chats_at(&client, &on_sqlite.url, args.sessions, false).await?;
+    println!("(kassandra: an in-memory single-node CQL server in the benchmark process, NOT a real Cassandra; each Cassandra save is a write plus a quorum read-back)");
+    let [s_rate, c_rate] = compare(
+        &client,
+        args,
+        text,
+        [
+            ("SQLite store", &on_sqlite.url, &sqlite_chats),
+            (
+                "Cassandra store (test node)",
+                &on_cassandra.url,
+                &cassandra_chats,
+            ),
+        ],
+    )
+    .await;
+    println!("Cassandra / SQLite: {:.2}", c_rate / s_rate);
+    Ok(())
+}
+
+/// Closed loops against two targets in alternating short rounds, so that a
+/// noisy neighbour weighs on both alike; prints each round and the totals,
+/// returns the mean rates.
+async fn compare(
+    client: &reqwest::Client,
+    args: &BenchArgs,
+    text: &str,
+    targets: [(&str, &String, &Vec<Chat>); 2],
+) -> [f64; 2] {
     let rounds = 3;
     let round = BenchArgs {
         duration: args.duration / rounds,
         ..args.clone()
     };
-    let (mut c_rate, mut s_rate) = (0.0, 0.0);
-    let (mut cl, mut sl) = (Latencies(Vec::new()), Latencies(Vec::new()));
+    let mut rates = [0.0; 2];
+    let mut latencies = [Latencies(Vec::new()), Latencies(Vec::new())];
     for r in 1..=rounds {
-        let (s, l) = closed_loop(&client, &on_sqlite.url, &sqlite_chats, &round, text).await;
-        sl.0.extend(l.0);
-        let (c, l) = closed_loop(&client, &on_cassandra.url, &cassandra_chats, &round, text).await;
-        cl.0.extend(l.0);
-        println!("round {r}: SQLite {s:.0}/s, Cassandra (kassandra node) {c:.0}/s");
-        s_rate += s / rounds as f64;
-        c_rate += c / rounds as f64;
+        let mut line = format!("round {r}:");
+        for (i, (name, url, chats)) in targets.iter().enumerate() {
+            let (rate, l) = closed_loop(client, url, chats, &round, text).await;
+            latencies[i].0.extend(l.0);
+            rates[i] += rate / rounds as f64;
+            line.push_str(&format!(" {name} {rate:.0}/s;"));
+        }
+        println!("{line}");
     }
-    println!(
-        "SQLite store:    {s_rate:.0} acknowledged messages/s, p50 {}, p99 {}",
-        ms(sl.percentile(0.5)),
-        ms(sl.percentile(0.99))
-    );
-    println!(
-        "Cassandra store: {c_rate:.0} acknowledged messages/s, p50 {}, p99 {} (kassandra: an in-memory single-node CQL server in the benchmark process, NOT a real Cassandra; each save is a write plus a quorum read-back)",
-        ms(cl.percentile(0.5)),
-        ms(cl.percentile(0.99))
-    );
-    println!("Cassandra / SQLite: {:.2}", c_rate / s_rate);
-    Ok(())
+    for (i, (name, _, _)) in targets.iter().enumerate() {
+        println!(
+            "{name}: {:.0} acknowledged messages/s, p50 {}, p99 {}",
+            rates[i],
+            ms(latencies[i].percentile(0.5)),
+            ms(latencies[i].percentile(0.99))
+        );
+    }
+    rates
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod instance;
+pub mod keyed_lock;
 pub mod session;
 pub mod store;
 pub mod telemetry;

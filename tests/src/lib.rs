@@ -317,6 +317,17 @@ impl Http {
         Self::answer(req.send().await).await
     }
 
+    /// A plain-text GET (metrics, pages).
+    pub async fn text(&self, url: &str) -> String {
+        let r = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        r.text().await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+    }
+
     pub async fn get(&self, url: &str, token: Option<&str>) -> Answer {
         self.try_get(url, token)
             .await

@@ -129,15 +129,7 @@ async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 async fn gauge(http: &Http, s: &Server) -> String {
-    let text = http
-        .client
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = http.text(&format!("{}/metrics", s.url)).await;
     text.lines()
         .find(|l| l.starts_with("confab_store_available{store=\"cassandra\"}"))
         .unwrap_or("")
@@ -237,15 +229,7 @@ async fn frozen_and_dead_nodes_raise_59520_then_59521_once_each() {
         texts(&http.events(&s, &chat).await),
         vec!["before", "during the outage", "after the restart"]
     );
-    let metrics = http
-        .client
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = http.text(&format!("{}/metrics", s.url)).await;
     assert!(
         metrics.contains(
             "confab_store_status_transitions_total{store=\"cassandra\",status=\"unavailable\"} 2"

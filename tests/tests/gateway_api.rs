@@ -235,16 +235,19 @@ async fn openapi_document_and_pages_are_served() {
     }
     assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
     for page in ["/", "/agent"] {
-        let text = c
-            .http
-            .client
-            .get(format!("{}{page}", c.gateway))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = c.http.text(&format!("{}{page}", c.gateway)).await;
         assert!(text.contains("<html") && text.contains("confab"), "{page}");
+        assert!(
+            text.contains("/assets/chat-common.js"),
+            "{page} loads the shared script"
+        );
     }
+    let js = c
+        .http
+        .text(&format!("{}/assets/chat-common.js", c.gateway))
+        .await;
+    assert!(
+        js.contains("ConfabChat"),
+        "the shared chat script is served"
+    );
 }

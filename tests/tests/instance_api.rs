@@ -260,15 +260,7 @@ async fn closing_moves_the_transcript_to_the_contact_store_and_logs_59245() {
     let kpi = http.kpi(&s).await;
     assert_eq!(kpi["session_created"], 2);
     assert_eq!(kpi["session_closed"], 1);
-    let metrics = http
-        .client
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = http.text(&format!("{}/metrics", s.url)).await;
     assert!(
         metrics.contains("confab_sessions_closed_total 1"),
         "{metrics}"
@@ -646,15 +638,7 @@ async fn management_endpoints_tell_the_truth() {
     for k in ["session_closed", "session_restored"] {
         assert_eq!(kpi[k], 0, "{k}");
     }
-    let metrics = http
-        .client
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = http.text(&format!("{}/metrics", s.url)).await;
     for needle in [
         "confab_sessions_created_total 1",
         "confab_messages_submitted_total 1",

@@ -155,16 +155,7 @@ async fn dashboards_and_alerts_use_only_exported_metrics_and_valid_promql() {
     urls.push(c.gateway.clone());
     let mut names = BTreeSet::from(["up".to_string()]);
     for url in &urls {
-        let text = c
-            .http
-            .client
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = c.http.text(&format!("{url}/metrics")).await;
         let problems = promtool_check_metrics(&text);
         assert!(
             problems.trim().is_empty(),

@@ -198,6 +198,16 @@ pub fn router(
             "/agent",
             get(|| async { Html(include_str!("pages/agent.html")) }),
         )
+        .route(
+            "/assets/chat-common.js",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+                    include_str!("pages/chat-common.js"),
+                )
+            }),
+        )
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/status", get(status))
         .route("/metrics", get(metrics_text))
@@ -214,14 +224,7 @@ async fn status(State(s): State<GwState>) -> Json<Value> {
 }
 
 async fn metrics_text(State(s): State<GwState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        s.metrics.render(),
-    )
-        .into_response()
+    crate::telemetry::metrics::render(&s.metrics)
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

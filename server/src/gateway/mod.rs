@@ -50,7 +50,7 @@ pub struct Gateway {
     /// chat id → instance id; a cache of the session store's locations.
     locations: Mutex<HashMap<String, String>>,
     /// One failover at a time per chat.
-    relocating: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    relocating: crate::keyed_lock::KeyedLocks,
     pub stop: CancellationToken,
 }
 
@@ -164,19 +164,9 @@ impl Gateway {
     /// The chat's instance `failed` did not serve it: find where it lives
     /// now, or restore it on a live instance.
     pub async fn relocate(&self, chat: &str, failed: &Member) -> Result<Arc<Member>, ApiError> {
-        let lock = {
-            let mut map = self.relocating.lock().await;
-            map.entry(chat.to_owned()).or_default().clone()
-        };
-        let result = {
-            let _one_at_a_time = lock.lock().await;
-            self.relocate_locked(chat, failed).await
-        };
-        let mut map = self.relocating.lock().await;
-        if Arc::strong_count(&lock) <= 2 {
-            map.remove(chat);
-        }
-        result
+        self.relocating
+            .run(chat, self.relocate_locked(chat, failed))
+            .await
     }
 
     async fn relocate_locked(&self, chat: &str, failed: &Member) -> Result<Arc<Member>, ApiError> {
@@ -363,7 +353,7 @@ impl Application {
             agent_credential: g.agent_credential.clone(),
             allowed_origins: g.allowed_origins.clone(),
             locations: Mutex::new(HashMap::new()),
-            relocating: tokio::sync::Mutex::new(HashMap::new()),
+            relocating: Default::default(),
             stop: CancellationToken::new(),
         });
         let limiter = ratelimit::RateLimiter::new(g.rate_limit_per_second, g.rate_limit_burst);

@@ -166,7 +166,7 @@ pub struct Instance {
     pub monitor: Arc<StoreMonitor>,
     sessions: RwLock<HashMap<String, Arc<LiveSession>>>,
     /// Restores in progress, so that two requests for one session claim once.
-    restoring: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    restoring: crate::keyed_lock::KeyedLocks,
     enabled: AtomicBool,
     pub kpi: Kpi,
 }
@@ -196,7 +196,7 @@ impl Instance {
             contacts,
             monitor,
             sessions: RwLock::new(HashMap::new()),
-            restoring: Mutex::new(HashMap::new()),
+            restoring: Default::default(),
             enabled: AtomicBool::new(true),
             kpi: Kpi::default(),
         })
@@ -737,18 +737,10 @@ impl Instance {
                 ),
             ));
         }
-        let guard = {
-            let mut restoring = self.restoring.lock().await;
-            restoring.entry(session_id.to_owned()).or_default().clone()
-        };
-        let result = {
-            let _one_at_a_time = guard.lock().await;
-            self.restore_locked(session_id).await
-        };
-        let mut restoring = self.restoring.lock().await;
-        if Arc::strong_count(&guard) <= 2 {
-            restoring.remove(session_id);
-        }
+        let result = self
+            .restoring
+            .run(session_id, self.restore_locked(session_id))
+            .await;
         if result.is_err() {
             metrics::counter!(m::RESTORE_FAILURES).increment(1);
         }

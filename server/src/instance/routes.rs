@@ -123,14 +123,7 @@ async fn kpi(State(s): State<AppState>) -> Json<super::core::KpiView> {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        s.metrics.render(),
-    )
-        .into_response()
+    crate::telemetry::metrics::render(&s.metrics)
 }
 
 /// `Authorization: Bearer <token>` against the configured admin token.

@@ -114,6 +114,19 @@ pub fn describe() {
     metrics::gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
 }
 
+/// `GET /metrics`: the Prometheus text format.
+pub fn render(handle: &PrometheusHandle) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+        .into_response()
+}
+
 /// Axum middleware recording request counts and durations by route template.
 pub async fn track_http(
     component: &'static str,
