@@ -412,7 +412,7 @@ fn next_epoch(current: i64) -> i64 {
 /// The transcript: the events each claim's epoch wrote between its cut and
 /// the next claim's cut, in seq order; a client_msg_id counts once.
 fn valid_events(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Vec<Event> {
-    let mut events: Vec<Event> = rows
+    let mut events: Vec<(i64, Event)> = rows
         .into_iter()
         .filter(|row| {
             let (seq, epoch) = (row.0, row.1);
@@ -420,16 +420,29 @@ fn valid_events(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Vec<Event> {
                 return false;
             };
             let lower = claims[i].0.cut.max(0);
-            let upper = claims
-                .get(i + 1)
+            // The next claim that completed bounds this epoch; one that
+            // was abandoned before recording its cut does not unbound it.
+            let upper = claims[i + 1..]
+                .iter()
                 .map(|(c, _)| c.cut)
-                .filter(|c| *c >= 0)
+                .find(|c| *c >= 0)
                 .unwrap_or(i64::MAX);
             seq > lower && seq <= upper
         })
         .map(
-            |(seq, _, kind, participant_id, nickname, text, reason, role, client_msg_id, at)| {
-                Event {
+            |(
+                seq,
+                epoch,
+                kind,
+                participant_id,
+                nickname,
+                text,
+                reason,
+                role,
+                client_msg_id,
+                at,
+            )| {
+                let event = Event {
                     seq: seq as u64,
                     kind: kind
                         .as_deref()
@@ -442,18 +455,36 @@ fn valid_events(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Vec<Event> {
                     role: role.as_deref().and_then(Role::parse),
                     client_msg_id,
                     at_ms: at.unwrap_or(0),
-                }
+                };
+                (epoch, event)
             },
         )
         .collect();
-    events.sort_by_key(|e| e.seq);
-    events.dedup_by_key(|e| e.seq);
+    // Should two valid rows share a seq, the newer epoch's wins.
+    events.sort_by_key(|(epoch, e)| (e.seq, std::cmp::Reverse(*epoch)));
+    events.dedup_by_key(|(_, e)| e.seq);
     let mut seen = std::collections::HashSet::new();
-    events.retain(|e| {
-        e.client_msg_id
-            .as_ref()
-            .is_none_or(|c| seen.insert(c.clone()))
-    });
+    events
+        .into_iter()
+        .map(|(_, e)| e)
+        .filter(|e| {
+            e.client_msg_id
+                .as_ref()
+                .is_none_or(|c| seen.insert(c.clone()))
+        })
+        .collect()
+}
+
+/// The events up to the first gap in seq: an append writes its events in
+/// parallel, so a claim may see seq N+1 of an unfinished (never
+/// acknowledged) append without N.
+fn contiguous_prefix(mut events: Vec<Event>) -> Vec<Event> {
+    let len = events
+        .iter()
+        .enumerate()
+        .take_while(|(i, e)| e.seq == *i as u64 + 1)
+        .count();
+    events.truncate(len);
     events
 }
 
@@ -553,7 +584,7 @@ impl SessionStore for CassandraStore {
                 current: latest as u64,
             });
         }
-        let events = self.events(session_id, &claims_now).await?;
+        let events = contiguous_prefix(self.events(session_id, &claims_now).await?);
         // 3. the cut: what was valid when this claim took over
         let cut = events.last().map(|e| e.seq as i64).unwrap_or(0);
         self.exec(&self.st.ins_claim, (session_id, epoch, new_owner, cut))
@@ -661,6 +692,35 @@ mod tests {
             row(3, 2, "new owner", None),
         ];
         assert_eq!(texts(&valid_events(&claims, rows)), ["a", "b", "new owner"]);
+    }
+
+    #[test]
+    fn an_abandoned_claim_does_not_unbound_the_stale_epoch() {
+        // Claim 2 never recorded its cut; claim 3 took over at cut 2 and
+        // acknowledged seq 3. The stale epoch-1 owner's later seq 3 stays out.
+        let claims = [claim(1, 0), claim(2, -1), claim(3, 2)];
+        let rows = vec![
+            row(1, 1, "a", None),
+            row(2, 1, "b", None),
+            row(3, 1, "stale", None),
+            row(3, 3, "acknowledged by the new owner", None),
+        ];
+        assert_eq!(
+            texts(&valid_events(&claims, rows)),
+            ["a", "b", "acknowledged by the new owner"]
+        );
+    }
+
+    #[test]
+    fn a_claim_takes_over_only_up_to_the_first_gap() {
+        let claims = [claim(1, 0)];
+        let rows = vec![
+            row(1, 1, "a", None),
+            row(2, 1, "b", None),
+            row(4, 1, "half an append", None),
+        ];
+        let prefix = contiguous_prefix(valid_events(&claims, rows));
+        assert_eq!(texts(&prefix), ["a", "b"]);
     }
 
     #[test]
