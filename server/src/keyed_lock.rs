@@ -5,33 +5,43 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use tokio::sync::Mutex;
+
+type Slot = Arc<tokio::sync::Mutex<()>>;
 
 #[derive(Default)]
 pub struct KeyedLocks {
-    map: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    map: Arc<parking_lot::Mutex<HashMap<String, Slot>>>,
+}
+
+/// Removes a key's slot when its last user is done, even if the work was
+/// cancelled (a dropped request).
+struct Release {
+    map: Arc<parking_lot::Mutex<HashMap<String, Slot>>>,
+    key: String,
+    slot: Slot,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let mut map = self.map.lock();
+        // Only the map and this user hold it: nobody is waiting.
+        if Arc::strong_count(&self.slot) <= 2 {
+            map.remove(&self.key);
+        }
+    }
 }
 
 impl KeyedLocks {
     /// Run `work` while holding `key`'s lock.
     pub async fn run<T>(&self, key: &str, work: impl Future<Output = T>) -> T {
-        let lock = self
-            .map
-            .lock()
-            .await
-            .entry(key.to_owned())
-            .or_default()
-            .clone();
-        let result = {
-            let _one_at_a_time = lock.lock().await;
-            work.await
+        let slot = self.map.lock().entry(key.to_owned()).or_default().clone();
+        let release = Release {
+            map: self.map.clone(),
+            key: key.to_owned(),
+            slot,
         };
-        let mut map = self.map.lock().await;
-        // Only the map and this task hold it: nobody is waiting.
-        if Arc::strong_count(&lock) <= 2 {
-            map.remove(key);
-        }
-        result
+        let _one_at_a_time = release.slot.lock().await;
+        work.await
     }
 }
 
@@ -61,6 +71,6 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        assert!(locks.map.lock().await.is_empty());
+        assert!(locks.map.lock().is_empty());
     }
 }

@@ -289,8 +289,14 @@ impl Transcript {
         for e in &events {
             t.apply(e);
         }
+        // A stored `closed` event wins over a state column that a crash
+        // left behind.
+        t.state = if events.iter().any(|e| e.kind == EventKind::Closed) {
+            SessionState::Closed
+        } else {
+            state
+        };
         t.events = events;
-        t.state = state;
         t
     }
 
@@ -501,6 +507,15 @@ mod tests {
         }
         assert_eq!(t.state, SessionState::Active);
         assert_eq!(t.present.len(), 2);
+    }
+
+    #[test]
+    fn a_stored_closed_event_makes_the_replayed_session_closed() {
+        let mut t = Transcript::new();
+        push(&mut t, Draft::joined(&customer(), None));
+        push(&mut t, Draft::closed(reason::CUSTOMER_LEFT));
+        let r = Transcript::replay(SessionState::Waiting, t.events.clone());
+        assert_eq!(r.state, SessionState::Closed);
     }
 
     #[test]

@@ -313,3 +313,43 @@ async fn sigterm_flushes_pending_saves_and_loses_nothing_acknowledged() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_lets_go_of_sessions_restored_elsewhere_without_writing() {
+    let dir = data_dir();
+    let db = dir.path().join("confab.db");
+    let a = Server::start(dir.path(), "inst-a", &db, &[]).await;
+    let b = Server::start(dir.path(), "inst-b", &db, &[]).await;
+    let http = Http::default();
+    let (chat, pid) = http.create_session(&a, "Ann").await;
+    http.send(&a, &chat, &pid, "one", None).await.ok();
+    // A is alive but the chat is restored on B (as after a network cut).
+    http.restore(&b, &chat).await.ok();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let kpi = http.kpi(&a).await;
+        let hosted =
+            kpi["session_created"].as_u64().unwrap() - kpi["session_closed"].as_u64().unwrap();
+        if hosted == 0 && kpi["sessions_active"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A still hosts the moved chat: {kpi}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // B counts it in.
+    let kpi = http.kpi(&b).await;
+    assert_eq!(
+        kpi["session_created"].as_u64().unwrap() - kpi["session_closed"].as_u64().unwrap(),
+        1
+    );
+    assert_eq!(
+        http.send(&a, &chat, &pid, "to the old owner", None)
+            .await
+            .status,
+        421
+    );
+    assert_eq!(texts(&http.events(&b, &chat).await), vec!["one"]);
+}

@@ -32,8 +32,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Longest wait for an instance's answer (saves may be retried per the
-/// settings); a dead or frozen instance is cut short by its down token.
-const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(20);
+/// settings). A dead or frozen instance is cut short much sooner by its
+/// down token (health checks); a timeout alone does not mark an instance
+/// down: it is answered 504 and the client retries with its client_msg_id.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// Attempts at one request across failovers.
 const ATTEMPTS: usize = 4;
 
@@ -73,7 +75,14 @@ impl Gateway {
         }
         let down = member.down_token();
         let response = tokio::select! {
-            r = req.send() => r.map_err(|e| Unreachable(e.to_string()))?,
+            r = req.send() => match r {
+                Ok(r) => r,
+                Err(e) if e.is_timeout() => {
+                    let body = serde_json::json!({"error": {"code": "upstream_timeout", "message": "the chat server did not answer in time; retry with the same client_msg_id"}});
+                    return Ok((StatusCode::GATEWAY_TIMEOUT, body.to_string().into()));
+                }
+                Err(e) => return Err(Unreachable(e.to_string())),
+            },
             _ = down.cancelled() => return Err(Unreachable("instance down".into())),
         };
         let status =
@@ -309,6 +318,7 @@ pub fn passthrough(status: StatusCode, body: &Value) -> ApiError {
         Some("save_failed") => "save_failed",
         Some("instance_disabled") => "instance_disabled",
         Some("conflict") => "conflict",
+        Some("upstream_timeout") => "upstream_timeout",
         _ => "upstream_error",
     };
     let message = body["error"]["message"]

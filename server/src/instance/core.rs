@@ -281,14 +281,32 @@ impl Instance {
         metrics::gauge!(m::SESSIONS_ACTIVE).set(map.len() as f64);
     }
 
-    fn remove_live(&self, session_id: &str) -> usize {
+    /// Stop hosting `session` (this very one: a newer restore of the same
+    /// chat stays). The number of sessions left, or None if it was not here.
+    fn remove_live(&self, session: &LiveSession) -> Option<usize> {
         let mut map = self.sessions.write();
-        if let Some(s) = map.remove(session_id) {
+        let here = map
+            .get(&session.id)
+            .is_some_and(|s| std::ptr::eq(s.as_ref(), session));
+        if !here {
+            return None;
+        }
+        if let Some(s) = map.remove(&session.id) {
             s.gone.cancel();
         }
         let n = map.len();
         metrics::gauge!(m::SESSIONS_ACTIVE).set(n as f64);
-        n
+        Some(n)
+    }
+
+    /// A session left for another instance (fenced, or found moved): the
+    /// KPI difference `session_created - session_closed` counts it out, as
+    /// it counted it in when this instance created or restored it.
+    fn let_go(&self, session: &LiveSession) {
+        if self.remove_live(session).is_some() {
+            self.kpi.session_closed.fetch_add(1, Ordering::Relaxed);
+            self.check_drained();
+        }
     }
 
     fn check_drained(&self) {
@@ -528,7 +546,10 @@ impl Instance {
 
     /// Forget a closed session and count it.
     fn retire(&self, session: &LiveSession, live: &Live) {
-        let current = self.remove_live(&session.id);
+        let Some(current) = self.remove_live(session) else {
+            // Closed before it went live here (a restore whose first save failed).
+            return;
+        };
         self.kpi.session_closed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::SESSIONS_CLOSED).increment(1);
         let _ = live;
@@ -637,7 +658,7 @@ impl Instance {
                     // Another instance owns the session now: whatever we
                     // hold is stale. Drop it; the gateway relocates.
                     tracing::warn!(event_id = events::SESSION_FENCED, sid = %session.id, error = %e, "write refused: session moved to another instance");
-                    self.remove_live(&session.id);
+                    self.let_go(session);
                     return Err(ApiError::not_owner(&session.id));
                 }
                 Err(e) => return Err(ApiError::from(e)),
@@ -760,9 +781,7 @@ impl Instance {
                         restored: false,
                     })
                 }
-                Ok(_) => {
-                    self.remove_live(session_id);
-                }
+                Ok(_) => self.let_go(&session),
                 Err(e) => return Err(self.store_error(e)),
             }
         }
@@ -773,6 +792,10 @@ impl Instance {
             self.store_error(e)
         })?;
         let transcript = Transcript::replay(record.state, stored);
+        if transcript.state == SessionState::Closed {
+            // Its closing was saved but the close did not finish: it stays closed.
+            return Err(ApiError::closed(session_id));
+        }
         let drafts = transcript.restoration_drafts();
         let session = LiveSession::new(&record, transcript);
         {
@@ -782,6 +805,8 @@ impl Instance {
             })?;
         }
         self.insert_live(session);
+        // Hosted here now: counted in, as a created session is.
+        self.kpi.session_created.fetch_add(1, Ordering::Relaxed);
         let elapsed = start.elapsed();
         metrics::histogram!(m::RESTORE_DURATION).record(elapsed.as_secs_f64());
         metrics::counter!(m::SESSIONS_RESTORED).increment(1);
@@ -801,6 +826,61 @@ impl Instance {
             epoch: record.epoch,
             restored: true,
         })
+    }
+
+    /// Every `interval`, check up to `batch` hosted sessions (round robin)
+    /// against the store and let go of those another instance owns now
+    /// (restored elsewhere while this one was cut off): they would otherwise
+    /// stay here, feed a stale WebSocket stream and keep a drain from ending.
+    pub fn spawn_ownership_sweep(
+        self: &Arc<Self>,
+        interval: std::time::Duration,
+        batch: usize,
+        stop: CancellationToken,
+    ) {
+        let instance = self.clone();
+        tokio::spawn(async move {
+            let mut offset = 0usize;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let mut ids: Vec<String> = instance.sessions.read().keys().cloned().collect();
+                if ids.is_empty() {
+                    continue;
+                }
+                ids.sort_unstable();
+                offset %= ids.len();
+                let window: Vec<String> = ids
+                    .iter()
+                    .cycle()
+                    .skip(offset)
+                    .take(batch.min(ids.len()))
+                    .cloned()
+                    .collect();
+                offset += window.len();
+                let Ok(owners) = instance.store.owners(&window).await else {
+                    continue;
+                };
+                for id in window {
+                    let Some(session) = instance.sessions.read().get(&id).cloned() else {
+                        continue;
+                    };
+                    let epoch = session.inner.lock().await.epoch;
+                    let mine = owners
+                        .get(&id)
+                        .is_some_and(|(owner, e)| *owner == instance.id && *e == epoch);
+                    // A session of this instance whose close is finishing is
+                    // no longer in the store either; only moved ones go.
+                    let moved = owners.get(&id).is_some_and(|_| !mine);
+                    if moved {
+                        tracing::warn!(event_id = events::SESSION_FENCED, sid = %id, "session moved to another instance; dropped here");
+                        instance.let_go(&session);
+                    }
+                }
+            }
+        });
     }
 
     /// Drop every live session without touching the store (shutdown): the

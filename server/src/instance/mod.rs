@@ -83,6 +83,7 @@ impl Application {
             contacts,
             monitor,
         );
+        instance.spawn_ownership_sweep(Duration::from_secs(5), 2000, stop.clone());
         let listener = TcpListener::bind(server.listen)
             .await
             .with_context(|| format!("binding {}", server.listen))?;

@@ -194,6 +194,17 @@ async fn kill(
     Ok(Json(json!({"killed": std::process::id()})))
 }
 
+/// Run a state-changing operation to its end even if the caller goes away
+/// (a client timeout drops the handler): a save that committed must reach
+/// the in-memory transcript, a close must finish.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ApiError::internal("chat operation failed", &e))?
+}
+
 fn valid_id(id: &str) -> Result<&str, ApiError> {
     let ok = !id.is_empty()
         && id.len() <= 64
@@ -269,7 +280,9 @@ async fn create_session(
     if b.subject.as_ref().is_some_and(|s| s.len() > 1024) {
         return Err(ApiError::bad_request("`subject` is longer than 1024 bytes"));
     }
-    let created = s.instance.create_session(nickname, b.subject).await?;
+    let instance = s.instance.clone();
+    let created =
+        detached(async move { instance.create_session(nickname, b.subject).await }).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
@@ -301,7 +314,9 @@ async fn join(
     JsonBody(b): JsonBody<JoinBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let nickname = check_nickname(&b.nickname)?;
-    let agent = s.instance.join(valid_id(&id)?, nickname).await?;
+    valid_id(&id)?;
+    let instance = s.instance.clone();
+    let agent = detached(async move { instance.join(&id, nickname).await }).await?;
     Ok(Json(json!({"participant_id": agent.participant_id})))
 }
 
@@ -321,10 +336,14 @@ async fn post_message(
 ) -> Result<Json<super::core::Posted>, ApiError> {
     check_text(&b.text)?;
     check_client_msg_id(&b.client_msg_id)?;
-    let posted = s
-        .instance
-        .post_message(valid_id(&id)?, &b.participant_id, b.text, b.client_msg_id)
-        .await?;
+    valid_id(&id)?;
+    let instance = s.instance.clone();
+    let posted = detached(async move {
+        instance
+            .post_message(&id, &b.participant_id, b.text, b.client_msg_id)
+            .await
+    })
+    .await?;
     Ok(Json(posted))
 }
 
@@ -350,10 +369,10 @@ async fn leave(
     Path(id): Path<String>,
     JsonBody(b): JsonBody<LeaveBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let state = s
-        .instance
-        .leave(valid_id(&id)?, &b.participant_id, b.end_chat)
-        .await?;
+    valid_id(&id)?;
+    let instance = s.instance.clone();
+    let state =
+        detached(async move { instance.leave(&id, &b.participant_id, b.end_chat).await }).await?;
     Ok(Json(json!({"state": state})))
 }
 
@@ -361,7 +380,11 @@ async fn restore(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<super::core::Restored>, ApiError> {
-    Ok(Json(s.instance.restore(valid_id(&id)?).await?))
+    valid_id(&id)?;
+    let instance = s.instance.clone();
+    Ok(Json(
+        detached(async move { instance.restore(&id).await }).await?,
+    ))
 }
 
 async fn location(

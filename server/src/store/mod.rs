@@ -117,6 +117,22 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// A cheap round trip, for availability probes.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Owner and epoch of each of `session_ids` that still exists (the
+    /// instance's ownership sweep). One `locate` each unless a backend can
+    /// do better.
+    async fn owners(
+        &self,
+        session_ids: &[String],
+    ) -> StoreResult<std::collections::HashMap<String, (String, u64)>> {
+        let mut out = std::collections::HashMap::new();
+        for id in session_ids {
+            if let Some(r) = self.locate(id).await? {
+                out.insert(id.clone(), (r.owner_instance, r.epoch));
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[async_trait]

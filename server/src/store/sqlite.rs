@@ -492,6 +492,31 @@ impl SessionStore for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
         self.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
+
+    async fn owners(
+        &self,
+        session_ids: &[String],
+    ) -> StoreResult<std::collections::HashMap<String, (String, u64)>> {
+        let ids = session_ids.to_vec();
+        self.read(move |c| {
+            let mut out = std::collections::HashMap::new();
+            for chunk in ids.chunks(500) {
+                let marks = vec!["?"; chunk.len()].join(",");
+                let mut st = c.prepare(&format!(
+                    "SELECT session_id, owner_instance, epoch FROM sessions WHERE session_id IN ({marks})"
+                ))?;
+                let rows = st.query_map(rusqlite::params_from_iter(chunk.iter()), |r| {
+                    Ok((r.get::<_, String>(0)?, (r.get::<_, String>(1)?, r.get::<_, i64>(2)? as u64)))
+                })?;
+                for row in rows {
+                    let (id, owner) = row?;
+                    out.insert(id, owner);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
 }
 
 /// Final transcripts in SQLite (by default the session store's own file).
