@@ -401,6 +401,43 @@ impl Http {
     }
 }
 
+/// The DESIGN §2 hazard, end to end: `a` owns a new chat and acknowledges
+/// "before the pause"; `a` is paused (SIGSTOP) with a write queued in its
+/// socket; the chat is restored on `b`, which acknowledges "new owner"; `a`
+/// resumes. Returns the chat, its participant and the stale write's answer.
+pub async fn paused_owner_writes_after_restore(
+    http: &Http,
+    a: &Server,
+    b: &Server,
+) -> (String, String, Answer) {
+    let (chat, pid) = http.create_session(a, "Ann").await;
+    http.send(a, &chat, &pid, "before the pause", None)
+        .await
+        .ok();
+    a.pause();
+    let stale = {
+        let (http, url, pid) = (
+            http.clone(),
+            a.internal(&format!("/sessions/{chat}/messages")),
+            pid.clone(),
+        );
+        tokio::spawn(async move {
+            http.post(
+                &url,
+                &serde_json::json!({"participant_id": pid, "text": "stale write"}),
+                None,
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    http.restore(b, &chat).await.ok();
+    http.send(b, &chat, &pid, "new owner", None).await.ok();
+    a.resume();
+    let answer = stale.await.expect("the stale write's task");
+    (chat, pid, answer)
+}
+
 /// Message texts of a transcript, in order.
 pub fn texts(events: &[Value]) -> Vec<String> {
     events

@@ -468,22 +468,56 @@ const FAILING_SAVES: &[&str] = &[
     "settings.transcript-resend-delay=100ms",
 ];
 
+/// An instance whose saves can be made to fail (SQLite's lock held from
+/// outside), one chat, and its WebSocket past the customer's `joined`.
+struct Watched {
+    _dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    s: Server,
+    http: Http,
+    chat: String,
+    pid: String,
+    ws: EventStream,
+}
+
+impl Watched {
+    async fn start(extra: &[&str]) -> Watched {
+        let dir = data_dir();
+        let db = dir.path().join("confab.db");
+        let mut sets = FAILING_SAVES.to_vec();
+        sets.extend_from_slice(extra);
+        let s = Server::start(dir.path(), "inst-a", &db, &sets).await;
+        let http = Http::default();
+        let (chat, pid) = http.create_session(&s, "Ann").await;
+        let url = format!("ws://127.0.0.1:{}/internal/v1/sessions/{chat}/ws", s.port);
+        let mut ws = EventStream::connect(&url).await.unwrap();
+        assert_eq!(
+            ws.next(Duration::from_secs(5)).await.unwrap()["kind"],
+            "joined"
+        );
+        Watched {
+            _dir: dir,
+            db,
+            s,
+            http,
+            chat,
+            pid,
+            ws,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_on_error_continue_retries_notifies_and_keeps_the_chat() {
-    let dir = data_dir();
-    let db = dir.path().join("confab.db");
-    let mut sets = FAILING_SAVES.to_vec();
-    sets.push("settings.transcript-save-on-error=continue");
-    let s = Server::start(dir.path(), "inst-a", &db, &sets).await;
-    let http = Http::default();
-    let (chat, pid) = http.create_session(&s, "Ann").await;
-    let mut ws = EventStream::connect(&format!(
-        "ws://127.0.0.1:{}/internal/v1/sessions/{chat}/ws",
-        s.port
-    ))
-    .await
-    .unwrap();
-    ws.next(Duration::from_secs(5)).await.unwrap();
+    let Watched {
+        _dir,
+        db,
+        s,
+        http,
+        chat,
+        pid,
+        mut ws,
+    } = Watched::start(&["settings.transcript-save-on-error=continue"]).await;
 
     let lock = lock_store(&db);
     let failed = http
@@ -521,20 +555,15 @@ async fn save_on_error_continue_retries_notifies_and_keeps_the_chat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_on_error_close_closes_the_chat_without_a_final_update() {
-    let dir = data_dir();
-    let db = dir.path().join("confab.db");
-    let mut sets = FAILING_SAVES.to_vec();
-    sets.push("settings.transcript-save-on-error=close");
-    let s = Server::start(dir.path(), "inst-a", &db, &sets).await;
-    let http = Http::default();
-    let (chat, pid) = http.create_session(&s, "Ann").await;
-    let mut ws = EventStream::connect(&format!(
-        "ws://127.0.0.1:{}/internal/v1/sessions/{chat}/ws",
-        s.port
-    ))
-    .await
-    .unwrap();
-    ws.next(Duration::from_secs(5)).await.unwrap();
+    let Watched {
+        _dir,
+        db,
+        s,
+        http,
+        chat,
+        pid,
+        mut ws,
+    } = Watched::start(&["settings.transcript-save-on-error=close"]).await;
 
     let lock = lock_store(&db);
     assert_json_error(
@@ -586,23 +615,19 @@ async fn save_on_error_close_closes_the_chat_without_a_final_update() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_notices_off_sends_no_failure_notice() {
-    let dir = data_dir();
-    let db = dir.path().join("confab.db");
-    let mut sets = FAILING_SAVES.to_vec();
-    sets.extend([
+    let Watched {
+        _dir,
+        db,
+        s,
+        http,
+        chat,
+        pid,
+        mut ws,
+    } = Watched::start(&[
         "settings.transcript-save-on-error=continue",
         "settings.transcript-save-notices=false",
-    ]);
-    let s = Server::start(dir.path(), "inst-a", &db, &sets).await;
-    let http = Http::default();
-    let (chat, pid) = http.create_session(&s, "Ann").await;
-    let mut ws = EventStream::connect(&format!(
-        "ws://127.0.0.1:{}/internal/v1/sessions/{chat}/ws",
-        s.port
-    ))
-    .await
-    .unwrap();
-    ws.next(Duration::from_secs(5)).await.unwrap();
+    ])
+    .await;
     let lock = lock_store(&db);
     assert_json_error(
         &http.send(&s, &chat, &pid, "x", None).await,

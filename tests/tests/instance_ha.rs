@@ -187,32 +187,7 @@ async fn a_paused_owner_cannot_write_after_its_session_was_restored_elsewhere() 
     let a = Server::start(dir.path(), "inst-a", &db, &[]).await;
     let b = Server::start(dir.path(), "inst-b", &db, &[]).await;
     let http = Http::default();
-    let (chat, pid) = http.create_session(&a, "Ann").await;
-    http.send(&a, &chat, &pid, "before the pause", None)
-        .await
-        .ok();
-
-    a.pause();
-    // A request reaches the paused owner and waits in its socket backlog.
-    let stale = {
-        let http = http.clone();
-        let url = a.internal(&format!("/sessions/{chat}/messages"));
-        let pid = pid.clone();
-        tokio::spawn(async move {
-            http.post(
-                &url,
-                &serde_json::json!({"participant_id": pid, "text": "stale write"}),
-                None,
-            )
-            .await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    http.restore(&b, &chat).await.ok();
-    http.send(&b, &chat, &pid, "new owner", None).await.ok();
-    a.resume();
-
-    let answer = stale.await.unwrap();
+    let (chat, pid, answer) = confab_e2e::paused_owner_writes_after_restore(&http, &a, &b).await;
     assert_eq!(
         answer.status, 421,
         "the stale owner's write must be refused: {:?}",

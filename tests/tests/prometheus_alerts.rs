@@ -37,6 +37,14 @@ async fn alert_states(http: &confab_e2e::Http, prometheus: &str) -> BTreeMap<Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cassandra_unavailable_and_instance_down_alerts_fire_in_a_real_prometheus() {
+    let installed = std::process::Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_ok();
+    assert!(
+        installed,
+        "no `prometheus` binary: install Debian's prometheus package (README set-up)"
+    );
     let node = Node::get().await;
     let Some(test_node) = node.test_node() else {
         println!("this test freezes the CQL node, so it runs on the test node only");
