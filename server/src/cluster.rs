@@ -496,7 +496,10 @@ fn print_banner(sup: &Supervisor) {
         "  public API           {}/api/v1  (OpenAPI: /api/v1/openapi.json)",
         sup.gateway_url
     );
-    println!("  dashboard            {}", sup.dashboard_url);
+    println!(
+        "  dashboard            {} (reserved: the dashboard is not part of this build yet)",
+        sup.dashboard_url
+    );
     println!("  supervisor API       {}", sup.supervisor_url);
     if let Some(p) = sup.procs.lock().iter().find(|p| p.info.id == "prometheus") {
         println!("  Prometheus           {}", p.info.url);
