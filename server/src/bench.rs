@@ -128,6 +128,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .build()?;
     let chats = create_chats(&client, &server.url, args.sessions).await?;
 
+    // Warm up (connections, caches, the WAL) before measuring.
+    let warm_up = BenchArgs {
+        duration: Duration::from_secs(2),
+        ..args.clone()
+    };
+    closed_loop(&client, &server.url, &chats, &warm_up, &text).await;
     let (rate, mut lat) = closed_loop(&client, &server.url, &chats, &args, &text).await;
     println!(
         "closed loop over HTTP: {rate:.0} acknowledged messages/s, p50 {}, p99 {}; {:.2} of the raw store rate",
