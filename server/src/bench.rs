@@ -133,8 +133,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         duration: Duration::from_secs(2),
         ..args.clone()
     };
-    closed_loop(&client, &server.url, &chats, &warm_up, &text).await;
-    let (rate, mut lat) = closed_loop(&client, &server.url, &chats, &args, &text).await;
+    closed_loop(&client, &chats, &warm_up, &text).await;
+    let (rate, mut lat) = closed_loop(&client, &chats, &args, &text).await;
     println!(
         "closed loop over HTTP: {rate:.0} acknowledged messages/s, p50 {}, p99 {}; {:.2} of the raw store rate",
         ms(lat.percentile(0.5)),
@@ -143,8 +143,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
 
     if args.rate > 0 {
-        let (achieved, mut lat, errors) =
-            open_loop(&client, &server.url, &chats, &args, &text).await;
+        let (achieved, mut lat, errors) = open_loop(&client, &chats, &args, &text).await;
         println!(
             "open loop at {} msgs/s offered: {achieved:.0} acknowledged/s, p50 {}, p99 {}, p99.9 {}, {errors} errors",
             args.rate,
@@ -482,13 +481,12 @@ async fn send_answer(
     req.send().await
 }
 
-async fn send(client: &reqwest::Client, _url: &str, chat: &Chat, text: &str, cmid: String) -> bool {
+async fn send(client: &reqwest::Client, chat: &Chat, text: &str, cmid: String) -> bool {
     matches!(send_answer(client, chat, text, cmid).await, Ok(r) if r.status().is_success())
 }
 
 async fn closed_loop(
     client: &reqwest::Client,
-    url: &str,
     chats: &[Chat],
     args: &BenchArgs,
     text: &str,
@@ -497,13 +495,8 @@ async fn closed_loop(
     let chats = Arc::new(chats.to_vec());
     let mut tasks = Vec::new();
     for w in 0..args.concurrency {
-        let (client, url, chats, stop, text) = (
-            client.clone(),
-            url.to_owned(),
-            chats.clone(),
-            stop.clone(),
-            text.to_owned(),
-        );
+        let (client, chats, stop, text) =
+            (client.clone(), chats.clone(), stop.clone(), text.to_owned());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut i = w;
@@ -512,7 +505,7 @@ async fn closed_loop(
                 let chat = &chats[i % chats.len()];
                 i += args_concurrency_stride(chats.len());
                 let t = Instant::now();
-                if send(&client, &url, chat, &text, format!("w{w}-{n}")).await {
+                if send(&client, chat, &text, format!("w{w}-{n}")).await {
                     lat.push(t.elapsed().as_micros() as u32);
                 }
                 n += 1;
@@ -533,7 +526,6 @@ async fn closed_loop(
 
 async fn open_loop(
     client: &reqwest::Client,
-    url: &str,
     chats: &[Chat],
     args: &BenchArgs,
     text: &str,
@@ -547,9 +539,8 @@ async fn open_loop(
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for w in 0..workers {
-        let (client, url, chats, text, errors) = (
+        let (client, chats, text, errors) = (
             client.clone(),
-            url.to_owned(),
             chats.clone(),
             text.to_owned(),
             errors.clone(),
@@ -562,7 +553,7 @@ async fn open_loop(
                 let due = start + Duration::from_secs_f64(k as f64 / rate as f64);
                 tokio::time::sleep_until(due.into()).await;
                 let chat = &chats[(k as usize * 7919) % chats.len()];
-                if send(&client, &url, chat, &text, format!("o{k}")).await {
+                if send(&client, chat, &text, format!("o{k}")).await {
                     lat.push(due.elapsed().as_micros() as u32);
                 } else {
                     errors.fetch_add(1, Ordering::Relaxed);
@@ -603,8 +594,8 @@ async fn gateway_cost(dir: &Path, args: &BenchArgs, text: &str) -> anyhow::Resul
         args,
         text,
         [
-            ("straight to the instance", &instance.url, &direct_chats),
-            ("through the gateway", &gateway.url, &via_chats),
+            ("straight to the instance", &direct_chats),
+            ("through the gateway", &via_chats),
         ],
     )
     .await;
@@ -628,7 +619,7 @@ async fn restoration(dir: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     // Only A is up: every chat lands there.
     let chats = create_chats_at(&client, &gateway.url, args.sessions, true).await?;
     for chat in &chats {
-        if !send(&client, "", chat, "before the kill", "before".into()).await {
+        if !send(&client, chat, "before the kill", "before".into()).await {
             bail!("a message before the kill was refused");
         }
     }
@@ -777,12 +768,8 @@ async fn cassandra_vs_sqlite(dir: &Path, args: &BenchArgs, text: &str) -> anyhow
         args,
         text,
         [
-            ("SQLite store", &on_sqlite.url, &sqlite_chats),
-            (
-                "Cassandra store (test node)",
-                &on_cassandra.url,
-                &cassandra_chats,
-            ),
+            ("SQLite store", &sqlite_chats),
+            ("Cassandra store (test node)", &cassandra_chats),
         ],
     )
     .await;
@@ -797,7 +784,7 @@ async fn compare(
     client: &reqwest::Client,
     args: &BenchArgs,
     text: &str,
-    targets: [(&str, &String, &Vec<Chat>); 2],
+    targets: [(&str, &Vec<Chat>); 2],
 ) -> [f64; 2] {
     let rounds = 3;
     let round = BenchArgs {
@@ -808,15 +795,15 @@ async fn compare(
     let mut latencies = [Latencies(Vec::new()), Latencies(Vec::new())];
     for r in 1..=rounds {
         let mut line = format!("round {r}:");
-        for (i, (name, url, chats)) in targets.iter().enumerate() {
-            let (rate, l) = closed_loop(client, url, chats, &round, text).await;
+        for (i, (name, chats)) in targets.iter().enumerate() {
+            let (rate, l) = closed_loop(client, chats, &round, text).await;
             latencies[i].0.extend(l.0);
             rates[i] += rate / rounds as f64;
             line.push_str(&format!(" {name} {rate:.0}/s;"));
         }
         println!("{line}");
     }
-    for (i, (name, _, _)) in targets.iter().enumerate() {
+    for (i, (name, _)) in targets.iter().enumerate() {
         println!(
             "{name}: {:.0} acknowledged messages/s, p50 {}, p99 {}",
             rates[i],

@@ -541,18 +541,17 @@ impl Instance {
         } else {
             tracing::error!(event_id = events::SAVE_FAILED, sid = %session.id, "final transcript not stored; intermediate records kept");
         }
-        self.retire(session, live);
+        self.retire(session);
     }
 
     /// Forget a closed session and count it.
-    fn retire(&self, session: &LiveSession, live: &Live) {
+    fn retire(&self, session: &LiveSession) {
         let Some(current) = self.remove_live(session) else {
             // Closed before it went live here (a restore whose first save failed).
             return;
         };
         self.kpi.session_closed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::SESSIONS_CLOSED).increment(1);
-        let _ = live;
         tracing::info!(
             event_id = events::SESSION_DELETED,
             sid = %session.id,
@@ -696,7 +695,7 @@ impl Instance {
             });
             session.publish([EventView::from(&closed)]);
             live.transcript.push(closed);
-            self.retire(session, live);
+            self.retire(session);
         }
         Err(ApiError::unavailable(
             "save_failed",
