@@ -539,7 +539,8 @@ impl Instance {
                 tracing::warn!(sid = %session.id, error = %e, "could not delete intermediate records of a closed session");
             }
         } else {
-            tracing::error!(event_id = events::SAVE_FAILED, sid = %session.id, "final transcript not stored; intermediate records kept");
+            tracing::error!(event_id = events::SAVE_FAILED, sid = %session.id, "final transcript not stored yet; retrying in the background, intermediate records kept");
+            self.spawn_final_save(final_transcript, live.epoch);
         }
         self.retire(session);
     }
@@ -701,6 +702,31 @@ impl Instance {
             "save_failed",
             "the message could not be saved and was not accepted; retry with the same client_msg_id",
         ))
+    }
+
+    /// Keep trying to store a closed chat's final transcript (then delete its
+    /// intermediate records) while the contact store is down.
+    fn spawn_final_save(&self, transcript: FinalTranscript, epoch: u64) {
+        let (contacts, store) = (self.contacts.clone(), self.store.clone());
+        let delay = self
+            .settings
+            .transcript_resend_delay
+            .max(std::time::Duration::from_secs(1));
+        tokio::spawn(async move {
+            for _ in 0..600 {
+                tokio::time::sleep(delay).await;
+                if contacts
+                    .save_final_transcript(transcript.clone())
+                    .await
+                    .is_ok()
+                {
+                    let _ = store.delete_session(&transcript.session_id, epoch).await;
+                    tracing::info!(sid = %transcript.session_id, "final transcript stored after retries");
+                    return;
+                }
+            }
+            tracing::error!(sid = %transcript.session_id, "gave up storing the final transcript; intermediate records kept for recovery");
+        });
     }
 
     /// Keep trying to store a session's closing (after a save failure closed

@@ -466,6 +466,9 @@ async fn push_events(
                         if send_event(&mut socket, &v).await.is_err() {
                             return;
                         }
+                        if v.kind == EventKind::Closed {
+                            return close(socket, 1000, "chat closed").await;
+                        }
                     }
                 }
                 Err(RecvError::Closed) => return close(socket, 1012, "session moved").await,
