@@ -791,6 +791,13 @@ async fn compare(
         duration: args.duration / rounds,
         ..args.clone()
     };
+    let warm_up = BenchArgs {
+        duration: Duration::from_secs(2),
+        ..args.clone()
+    };
+    for (_, chats) in &targets {
+        closed_loop(client, chats, &warm_up, text).await;
+    }
     let mut rates = [0.0; 2];
     let mut latencies = [Latencies(Vec::new()), Latencies(Vec::new())];
     for r in 1..=rounds {
