@@ -227,6 +227,20 @@ async fn metrics_text(State(s): State<GwState>) -> Response {
     crate::telemetry::metrics::render(&s.metrics)
 }
 
+/// The `Authorization: Bearer` value, read without copying every header.
+pub struct Bearer(Option<String>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Bearer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Bearer(bearer(&parts.headers).map(str::to_owned)))
+    }
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
@@ -353,11 +367,11 @@ async fn create_chat(
 async fn post_message(
     State(s): State<GwState>,
     Path(chat_id): Path<String>,
-    headers: HeaderMap,
+    Bearer(token): Bearer,
     JsonBody(b): JsonBody<PostMessage>,
 ) -> Result<Response, ApiError> {
     valid_chat_id(&chat_id)?;
-    let who = participant(&s.gw, bearer(&headers), &chat_id)?;
+    let who = participant(&s.gw, token.as_deref(), &chat_id)?;
     check_text(&b.text)?;
     check_client_msg_id(&b.client_msg_id)?;
     // Without a client id, the gateway gives one, so that its own retry
@@ -385,10 +399,10 @@ async fn transcript(
     State(s): State<GwState>,
     Path(chat_id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-    headers: HeaderMap,
+    Bearer(token): Bearer,
 ) -> Result<Response, ApiError> {
     valid_chat_id(&chat_id)?;
-    participant(&s.gw, bearer(&headers), &chat_id)?;
+    participant(&s.gw, token.as_deref(), &chat_id)?;
     let after: u64 = match q.get("after") {
         None => 0,
         Some(v) => v.parse().map_err(|_| {

@@ -127,6 +127,55 @@ pub fn render(handle: &PrometheusHandle) -> axum::response::Response {
         .into_response()
 }
 
+/// Metric handles per (component, route, method, status), made once: the
+/// request path then only bumps them, with no label allocation.
+struct HttpSeries {
+    component: &'static str,
+    route: String,
+    method: String,
+    status: u16,
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+type SeriesMap = parking_lot::RwLock<std::collections::HashMap<u64, Vec<HttpSeries>>>;
+
+fn with_series(
+    component: &'static str,
+    route: &str,
+    method: &str,
+    status: u16,
+    f: impl Fn(&HttpSeries),
+) {
+    use std::hash::{Hash, Hasher};
+    static SERIES: OnceLock<SeriesMap> = OnceLock::new();
+    let series = SERIES.get_or_init(Default::default);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (component, route, method, status).hash(&mut h);
+    let key = h.finish();
+    let matches = |s: &&HttpSeries| {
+        s.component == component && s.route == route && s.method == method && s.status == status
+    };
+    if let Some(s) = series.read().get(&key).and_then(|v| v.iter().find(matches)) {
+        return f(s);
+    }
+    let mut map = series.write();
+    let bucket = map.entry(key).or_default();
+    if bucket.iter().find(matches).is_none() {
+        bucket.push(HttpSeries {
+            component,
+            route: route.to_owned(),
+            method: method.to_owned(),
+            status,
+            requests: metrics::counter!(HTTP_REQUESTS, "component" => component, "route" => route.to_owned(), "method" => method.to_owned(), "status" => status.to_string()),
+            duration: metrics::histogram!(HTTP_REQUEST_DURATION, "component" => component, "route" => route.to_owned(), "method" => method.to_owned()),
+        });
+    }
+    if let Some(s) = bucket.iter().find(matches) {
+        f(s);
+    }
+}
+
 /// Axum middleware recording request counts and durations by route template.
 pub async fn track_http(
     component: &'static str,
@@ -136,15 +185,21 @@ pub async fn track_http(
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().as_str().to_owned();
+        .cloned();
+    let method = req.method().clone();
     let start = std::time::Instant::now();
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!(HTTP_REQUESTS, "component" => component, "route" => route.clone(), "method" => method.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!(HTTP_REQUEST_DURATION, "component" => component, "route" => route, "method" => method)
-        .record(start.elapsed().as_secs_f64());
+    let route = route.as_ref().map(|r| r.as_str()).unwrap_or("unmatched");
+    let elapsed = start.elapsed().as_secs_f64();
+    with_series(
+        component,
+        route,
+        method.as_str(),
+        response.status().as_u16(),
+        |s| {
+            s.requests.increment(1);
+            s.duration.record(elapsed);
+        },
+    );
     response
 }
