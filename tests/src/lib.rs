@@ -119,23 +119,37 @@ impl Server {
             cmd.stdout(log.try_clone().expect("log handle")).stderr(log);
         }
         self.child = Some(cmd.spawn().expect("starting confab server"));
-        self.wait_healthy().await;
+        if !self.wait_healthy().await {
+            let log = self.log_text();
+            assert!(
+                log.contains("binding"),
+                "{} exited at start-up:\n{log}",
+                self.id
+            );
+            // Its port was taken meanwhile: another one.
+            self.port = free_port();
+            self.url = format!("http://127.0.0.1:{}", self.port);
+            Box::pin(self.spawn()).await;
+        }
     }
 
-    async fn wait_healthy(&mut self) {
+    /// Wait until *this* process serves its port: /status must name our
+    /// pid, so that another test's server that happened to get the same
+    /// free port is never mistaken for ours. False if the process exited
+    /// (its port was taken): the caller picks another port.
+    async fn wait_healthy(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = reqwest::Client::new();
+        let pid = self.pid() as u64;
         loop {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "{} exited with {status} at start-up:\n{}",
-                    self.id,
-                    self.log_text()
-                );
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return false;
             }
-            if let Ok(r) = client.get(format!("{}/healthz", self.url)).send().await {
-                if r.status().is_success() {
-                    return;
+            if let Ok(r) = client.get(format!("{}/status", self.url)).send().await {
+                if let Ok(status) = r.json::<Value>().await {
+                    if status["pid"].as_u64() == Some(pid) {
+                        return true;
+                    }
                 }
             }
             assert!(

@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS final_transcripts (
 
 /// How often the WAL is copied back into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+/// WAL size that triggers a checkpoint (SQLite's own default is ~4 MB).
+const CHECKPOINT_WAL_BYTES: u64 = 4 * 1024 * 1024;
 
 /// How the store opens its file.
 #[derive(Debug, Clone, Copy)]
@@ -133,13 +135,23 @@ impl SqliteStore {
         let checkpointer = open(path, options).map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(max_batch * 4);
         let alive = tx.downgrade();
+        let wal = PathBuf::from(format!("{}-wal", path.display()));
         std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
             .spawn(move || {
                 while alive.upgrade().is_some() {
                     std::thread::sleep(CHECKPOINT_INTERVAL);
-                    let _ =
-                        checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                    // Only when the WAL has grown: a checkpoint holds locks
+                    // that other instances' writers may wait on (for the
+                    // busy timeout, if this process is frozen meanwhile).
+                    let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+                    if size >= CHECKPOINT_WAL_BYTES {
+                        let _ = checkpointer.query_row(
+                            "PRAGMA wal_checkpoint(PASSIVE)",
+                            [],
+                            |_| Ok(()),
+                        );
+                    }
                 }
             })
             .map_err(unavailable)?;
