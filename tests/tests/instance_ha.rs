@@ -48,6 +48,28 @@ async fn sender(
     sent.lock().await.in_flight = None;
 }
 
+/// One sender per chat, all against `url`; their handles and records.
+fn start_senders<'a>(
+    http: &Http,
+    url: &str,
+    chats: impl Iterator<Item = (&'a String, &'a String)>,
+) -> (Vec<tokio::task::JoinHandle<()>>, Vec<Arc<Mutex<Sent>>>) {
+    chats
+        .map(|(chat, pid)| {
+            let sent = Arc::new(Mutex::new(Sent::default()));
+            let task = tokio::spawn(sender(
+                http.clone(),
+                url.to_owned(),
+                chat.clone(),
+                pid.clone(),
+                sent.clone(),
+                100_000,
+            ));
+            (task, sent)
+        })
+        .unzip()
+}
+
 fn kinds_with_reason(events: &[Value]) -> Vec<(String, String)> {
     events
         .iter()
@@ -85,20 +107,7 @@ async fn kill_minus_nine_mid_conversation_then_restore_on_the_other_instance() {
             agent["participant_id"].as_str().unwrap().to_owned(),
         ));
     }
-    let mut tasks = Vec::new();
-    let mut records = Vec::new();
-    for (chat, pid, _) in &chats {
-        let sent = Arc::new(Mutex::new(Sent::default()));
-        records.push(sent.clone());
-        tasks.push(tokio::spawn(sender(
-            http.clone(),
-            a.url.clone(),
-            chat.clone(),
-            pid.clone(),
-            sent,
-            100_000,
-        )));
-    }
+    let (tasks, records) = start_senders(&http, &a.url, chats.iter().map(|(c, p, _)| (c, p)));
     // Let the conversation run, then kill the owner mid-stream.
     tokio::time::sleep(Duration::from_millis(700)).await;
     a.kill();
@@ -248,20 +257,7 @@ async fn sigterm_flushes_pending_saves_and_loses_nothing_acknowledged() {
     for i in 0..8 {
         chats.push(http.create_session(&a, &format!("c{i}")).await);
     }
-    let mut tasks = Vec::new();
-    let mut records = Vec::new();
-    for (chat, pid) in &chats {
-        let sent = Arc::new(Mutex::new(Sent::default()));
-        records.push(sent.clone());
-        tasks.push(tokio::spawn(sender(
-            http.clone(),
-            a.url.clone(),
-            chat.clone(),
-            pid.clone(),
-            sent,
-            100_000,
-        )));
-    }
+    let (tasks, records) = start_senders(&http, &a.url, chats.iter().map(|(c, p)| (c, p)));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let code = a.terminate().await;
     assert_eq!(code, Some(0), "clean exit on SIGTERM:\n{}", a.log_text());
