@@ -591,5 +591,12 @@ async fn act(
     if sig == libc::SIGKILL {
         tracing::warn!(component = %id, pid, "killed with SIGKILL on request");
     }
+    if sig == libc::SIGSTOP {
+        // Answer once it is frozen, not merely signalled (see crate::process).
+        let stopped = crate::process::wait_stopped(pid, Duration::from_secs(5)).await;
+        return Ok(Json(
+            json!({"id": id, "action": action, "pid": pid, "stopped": stopped}),
+        ));
+    }
     Ok(Json(json!({"id": id, "action": action, "pid": pid})))
 }

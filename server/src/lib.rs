@@ -10,6 +10,7 @@ pub mod error;
 pub mod gateway;
 pub mod instance;
 pub mod keyed_lock;
+pub mod process;
 pub mod session;
 pub mod store;
 pub mod telemetry;

@@ -180,8 +180,13 @@ impl Server {
         }
     }
 
-    pub fn pause(&self) {
-        self.signal(libc::SIGSTOP);
+    /// SIGSTOP, and wait until every thread has stopped: kill(2) returns
+    /// before a busy process is frozen (see `confab::process`).
+    pub async fn pause(&self) {
+        let stopped = confab::process::stop(self.pid() as u32, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("SIGSTOP {}: {e}", self.id));
+        assert!(stopped, "{} did not stop within 10 s of SIGSTOP", self.id);
     }
 
     pub fn resume(&self) {
@@ -428,7 +433,7 @@ pub async fn paused_owner_writes_after_restore(
     http.send(a, &chat, &pid, "before the pause", None)
         .await
         .ok();
-    a.pause();
+    a.pause().await;
     let stale = {
         let (http, url, pid) = (
             http.clone(),

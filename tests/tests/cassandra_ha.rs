@@ -85,14 +85,21 @@ async fn a_paused_owner_cannot_write_after_restoration_on_cassandra() {
     let http = Http::default();
     let (chat, pid, answer) = confab_e2e::paused_owner_writes_after_restore(&http, &a, &b).await;
     assert_eq!(
-        answer.status, 421,
-        "the stale owner's write must be refused: {:?}",
-        answer.body
+        answer.status,
+        421,
+        "the stale owner's write must be refused: {:?}\n--- inst-a log:\n{}\n--- inst-b log:\n{}",
+        answer.body,
+        a.log_text(),
+        b.log_text()
     );
     http.send(&b, &chat, &pid, "and on", None).await.ok();
+    let events = http.events(&b, &chat).await;
     assert_eq!(
-        texts(&http.events(&b, &chat).await),
-        vec!["before the pause", "new owner", "and on"]
+        texts(&events),
+        vec!["before the pause", "new owner", "and on"],
+        "{events:#?}\n--- inst-a log:\n{}\n--- inst-b log:\n{}",
+        a.log_text(),
+        b.log_text()
     );
 }
 
