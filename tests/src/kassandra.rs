@@ -5,7 +5,8 @@
 //! instead (freeze/kill tests then need a node they may stop, and are run
 //! only against the test node).
 
-pub use confab::store::test_node::TestNode;
+pub use confab::store::test_node::{Security, TestNode, TlsIdentity};
+use std::path::{Path, PathBuf};
 
 /// Where Cassandra tests run: a real cluster named by
 /// `CONFAB_TEST_CASSANDRA=host:port`, else a fresh test node.
@@ -48,11 +49,16 @@ impl Node {
 
 /// Create a throwaway keyspace with confab's schema; its name.
 pub async fn init_keyspace(contact_point: &str) -> String {
+    init_keyspace_with(contact_point, &[]).await
+}
+
+/// `init_keyspace` with extra `[cassandra]` options (TLS, credentials).
+pub async fn init_keyspace_with(contact_point: &str, extra: &[(String, String)]) -> String {
     let keyspace = format!(
         "confab_test_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
-    let config = cassandra_config(contact_point, &keyspace);
+    let config = cassandra_config_with(contact_point, &keyspace, extra);
     let session = confab::store::cassandra::connect(&config)
         .await
         .expect("connect to the CQL node");
@@ -60,6 +66,79 @@ pub async fn init_keyspace(contact_point: &str) -> String {
         .await
         .expect("create the schema");
     keyspace
+}
+
+/// A node that requires client-to-node TLS and a password, with what a
+/// client needs to reach it.
+pub struct SecuredNode {
+    pub node: Node,
+    pub ca_file: PathBuf,
+    pub username: String,
+    pub password: String,
+}
+
+impl SecuredNode {
+    /// The test node with TLS (a fresh self-signed certificate, written to
+    /// `dir` as the CA file) and `PasswordAuthenticator`; or, with
+    /// `CONFAB_TEST_CASSANDRA` set, that cluster as described by
+    /// `CONFAB_TEST_CASSANDRA_CA_FILE`, `_USERNAME` and `_PASSWORD` (None if
+    /// they are not all set: the test says it was skipped).
+    pub async fn get(dir: &Path) -> Option<SecuredNode> {
+        if let Ok(addr) = std::env::var("CONFAB_TEST_CASSANDRA") {
+            if !addr.is_empty() {
+                let var = |n: &str| std::env::var(format!("CONFAB_TEST_CASSANDRA_{n}")).ok();
+                let (ca, username, password) =
+                    (var("CA_FILE")?, var("USERNAME")?, var("PASSWORD")?);
+                println!("TLS and authentication against the real cluster at {addr}");
+                return Some(SecuredNode {
+                    node: Node::Real(addr),
+                    ca_file: ca.into(),
+                    username,
+                    password,
+                });
+            }
+        }
+        let tls = TlsIdentity::generate().expect("a self-signed certificate");
+        let ca_file = dir.join("cql-ca.pem");
+        std::fs::write(&ca_file, &tls.cert_pem).expect("write the CA file");
+        let (username, password) = ("confab".to_owned(), "s3cret-pw".to_owned());
+        let security = Security {
+            tls: Some(tls),
+            credentials: Some((username.clone(), password.clone())),
+        };
+        let node =
+            TestNode::start_secured(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), security)
+                .await
+                .expect("bind the CQL test node");
+        println!(
+            "TLS and authentication against the kassandra test node at {} (TLS and PasswordAuthenticator added by confab's test node)",
+            node.addr
+        );
+        Some(SecuredNode {
+            node: Node::Test(node),
+            ca_file,
+            username,
+            password,
+        })
+    }
+
+    /// The `[cassandra]` options that reach it; the password goes through
+    /// a `password-file` written to `dir`.
+    pub fn options(&self, dir: &Path) -> Vec<(String, String)> {
+        let password_file = dir.join("cql-password");
+        std::fs::write(&password_file, format!("{}\n", self.password)).expect("password file");
+        vec![
+            (
+                "cassandra.tls-ca-file".into(),
+                self.ca_file.display().to_string(),
+            ),
+            ("cassandra.username".into(), self.username.clone()),
+            (
+                "cassandra.password-file".into(),
+                password_file.display().to_string(),
+            ),
+        ]
+    }
 }
 
 /// Test set-up for kassandra's known gap: its system.peers is empty, so the
@@ -73,7 +152,15 @@ pub fn schema_agreement() -> &'static str {
 }
 
 pub fn cassandra_config(contact_point: &str, keyspace: &str) -> confab::config::CassandraConfig {
-    confab::config::Layers::default()
+    cassandra_config_with(contact_point, keyspace, &[])
+}
+
+pub fn cassandra_config_with(
+    contact_point: &str,
+    keyspace: &str,
+    extra: &[(String, String)],
+) -> confab::config::CassandraConfig {
+    let mut layers = confab::config::Layers::default()
         .with("cassandra.contact-points", contact_point)
         .and_then(|l| l.with("cassandra.keyspace", keyspace))
         .and_then(|l| l.with("cassandra.reconnect-timeout", "2s"))
@@ -83,7 +170,11 @@ pub fn cassandra_config(contact_point: &str, keyspace: &str) -> confab::config::
                 "cassandra.local-dc",
                 std::env::var("CONFAB_TEST_CASSANDRA_DC").unwrap_or_default(),
             )
-        })
+        });
+    for (option, value) in extra {
+        layers = layers.and_then(|l| l.with(option, value.as_str()));
+    }
+    layers
         .and_then(|l| l.resolve())
         .expect("test Cassandra configuration")
         .cassandra

@@ -457,6 +457,20 @@ pub async fn paused_owner_writes_after_restore(
     (chat, pid, answer)
 }
 
+/// Run `confab args…` to its end (start-up failures): exit code, stderr.
+pub fn run_confab(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(confab_bin());
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run confab");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Message texts of a transcript, in order.
 pub fn texts(events: &[Value]) -> Vec<String> {
     events

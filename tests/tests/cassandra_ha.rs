@@ -3,8 +3,8 @@
 //! a paused owner, and the availability alarms 59520 / 59521 when the node
 //! freezes (connections open, no answers) or dies.
 
-use confab_e2e::kassandra::{init_keyspace, Node};
-use confab_e2e::{data_dir, texts, Http, Server};
+use confab_e2e::kassandra::{init_keyspace, init_keyspace_with, Node, SecuredNode, TlsIdentity};
+use confab_e2e::{data_dir, run_confab, texts, Http, Server};
 use std::time::{Duration, Instant};
 
 fn cassandra_sets(node: &Node, keyspace: &str) -> Vec<String> {
@@ -101,6 +101,105 @@ async fn a_paused_owner_cannot_write_after_restoration_on_cassandra() {
         a.log_text(),
         b.log_text()
     );
+}
+
+/// `[cassandra] tls-ca-file`, `username` and `password-file` reach a node
+/// that requires TLS and a password; each wrong or missing piece stops
+/// start-up with a message that says what failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_and_password_authentication() {
+    let dir = data_dir();
+    let Some(secured) = SecuredNode::get(dir.path()).await else {
+        println!("skipped: set CONFAB_TEST_CASSANDRA_CA_FILE, _USERNAME and _PASSWORD for the real cluster's TLS and credentials");
+        return;
+    };
+    let options = secured.options(dir.path());
+    let keyspace = init_keyspace_with(&secured.node.contact_point(), &options).await;
+    let mut sets = cassandra_sets(&secured.node, &keyspace);
+    sets.extend(options.iter().map(|(o, v)| format!("{o}={v}")));
+    let a = start(dir.path(), "inst-a", &sets).await;
+    let http = Http::default();
+    let (chat, pid) = http.create_session(&a, "Ann").await;
+    http.send(&a, &chat, &pid, "über TLS 🔒", Some("c1"))
+        .await
+        .ok();
+    assert_eq!(texts(&http.events(&a, &chat).await), vec!["über TLS 🔒"]);
+    let status = http.get(&format!("{}/status", a.url), None).await.ok();
+    assert_eq!(status["store"]["available"], true, "{status}");
+
+    let wrong_password = dir.path().join("wrong-password");
+    std::fs::write(&wrong_password, "not-the-password\n").expect("write");
+    let other_ca = dir.path().join("other-ca.pem");
+    let other = TlsIdentity::generate().expect("certificate");
+    std::fs::write(&other_ca, &other.cert_pem).expect("write");
+    let replace = |option: &str, value: Option<String>| -> Vec<String> {
+        let mut s: Vec<String> = sets
+            .iter()
+            .filter(|s| !s.starts_with(&format!("{option}=")))
+            .cloned()
+            .collect();
+        if let Some(v) = value {
+            s.push(format!("{option}={v}"));
+        }
+        s
+    };
+    let cases = [
+        (
+            "a wrong password",
+            replace(
+                "cassandra.password-file",
+                Some(wrong_password.display().to_string()),
+            ),
+            "password",
+        ),
+        (
+            "no credentials",
+            replace("cassandra.username", None)
+                .into_iter()
+                .filter(|s| !s.starts_with("cassandra.password-file="))
+                .collect(),
+            "Authentication",
+        ),
+        (
+            "a CA that did not sign the node's certificate",
+            replace(
+                "cassandra.tls-ca-file",
+                Some(other_ca.display().to_string()),
+            ),
+            "certificate verify failed",
+        ),
+        // The node hangs up on a plain-text client.
+        (
+            "no TLS",
+            replace("cassandra.tls-ca-file", None),
+            "onnection",
+        ),
+    ];
+    for (what, sets, expected) in cases {
+        let mut args = vec![
+            "server".to_owned(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--sqlite-path".into(),
+            dir.path().join("contacts.db").display().to_string(),
+        ];
+        for s in sets {
+            args.push("--set".into());
+            args.push(s);
+        }
+        let (code, err) = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_confab(&args, &[])
+        })
+        .await
+        .expect("confab run");
+        assert_ne!(code, 0, "{what}: start-up must fail:\n{err}");
+        assert!(
+            err.contains("connecting to Cassandra at") && err.contains(expected),
+            "{what}: the error must say why (expected {expected:?}):\n{err}"
+        );
+        println!("{what}: {}", err.lines().last().unwrap_or_default());
+    }
 }
 
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {

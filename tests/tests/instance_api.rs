@@ -2,7 +2,7 @@
 //! management endpoints and every `[settings]` option.
 
 use confab_e2e::ws::EventStream;
-use confab_e2e::{confab_bin, data_dir, texts, Http, Server, ADMIN_TOKEN};
+use confab_e2e::{data_dir, run_confab, texts, Http, Server, ADMIN_TOKEN};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -336,19 +336,6 @@ async fn a_disabled_instance_takes_no_new_chats_and_drains() {
     .await
     .ok();
     http.create_session(&s, "Next").await;
-}
-
-fn run_confab(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let mut cmd = std::process::Command::new(confab_bin());
-    cmd.args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

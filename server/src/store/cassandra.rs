@@ -107,7 +107,6 @@ pub async fn connect(config: &CassandraConfig) -> StoreResult<Session> {
         .default_execution_profile_handle(profile.into_handle())
         .connection_timeout(config.reconnect_timeout)
         .timestamp_generator(Arc::new(MonotonicTimestampGenerator::new()))
-        .auto_await_schema_agreement(config.await_schema_agreement)
         .auto_await_schema_agreement(config.await_schema_agreement);
     if !config.username.is_empty() {
         builder = builder.user(
