@@ -87,12 +87,13 @@ fn ms(d: Duration) -> String {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let tmp;
-    let dir = match &args.data_dir {
-        Some(d) => d.clone(),
+    // Our own scratch directory goes when the run ends, whatever the
+    // scenario or outcome (a run writes gigabytes); a given one is kept.
+    let (dir, _scratch) = match &args.data_dir {
+        Some(d) => (d.clone(), None),
         None => {
-            tmp = std::env::temp_dir().join(format!("confab-bench-{}", std::process::id()));
-            tmp
+            let tmp = tempfile::Builder::new().prefix("confab-bench-").tempdir()?;
+            (tmp.path().to_owned(), Some(tmp))
         }
     };
     std::fs::create_dir_all(&dir)?;
@@ -166,9 +167,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     server.stop();
-    if args.data_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
     Ok(())
 }
 
@@ -786,7 +784,10 @@ async fn compare(
     text: &str,
     targets: [(&str, &Vec<Chat>); 2],
 ) -> [f64; 2] {
-    let rounds = 3;
+    // Rates climb during a run (caches, the database file, the host), so
+    // the order alternates (A B, B A, …): neither target is always the
+    // one measured later.
+    let rounds = 4;
     let round = BenchArgs {
         duration: args.duration / rounds,
         ..args.clone()
@@ -802,7 +803,9 @@ async fn compare(
     let mut latencies = [Latencies(Vec::new()), Latencies(Vec::new())];
     for r in 1..=rounds {
         let mut line = format!("round {r}:");
-        for (i, (name, chats)) in targets.iter().enumerate() {
+        let order: [usize; 2] = if r % 2 == 1 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (name, chats) = targets[i];
             let (rate, l) = closed_loop(client, chats, &round, text).await;
             latencies[i].0.extend(l.0);
             rates[i] += rate / rounds as f64;

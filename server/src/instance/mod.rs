@@ -36,6 +36,7 @@ impl Application {
             synchronous: server.sqlite_synchronous,
             busy_timeout: server.sqlite_busy_timeout,
             max_batch: server.max_batch,
+            ..SqliteOptions::default()
         };
         let store: Arc<dyn SessionStore> = match server.store {
             StoreBackend::Sqlite => Arc::new(
