@@ -567,6 +567,14 @@ async fn save_on_error_close_closes_the_chat_without_a_final_update() {
     );
     assert_eq!(ws.next(Duration::from_secs(2)).await, None);
     assert_eq!(ws.closed_with, Some(1000));
+    // Until its closing is stored, the chat answers "closed" here, never
+    // "not here" (421), which would make the gateway restore it elsewhere.
+    assert_json_error(
+        &http.send(&s, &chat, &pid, "meanwhile", None).await,
+        409,
+        "chat_closed",
+    );
+    assert_json_error(&http.restore(&s, &chat).await, 409, "chat_closed");
     drop(lock);
 
     // Once the store answers, the closing is stored, so that no instance

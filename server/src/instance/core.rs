@@ -167,6 +167,10 @@ pub struct Instance {
     sessions: RwLock<HashMap<String, Arc<LiveSession>>>,
     /// Restores in progress, so that two requests for one session claim once.
     restoring: crate::keyed_lock::KeyedLocks,
+    /// Chats closed after save errors whose closing is not stored yet. They
+    /// answer "closed" here, never "not here": that would send the gateway
+    /// to restore them elsewhere and bring a closed chat back.
+    closing: Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
     enabled: AtomicBool,
     pub kpi: Kpi,
 }
@@ -197,6 +201,7 @@ impl Instance {
             monitor,
             sessions: RwLock::new(HashMap::new()),
             restoring: Default::default(),
+            closing: Default::default(),
             enabled: AtomicBool::new(true),
             kpi: Kpi::default(),
         })
@@ -254,6 +259,9 @@ impl Instance {
     pub async fn live(&self, session_id: &str) -> Result<Arc<LiveSession>, ApiError> {
         if let Some(s) = self.sessions.read().get(session_id) {
             return Ok(s.clone());
+        }
+        if self.closing.lock().contains(session_id) {
+            return Err(ApiError::closed(session_id));
         }
         match self.store.locate(session_id).await {
             // A closed chat's intermediate records are gone; its final
@@ -732,19 +740,36 @@ impl Instance {
     /// Keep trying to store a session's closing (after a save failure closed
     /// it) until the store takes it or the session moved on.
     fn spawn_tombstone(&self, append: Append) {
-        let store = self.store.clone();
+        let (store, closing) = (self.store.clone(), self.closing.clone());
         let delay = self
             .settings
             .transcript_resend_delay
             .max(std::time::Duration::from_millis(100));
+        closing.lock().insert(append.session_id.clone());
         tokio::spawn(async move {
+            let (mut stored, mut refused) = (false, false);
             for _ in 0..600 {
                 match store.append_events(append.clone()).await {
                     Err(e) if e.is_transient() => tokio::time::sleep(delay).await,
-                    _ => return,
+                    Ok(()) => {
+                        stored = true;
+                        break;
+                    }
+                    Err(e) => {
+                        // Another instance owns it now (restored before the
+                        // close), or it is gone: not ours to answer for.
+                        tracing::error!(sid = %append.session_id, error = %e, "the closing of a session closed after save errors was refused by the store");
+                        refused = true;
+                        break;
+                    }
                 }
             }
-            tracing::error!(sid = %append.session_id, "gave up storing the closing of a session closed after save errors");
+            if stored || refused {
+                closing.lock().remove(&append.session_id);
+            } else {
+                // It stays "closed" here for as long as this process lives.
+                tracing::error!(sid = %append.session_id, "gave up storing the closing of a session closed after save errors");
+            }
         });
     }
 
@@ -794,6 +819,9 @@ impl Instance {
     }
 
     async fn restore_locked(&self, session_id: &str) -> Result<Restored, ApiError> {
+        if self.closing.lock().contains(session_id) {
+            return Err(ApiError::closed(session_id));
+        }
         let existing = self.sessions.read().get(session_id).cloned();
         if let Some(session) = existing {
             let epoch = session.inner.lock().await.epoch;
