@@ -778,12 +778,12 @@ async fn cassandra_vs_sqlite(dir: &Path, args: &BenchArgs, text: &str) -> anyhow
 /// Closed loops against two targets in alternating short rounds, so that a
 /// noisy neighbour weighs on both alike; prints each round and the totals,
 /// returns the mean rates.
-async fn compare(
+async fn compare<const N: usize>(
     client: &reqwest::Client,
     args: &BenchArgs,
     text: &str,
-    targets: [(&str, &Vec<Chat>); 2],
-) -> [f64; 2] {
+    targets: [(&str, &Vec<Chat>); N],
+) -> [f64; N] {
     // Rates climb during a run (caches, the database file, the host), so
     // the order alternates (A B, B A, …): neither target is always the
     // one measured later.
@@ -799,11 +799,15 @@ async fn compare(
     for (_, chats) in &targets {
         closed_loop(client, chats, &warm_up, text).await;
     }
-    let mut rates = [0.0; 2];
-    let mut latencies = [Latencies(Vec::new()), Latencies(Vec::new())];
+    let mut rates = [0.0; N];
+    let mut latencies: [Latencies; N] = std::array::from_fn(|_| Latencies(Vec::new()));
     for r in 1..=rounds {
         let mut line = format!("round {r}:");
-        let order: [usize; 2] = if r % 2 == 1 { [0, 1] } else { [1, 0] };
+        let order: Vec<usize> = if r % 2 == 1 {
+            (0..N).collect()
+        } else {
+            (0..N).rev().collect()
+        };
         for i in order {
             let (name, chats) = targets[i];
             let (rate, l) = closed_loop(client, chats, &round, text).await;
