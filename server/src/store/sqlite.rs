@@ -154,29 +154,29 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
             .spawn(move || {
-                let mut last_frames = 0;
+                let mut last_frames = -1;
                 while alive.upgrade().is_some() {
-                    std::thread::sleep(CHECKPOINT_INTERVAL);
                     // Only when the WAL has grown: a checkpoint holds locks
                     // that other instances' writers may wait on (for the
                     // busy timeout, if this process is frozen meanwhile).
+                    // Above the limit the writer finishes the checkpoint;
+                    // ours would only hold the lock it needs.
                     let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-                    if size < checkpoint_bytes {
-                        continue;
-                    }
-                    // While saves keep coming, follow them closely, so that
-                    // the writer's own checkpoint finds little left to copy.
-                    while alive.upgrade().is_some() {
-                        let Ok(frames) = checkpoint(&checkpointer) else {
-                            break;
-                        };
-                        let grew = frames > last_frames;
-                        last_frames = frames;
-                        if !grew {
-                            break;
+                    let mut following = false;
+                    if (checkpoint_bytes..=wal_limit).contains(&size) {
+                        if let Ok(frames) = checkpoint(&checkpointer) {
+                            // While saves keep coming, follow them closely,
+                            // so that the writer's checkpoint finds little
+                            // left to copy.
+                            following = frames != last_frames;
+                            last_frames = frames;
                         }
-                        std::thread::sleep(CHECKPOINT_FOLLOW_INTERVAL);
                     }
+                    std::thread::sleep(if following {
+                        CHECKPOINT_FOLLOW_INTERVAL
+                    } else {
+                        CHECKPOINT_INTERVAL
+                    });
                 }
             })
             .map_err(unavailable)?;
@@ -744,14 +744,15 @@ mod tests {
             w.await.unwrap();
         }
         watching.abort();
-        // 30,000 single-row transactions' worth of pages went through the
-        // WAL (well over 30 MB); it may overshoot the limit by what is
-        // written between two checkpoints, not by the whole run.
+        // 30,000 saves' worth of pages went through the WAL (over 100 MB);
+        // it may overshoot the limit by a few group commits, not by the
+        // whole run.
         let largest = largest.load(Ordering::Relaxed);
         assert!(
-            largest < 4 * limit,
+            largest < 16 * limit,
             "the WAL grew to {largest} bytes with a limit of {limit}"
         );
+        println!("largest WAL: {largest} bytes, limit {limit}");
         let (_, events) = store.load("s7").await.unwrap().unwrap();
         assert_eq!(events.len(), 150);
     }
