@@ -3,7 +3,6 @@
 
 use crate::{confab_bin, free_port, test_log, Answer, Http};
 use serde_json::{json, Value};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,30 +19,12 @@ pub struct TestCluster {
 }
 
 /// `n` consecutive free ports.
-fn free_range(n: u16) -> u16 {
-    'outer: for _ in 0..200 {
-        let base = free_port();
-        if base > 65000 - n {
-            continue;
-        }
-        let mut held = Vec::new();
-        for p in base..base + n {
-            match TcpListener::bind(("127.0.0.1", p)) {
-                Ok(l) => held.push(l),
-                Err(_) => continue 'outer,
-            }
-        }
-        return base;
-    }
-    panic!("no range of {n} free ports");
-}
-
 impl TestCluster {
     // The child is reaped in Drop.
     #[allow(clippy::zombie_processes)]
     pub async fn start(instances: u16, extra: &[&str]) -> TestCluster {
         let dir = crate::data_dir();
-        let base = free_range(instances);
+        let base = crate::free_ports(instances);
         let (gw, sup, dash) = (free_port(), free_port(), free_port());
         let mut cmd = Command::new(confab_bin());
         cmd.arg("up")
@@ -136,6 +117,26 @@ impl TestCluster {
             .to_owned()
     }
 
+    /// The last lines of every component's log, for failure messages.
+    pub fn logs_tail(&self) -> String {
+        let mut out = String::new();
+        let Ok(entries) = std::fs::read_dir(self.dir.path().join("logs")) else {
+            return out;
+        };
+        let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for path in paths {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {}\n", path.display()));
+            for line in &lines[lines.len().saturating_sub(15)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     /// Wait until the gateway reports `n` usable instances.
     pub async fn wait_gateway_sees(&mut self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -159,7 +160,8 @@ impl TestCluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "gateway never saw {n} usable instances"
+                "gateway never saw {n} usable instances\n{}",
+                self.logs_tail()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -51,11 +51,57 @@ pub fn confab_bin() -> &'static Path {
 }
 
 /// A free TCP port on 127.0.0.1.
+/// A port for a test server to listen on.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    free_ports(1)
+}
+
+/// The first of `n` consecutive ports for test servers to listen on.
+///
+/// They come from below the kernel's ephemeral range and each is handed out
+/// once per process. A port from `bind(0)` is an ephemeral one: the many
+/// outgoing connections of a test run (and the other tests of the same
+/// binary) could take it between our check and the server's bind, and the
+/// server then failed to start.
+pub fn free_ports(n: u16) -> u16 {
+    static NEXT: OnceLock<std::sync::atomic::AtomicU32> = OnceLock::new();
+    let (low, high) = listening_range();
+    let span = u32::from(high - low);
+    let next = NEXT.get_or_init(|| {
+        std::sync::atomic::AtomicU32::new(std::process::id().wrapping_mul(7919) % span)
+    });
+    for _ in 0..2000 {
+        let offset = next.fetch_add(u32::from(n), std::sync::atomic::Ordering::Relaxed) % span;
+        let Ok(base) = u16::try_from(u32::from(low) + offset) else {
+            continue;
+        };
+        if u32::from(base) + u32::from(n) > u32::from(high) {
+            continue;
+        }
+        let held: Vec<_> = (base..base + n)
+            .map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == usize::from(n) {
+            return base;
+        }
+    }
+    panic!("no {n} free ports between {low} and {high}");
+}
+
+/// Ports outside the kernel's ephemeral range (`ip_local_port_range`).
+fn listening_range() -> (u16, u16) {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    if ephemeral.0 >= 12000 {
+        (ephemeral.0 - 10000, ephemeral.0)
+    } else {
+        (ephemeral.1.saturating_add(1), 65535)
+    }
 }
 
 pub fn test_log() -> bool {
