@@ -213,6 +213,9 @@ pub fn router(
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn(|req, next| {
+            crate::error::refuse_oversized(MAX_BODY_BYTES, req, next)
+        }))
+        .layer(axum::middleware::from_fn(|req, next| {
             crate::telemetry::metrics::track_http("gateway", req, next)
         }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

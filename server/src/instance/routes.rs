@@ -82,6 +82,9 @@ pub fn router(state: AppState) -> Router {
         .merge(internal)
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn(|req, next| {
+            crate::error::refuse_oversized(MAX_BODY_BYTES, req, next)
+        }))
+        .layer(axum::middleware::from_fn(|req, next| {
             crate::telemetry::metrics::track_http("instance", req, next)
         }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
