@@ -18,7 +18,6 @@ pub struct TestCluster {
     child: Child,
 }
 
-/// `n` consecutive free ports.
 impl TestCluster {
     // The child is reaped in Drop.
     #[allow(clippy::zombie_processes)]

@@ -50,7 +50,6 @@ pub fn confab_bin() -> &'static Path {
     })
 }
 
-/// A free TCP port on 127.0.0.1.
 /// A port for a test server to listen on.
 pub fn free_port() -> u16 {
     free_ports(1)
@@ -213,9 +212,8 @@ impl Server {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) with a pid we spawned; no memory is involved.
-        let rc = unsafe { libc::kill(self.pid(), sig) };
-        assert_eq!(rc, 0, "kill({}, {sig}) failed", self.pid());
+        confab::process::signal(self.pid() as u32, sig)
+            .unwrap_or_else(|e| panic!("kill({}, {sig}) failed: {e}", self.pid()));
     }
 
     /// SIGKILL and reap.

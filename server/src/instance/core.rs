@@ -747,24 +747,22 @@ impl Instance {
             .max(std::time::Duration::from_millis(100));
         closing.lock().insert(append.session_id.clone());
         tokio::spawn(async move {
-            let (mut stored, mut refused) = (false, false);
+            // Stored, or refused (another instance owns it now, or it is
+            // gone): either way no longer ours to answer for.
+            let mut settled = false;
             for _ in 0..600 {
                 match store.append_events(append.clone()).await {
                     Err(e) if e.is_transient() => tokio::time::sleep(delay).await,
-                    Ok(()) => {
-                        stored = true;
-                        break;
-                    }
-                    Err(e) => {
-                        // Another instance owns it now (restored before the
-                        // close), or it is gone: not ours to answer for.
-                        tracing::error!(sid = %append.session_id, error = %e, "the closing of a session closed after save errors was refused by the store");
-                        refused = true;
+                    result => {
+                        if let Err(e) = result {
+                            tracing::error!(sid = %append.session_id, error = %e, "the closing of a session closed after save errors was refused by the store");
+                        }
+                        settled = true;
                         break;
                     }
                 }
             }
-            if stored || refused {
+            if settled {
                 closing.lock().remove(&append.session_id);
             } else {
                 // It stays "closed" here for as long as this process lives.

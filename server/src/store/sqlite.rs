@@ -674,7 +674,7 @@ mod tests {
     /// side checkpointer alone never catches up with a busy writer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_wal_stays_bounded_under_continuous_saves() {
-        use crate::session::{Draft, Participant};
+        use crate::store::suite::{append, message, new_record};
         use std::sync::atomic::{AtomicI64, Ordering};
         let path = temp_db("wal");
         let limit = 1024 * 1024;
@@ -689,18 +689,11 @@ mod tests {
             )
             .unwrap(),
         );
-        let sessions = 200;
-        for i in 0..sessions {
-            let record = SessionRecord {
-                session_id: format!("s{i}"),
-                intx: format!("i{i}"),
-                owner_instance: "test".into(),
-                epoch: 1,
-                state: SessionState::Waiting,
-                subject: None,
-                created_at_ms: 0,
-            };
-            store.create_session(record, vec![]).await.unwrap();
+        let mut records = Vec::new();
+        for _ in 0..200 {
+            let record = new_record("test");
+            store.create_session(record.clone(), vec![]).await.unwrap();
+            records.push(record);
         }
         let wal = PathBuf::from(format!("{}-wal", path.display()));
         let largest = Arc::new(AtomicI64::new(0));
@@ -714,26 +707,16 @@ mod tests {
                 }
             })
         };
-        let participant = Participant {
-            participant_id: "p".into(),
-            nickname: "n".into(),
-            role: Role::Customer,
-        };
         // Each session's messages in order; all sessions at once.
-        let writers: Vec<_> = (0..sessions)
-            .map(|i| {
-                let (store, participant) = (store.clone(), participant.clone());
+        let writers: Vec<_> = records
+            .iter()
+            .map(|record| {
+                let (store, record) = (store.clone(), record.clone());
                 tokio::spawn(async move {
                     for seq in 1..=150u64 {
-                        let event =
-                            Draft::message(&participant, "x".repeat(200), None).into_event(seq, 0);
+                        let event = message(seq, &"x".repeat(200), None);
                         store
-                            .append_events(Append {
-                                session_id: format!("s{i}"),
-                                epoch: 1,
-                                events: vec![event],
-                                state: SessionState::Waiting,
-                            })
+                            .append_events(append(&record, 1, vec![event]))
                             .await
                             .unwrap();
                     }
@@ -753,7 +736,7 @@ mod tests {
             "the WAL grew to {largest} bytes with a limit of {limit}"
         );
         println!("largest WAL: {largest} bytes, limit {limit}");
-        let (_, events) = store.load("s7").await.unwrap().unwrap();
+        let (_, events) = store.load(&records[7].session_id).await.unwrap().unwrap();
         assert_eq!(events.len(), 150);
     }
 }

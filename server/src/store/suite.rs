@@ -15,7 +15,7 @@ fn customer() -> Participant {
     }
 }
 
-fn new_record(owner: &str) -> SessionRecord {
+pub(crate) fn new_record(owner: &str) -> SessionRecord {
     SessionRecord {
         session_id: format!("suite-{}", uuid::Uuid::new_v4()),
         intx: format!("intx-{}", uuid::Uuid::new_v4()),
@@ -27,7 +27,7 @@ fn new_record(owner: &str) -> SessionRecord {
     }
 }
 
-fn message(seq: u64, text: &str, client_msg_id: Option<&str>) -> Event {
+pub(crate) fn message(seq: u64, text: &str, client_msg_id: Option<&str>) -> Event {
     Draft::message(&customer(), text.into(), client_msg_id.map(str::to_owned))
         .into_event(seq, now_ms())
 }
@@ -42,7 +42,7 @@ async fn create(store: &dyn SessionStore, owner: &str) -> SessionRecord {
     record
 }
 
-fn append(record: &SessionRecord, epoch: u64, events: Vec<Event>) -> Append {
+pub(crate) fn append(record: &SessionRecord, epoch: u64, events: Vec<Event>) -> Append {
     Append {
         session_id: record.session_id.clone(),
         epoch,
