@@ -2,8 +2,11 @@
 //! `store::test_node`, kassandra over real TCP) or a real cluster.
 //!
 //! With `CONFAB_TEST_CASSANDRA=host:port` the tests use that real cluster
-//! instead (freeze/kill tests then need a node they may stop, and are run
-//! only against the test node).
+//! instead. The outage tests (a frozen node, a dead node) then run the
+//! commands that freeze, resume, kill and restart it, given in
+//! `CONFAB_TEST_CASSANDRA_FREEZE`, `_RESUME`, `_KILL` and `_RESTART` (for a
+//! node in Docker: `docker pause cassandra`, `docker unpause cassandra`,
+//! `docker kill cassandra`, `docker start cassandra`).
 
 pub use confab::store::test_node::{Security, TestNode, TlsIdentity};
 use std::path::{Path, PathBuf};
@@ -45,6 +48,88 @@ impl Node {
             Node::Real(_) => None,
         }
     }
+
+    /// How to take this node down and bring it back; None for a real
+    /// cluster without the `CONFAB_TEST_CASSANDRA_*` outage commands (the
+    /// caller says the test was not run, and why).
+    pub fn outages(&self) -> Option<Outages<'_>> {
+        match self {
+            Node::Test(n) => Some(Outages::Test(n)),
+            Node::Real(_) => {
+                let var = |n: &str| {
+                    std::env::var(format!("CONFAB_TEST_CASSANDRA_{n}"))
+                        .ok()
+                        .filter(|c| !c.is_empty())
+                };
+                let commands = OutageCommands {
+                    freeze: var("FREEZE")?,
+                    resume: var("RESUME")?,
+                    kill: var("KILL")?,
+                    restart: var("RESTART")?,
+                };
+                Some(Outages::Real(commands))
+            }
+        }
+    }
+}
+
+/// Shell commands that take a real node down and bring it back.
+pub struct OutageCommands {
+    freeze: String,
+    resume: String,
+    kill: String,
+    restart: String,
+}
+
+/// Outages of the node under test: the test node acts on itself, a real
+/// node through its [`OutageCommands`].
+pub enum Outages<'a> {
+    Test(&'a TestNode),
+    Real(OutageCommands),
+}
+
+/// What to print when a real cluster has no outage commands.
+pub const NO_OUTAGE_COMMANDS: &str = "not run against this real cluster: set CONFAB_TEST_CASSANDRA_FREEZE, _RESUME, _KILL and _RESTART to commands that freeze, resume, kill and restart its node (e.g. docker pause/unpause/kill/start)";
+
+impl Outages<'_> {
+    /// Connections stay open, nothing answers.
+    pub fn freeze(&self) {
+        match self {
+            Outages::Test(n) => n.freeze(),
+            Outages::Real(c) => run(&c.freeze),
+        }
+    }
+
+    pub fn resume(&self) {
+        match self {
+            Outages::Test(n) => n.resume(),
+            Outages::Real(c) => run(&c.resume),
+        }
+    }
+
+    /// Connections refused.
+    pub fn kill(&self) {
+        match self {
+            Outages::Test(n) => n.kill(),
+            Outages::Real(c) => run(&c.kill),
+        }
+    }
+
+    /// Back on the same address with its data.
+    pub async fn restart(&self) {
+        match self {
+            Outages::Test(n) => n.restart().await,
+            Outages::Real(c) => run(&c.restart),
+        }
+    }
+}
+
+fn run(command: &str) {
+    let status = std::process::Command::new("sh")
+        .args(["-c", command])
+        .status()
+        .unwrap_or_else(|e| panic!("could not run `{command}`: {e}"));
+    assert!(status.success(), "`{command}` failed: {status}");
 }
 
 /// Create a throwaway keyspace with confab's schema; its name.

@@ -3,7 +3,9 @@
 //! a paused owner, and the availability alarms 59520 / 59521 when the node
 //! freezes (connections open, no answers) or dies.
 
-use confab_e2e::kassandra::{init_keyspace, init_keyspace_with, Node, SecuredNode, TlsIdentity};
+use confab_e2e::kassandra::{
+    init_keyspace, init_keyspace_with, Node, SecuredNode, TlsIdentity, NO_OUTAGE_COMMANDS,
+};
 use confab_e2e::{data_dir, run_confab, texts, Http, Server};
 use std::time::{Duration, Instant};
 
@@ -221,8 +223,8 @@ async fn gauge(http: &Http, s: &Server) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn frozen_and_dead_nodes_raise_59520_then_59521_once_each() {
     let node = Node::get().await;
-    let Some(test_node) = node.test_node() else {
-        println!("outage test needs the test node (it freezes and kills it); skipped against a real cluster");
+    let Some(outages) = node.outages() else {
+        println!("{NO_OUTAGE_COMMANDS}");
         return;
     };
     let keyspace = init_keyspace(&node.contact_point()).await;
@@ -240,7 +242,7 @@ async fn frozen_and_dead_nodes_raise_59520_then_59521_once_each() {
     assert!(gauge(&http, &s).await.ends_with(" 1"));
 
     // A frozen node: connections stay open, nothing answers.
-    test_node.freeze();
+    outages.freeze();
     wait_for("59520 after the freeze", || s.events(59520).len() == 1).await;
     let e = &s.events(59520)[0];
     assert_eq!(e["message"], "Cassandra status changed to \"UNAVAILABLE\"");
@@ -274,7 +276,7 @@ async fn frozen_and_dead_nodes_raise_59520_then_59521_once_each() {
     );
     assert_eq!(s.events(59520).len(), 1, "logged once per transition");
 
-    test_node.resume();
+    outages.resume();
     wait_for("59521 after the thaw", || s.events(59521).len() == 1).await;
     assert_eq!(
         s.events(59521)[0]["message"],
@@ -288,9 +290,9 @@ async fn frozen_and_dead_nodes_raise_59520_then_59521_once_each() {
     assert!(ok["seq"].as_u64().is_some(), "the chat continues");
 
     // A dead node: connections refused.
-    test_node.kill();
+    outages.kill();
     wait_for("59520 after the kill", || s.events(59520).len() == 2).await;
-    test_node.restart().await;
+    outages.restart().await;
     wait_for("59521 after the restart", || s.events(59521).len() == 2).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

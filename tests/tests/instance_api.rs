@@ -538,6 +538,14 @@ async fn save_on_error_continue_retries_notifies_and_keeps_the_chat() {
     assert_eq!(stored_event_count(&db, &chat), 2);
     let kpi = http.kpi(&s).await;
     assert_eq!(kpi["transcript_save_failed"], 3);
+    // Three failed attempts, one save given up (the sender saw 503).
+    let metrics = http.text(&format!("{}/metrics", s.url)).await;
+    for needle in [
+        "confab_transcript_saves_total{result=\"error\"} 3",
+        "confab_transcript_save_failures_total 1",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,12 +127,16 @@ fn promtool_check_metrics(text: &str) -> String {
         .write_all(text.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "promtool check metrics failed");
-    format!(
+    let report = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    )
+    );
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{report}"
+    );
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -5,7 +5,7 @@
 //! by the rules' own `for` durations (1 and 2 minutes).
 
 use confab_e2e::cluster::TestCluster;
-use confab_e2e::kassandra::{schema_agreement, Node};
+use confab_e2e::kassandra::{schema_agreement, Node, NO_OUTAGE_COMMANDS};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -46,8 +46,8 @@ async fn cassandra_unavailable_and_instance_down_alerts_fire_in_a_real_prometheu
         "no `prometheus` binary: install Debian's prometheus package (README set-up)"
     );
     let node = Node::get().await;
-    let Some(test_node) = node.test_node() else {
-        println!("this test freezes the CQL node, so it runs on the test node only");
+    let Some(outages) = node.outages() else {
+        println!("{NO_OUTAGE_COMMANDS}");
         return;
     };
     let prometheus_port = confab_e2e::free_port();
@@ -110,7 +110,7 @@ async fn cassandra_unavailable_and_instance_down_alerts_fire_in_a_real_prometheu
         "alerts firing on a healthy cluster: {states:?}"
     );
 
-    test_node.freeze();
+    outages.freeze();
     c.kill("inst-2").await;
     let start = Instant::now();
     let mut fired: BTreeMap<String, u64> = BTreeMap::new();
@@ -144,5 +144,5 @@ async fn cassandra_unavailable_and_instance_down_alerts_fire_in_a_real_prometheu
     assert!(cassandra["annotations"]["runbook"]
         .as_str()
         .is_some_and(|r| !r.is_empty()));
-    test_node.resume();
+    outages.resume();
 }

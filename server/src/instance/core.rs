@@ -193,6 +193,7 @@ impl Instance {
         metrics::counter!(m::SESSIONS_RESTORED).absolute(0);
         metrics::counter!(m::MESSAGES_SUBMITTED).absolute(0);
         metrics::counter!(m::RESTORE_FAILURES).absolute(0);
+        metrics::counter!(m::TRANSCRIPT_SAVE_FAILURES).absolute(0);
         Arc::new(Instance {
             id,
             settings,
@@ -373,7 +374,7 @@ impl Instance {
             .create_session(record.clone(), stored_events)
             .await
             .map_err(|e| self.store_error(e))?;
-        self.record_save(start, true);
+        self.record_save(start, &Ok(()));
         let mut transcript = Transcript::new();
         transcript.push(joined);
         let session = LiveSession::new(&record, transcript);
@@ -640,7 +641,7 @@ impl Instance {
                     state,
                 })
                 .await;
-            self.record_save(start, result.is_ok());
+            self.record_save(start, &result);
             match result {
                 Ok(()) => {
                     self.monitor.report_success();
@@ -673,6 +674,7 @@ impl Instance {
             }
         }
         let error = last_error.map(|e| e.to_string()).unwrap_or_default();
+        metrics::counter!(m::TRANSCRIPT_SAVE_FAILURES).increment(1);
         tracing::error!(
             event_id = events::SAVE_FAILED,
             sid = %session.id,
@@ -733,7 +735,7 @@ impl Instance {
                     return;
                 }
             }
-            tracing::error!(sid = %transcript.session_id, "gave up storing the final transcript; intermediate records kept for recovery");
+            tracing::error!(event_id = events::FINAL_TRANSCRIPT_ABANDONED, sid = %transcript.session_id, "gave up storing the final transcript; intermediate records kept for recovery");
         });
     }
 
@@ -755,7 +757,7 @@ impl Instance {
                     Err(e) if e.is_transient() => tokio::time::sleep(delay).await,
                     result => {
                         if let Err(e) = result {
-                            tracing::error!(sid = %append.session_id, error = %e, "the closing of a session closed after save errors was refused by the store");
+                            tracing::error!(event_id = events::CLOSING_REFUSED, sid = %append.session_id, error = %e, "the closing of a session closed after save errors was refused by the store");
                         }
                         settled = true;
                         break;
@@ -766,13 +768,22 @@ impl Instance {
                 closing.lock().remove(&append.session_id);
             } else {
                 // It stays "closed" here for as long as this process lives.
-                tracing::error!(sid = %append.session_id, "gave up storing the closing of a session closed after save errors");
+                tracing::error!(event_id = events::CLOSING_ABANDONED, sid = %append.session_id, "gave up storing the closing of a session closed after save errors");
             }
         });
     }
 
-    fn record_save(&self, start: Instant, ok: bool) {
+    fn record_save(&self, start: Instant, result: &Result<(), StoreError>) {
         metrics::histogram!(m::TRANSCRIPT_SAVE_DURATION).record(start.elapsed().as_secs_f64());
+        let ok = match result {
+            Ok(()) => true,
+            // Refused because another instance owns the session: the store
+            // did its job, and this is no save error.
+            Err(StoreError::Fenced { .. } | StoreError::Conflict(_) | StoreError::NotFound(_)) => {
+                return
+            }
+            Err(_) => false,
+        };
         let result = if ok { "ok" } else { "error" };
         metrics::counter!(m::TRANSCRIPT_SAVES, "result" => result).increment(1);
         let counter = if ok {
@@ -810,7 +821,9 @@ impl Instance {
             .restoring
             .run(session_id, self.restore_locked(session_id))
             .await;
-        if result.is_err() {
+        // A chat that is closed or gone cannot be restored, and that is no
+        // failure of this instance.
+        if matches!(&result, Err(e) if !matches!(e.code, "chat_closed" | "not_found")) {
             metrics::counter!(m::RESTORE_FAILURES).increment(1);
         }
         result
@@ -833,7 +846,10 @@ impl Instance {
                     })
                 }
                 Ok(_) => self.let_go(&session),
-                Err(e) => return Err(self.store_error(e)),
+                Err(e) => {
+                    tracing::warn!(event_id = events::RESTORE_FAILED, sid = %session_id, error = %e, "restoration failed");
+                    return Err(self.store_error(e));
+                }
             }
         }
         let start = Instant::now();

@@ -35,6 +35,15 @@ pub const INSTANCE_ENABLED: u32 = 59610;
 pub const DRAIN_COMPLETE: u32 = 59611;
 /// Session store status changed (any backend).
 pub const STORE_STATUS_CHANGED: u32 = 59612;
+/// A closed chat's final transcript could not be stored even in the
+/// background; its intermediate records stay in the session store.
+pub const FINAL_TRANSCRIPT_ABANDONED: u32 = 59613;
+/// The closing of a chat closed after save errors was refused by the store
+/// (another instance owns the chat now, or it is gone).
+pub const CLOSING_REFUSED: u32 = 59614;
+/// The closing of a chat closed after save errors could not be stored: this
+/// instance keeps answering 409 for it while it runs.
+pub const CLOSING_ABANDONED: u32 = 59615;
 
 /// Gateway: an instance failed its health check or a request.
 pub const GATEWAY_INSTANCE_DOWN: u32 = 59700;

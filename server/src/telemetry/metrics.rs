@@ -10,6 +10,7 @@ pub const SESSIONS_RESTORED: &str = "confab_sessions_restored_total";
 pub const SESSIONS_ACTIVE: &str = "confab_sessions_active";
 pub const MESSAGES_SUBMITTED: &str = "confab_messages_submitted_total";
 pub const TRANSCRIPT_SAVES: &str = "confab_transcript_saves_total";
+pub const TRANSCRIPT_SAVE_FAILURES: &str = "confab_transcript_save_failures_total";
 pub const TRANSCRIPT_SAVE_DURATION: &str = "confab_transcript_save_duration_seconds";
 pub const RESTORE_DURATION: &str = "confab_restore_duration_seconds";
 pub const RESTORE_FAILURES: &str = "confab_restore_failures_total";
@@ -75,7 +76,14 @@ pub fn describe() {
     describe_counter!(SESSIONS_RESTORED, "Sessions this instance restored.");
     describe_gauge!(SESSIONS_ACTIVE, "Sessions hosted now.");
     describe_counter!(MESSAGES_SUBMITTED, "Messages accepted.");
-    describe_counter!(TRANSCRIPT_SAVES, "Transcript saves by result (ok, error).");
+    describe_counter!(
+        TRANSCRIPT_SAVES,
+        "Transcript save attempts by result (ok, error); a write refused because another instance owns the session is neither."
+    );
+    describe_counter!(
+        TRANSCRIPT_SAVE_FAILURES,
+        "Saves given up after every transcript-resend-attempts retry: the sender got an error."
+    );
     describe_histogram!(
         TRANSCRIPT_SAVE_DURATION,
         Unit::Seconds,
@@ -168,7 +176,7 @@ fn with_series(
             method: method.to_owned(),
             status,
             requests: metrics::counter!(HTTP_REQUESTS, "component" => component, "route" => route.to_owned(), "method" => method.to_owned(), "status" => status.to_string()),
-            duration: metrics::histogram!(HTTP_REQUEST_DURATION, "component" => component, "route" => route.to_owned(), "method" => method.to_owned()),
+            duration: metrics::histogram!(HTTP_REQUEST_DURATION, "component" => component, "route" => route.to_owned(), "method" => method.to_owned(), "status" => status.to_string()),
         });
     }
     if let Some(s) = bucket.iter().find(matches) {
