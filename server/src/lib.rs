@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod instance;
 pub mod keyed_lock;
 pub mod process;
+pub mod rpc;
 pub mod session;
 pub mod store;
 pub mod telemetry;

@@ -46,8 +46,8 @@ pub struct Unreachable(pub String);
 pub struct Gateway {
     pub pool: Arc<Pool>,
     pub client: reqwest::Client,
-    /// The chat path to the instances: hyper's pooled HTTP/1.1 client
-    /// (leaner per request than reqwest on this hot path).
+    /// HTTP/1.1 to instances without the channel (crate::rpc; older
+    /// versions during a rolling upgrade): hyper's pooled client.
     upstream: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         http_body_util::Full<bytes::Bytes>,
@@ -78,25 +78,15 @@ impl Gateway {
             }
             None => bytes::Bytes::new(),
         };
-        let request = axum::http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", member.url))
-            .header(axum::http::header::CONTENT_TYPE, "application/json")
-            .body(http_body_util::Full::new(payload))
-            .map_err(|e| Unreachable(e.to_string()))?;
         let down = member.down_token();
         let exchange = async {
-            let response = self
-                .upstream
-                .request(request)
-                .await
-                .map_err(|e| Unreachable(e.to_string()))?;
-            let status = response.status();
-            let body = http_body_util::BodyExt::collect(response.into_body())
-                .await
-                .map_err(|e| Unreachable(e.to_string()))?
-                .to_bytes();
-            Ok((status, body))
+            match member.route().await.map_err(Unreachable)? {
+                pool::Route::Channel(link) => link
+                    .call(&method, path, &payload)
+                    .await
+                    .map_err(|_| Unreachable("the channel to the instance closed".into())),
+                pool::Route::Http => self.call_http(member, method, path, payload).await,
+            }
         };
         tokio::select! {
             r = tokio::time::timeout(UPSTREAM_TIMEOUT, exchange) => match r {
@@ -108,6 +98,33 @@ impl Gateway {
             },
             _ = down.cancelled() => Err(Unreachable("instance down".into())),
         }
+    }
+
+    /// One request over plain HTTP/1.1 (an instance without the channel).
+    async fn call_http(
+        &self,
+        member: &Member,
+        method: Method,
+        path: &str,
+        payload: bytes::Bytes,
+    ) -> Result<(StatusCode, bytes::Bytes), Unreachable> {
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", member.url))
+            .header(axum::http::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(payload))
+            .map_err(|e| Unreachable(e.to_string()))?;
+        let response = self
+            .upstream
+            .request(request)
+            .await
+            .map_err(|e| Unreachable(e.to_string()))?;
+        let status = response.status();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .map_err(|e| Unreachable(e.to_string()))?
+            .to_bytes();
+        Ok((status, body))
     }
 
     /// [`Gateway::call_raw`] with the answer parsed as JSON.

@@ -9,7 +9,7 @@
 use crate::telemetry::{events, metrics as m};
 use parking_lot::Mutex;
 use serde::Serialize;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,17 @@ pub struct Member {
     /// Chats sent here since the last health check, so that a burst of new
     /// or restored chats spreads before the next check reports the counts.
     assigned: AtomicI64,
+    /// The open channel to this instance (crate::rpc), made on first use
+    /// and again after it closes.
+    channel: tokio::sync::Mutex<Option<Arc<crate::rpc::Link>>>,
+    /// The instance has no channel route (an older version): plain HTTP.
+    http_only: AtomicBool,
+}
+
+/// How the gateway reaches an instance for a request.
+pub enum Route {
+    Channel(Arc<crate::rpc::Link>),
+    Http,
 }
 
 impl Member {
@@ -65,6 +76,29 @@ impl Member {
 
     fn load(&self) -> i64 {
         self.health.lock().sessions_active + self.assigned.load(Ordering::Relaxed)
+    }
+
+    /// The channel to this instance, opened if need be; `Route::Http` for
+    /// an instance without one.
+    pub async fn route(&self) -> Result<Route, String> {
+        if self.http_only.load(Ordering::Relaxed) {
+            return Ok(Route::Http);
+        }
+        let mut channel = self.channel.lock().await;
+        if let Some(link) = channel.as_ref().filter(|l| !l.is_closed()) {
+            return Ok(Route::Channel(link.clone()));
+        }
+        match crate::rpc::Link::connect(&self.url).await {
+            Ok(link) => {
+                *channel = Some(link.clone());
+                Ok(Route::Channel(link))
+            }
+            Err(crate::rpc::ConnectError::Unsupported) => {
+                self.http_only.store(true, Ordering::Relaxed);
+                Ok(Route::Http)
+            }
+            Err(crate::rpc::ConnectError::Failed(why)) => Err(why),
+        }
     }
 
     pub fn view(&self) -> MemberView {
@@ -100,6 +134,8 @@ impl Pool {
                         down: CancellationToken::new(),
                     }),
                     assigned: AtomicI64::new(0),
+                    channel: tokio::sync::Mutex::new(None),
+                    http_only: AtomicBool::new(false),
                 })
             })
             .collect();

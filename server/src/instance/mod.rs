@@ -27,6 +27,7 @@ pub struct Application {
     router: axum::Router,
     instance: Arc<Instance>,
     stop: CancellationToken,
+    channels: tokio_util::task::TaskTracker,
 }
 
 impl Application {
@@ -88,18 +89,21 @@ impl Application {
         let listener = TcpListener::bind(server.listen)
             .await
             .with_context(|| format!("binding {}", server.listen))?;
+        let channels = tokio_util::task::TaskTracker::new();
         let router = routes::router(routes::AppState {
             instance: instance.clone(),
             metrics: handle,
             admin_token: server.admin_token.clone(),
             admin_kill_enabled: server.admin_kill_enabled,
             stop: stop.clone(),
+            channels: channels.clone(),
         });
         Ok(Application {
             listener,
             router,
             instance,
             stop,
+            channels,
         })
     }
 
@@ -122,6 +126,7 @@ impl Application {
             router,
             instance,
             stop,
+            channels,
         } = self;
         tracing::info!(
             event_id = events::INSTANCE_STARTED,
@@ -138,6 +143,13 @@ impl Application {
             signalled.cancel();
         });
         let stopped = stop.clone();
+        // HTTP requests and the gateways' channels finish what they read.
+        let serve = async move {
+            serve.await?;
+            channels.close();
+            channels.wait().await;
+            anyhow::Ok(())
+        };
         tokio::select! {
             r = serve => r?,
             _ = async { stopped.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {

@@ -55,6 +55,8 @@ pub struct AppState {
     pub admin_token: Option<String>,
     pub admin_kill_enabled: bool,
     pub stop: CancellationToken,
+    /// The gateways' channels (crate::rpc), awaited on shutdown.
+    pub channels: tokio_util::task::TaskTracker,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -70,7 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/internal/v1/sessions/{id}/leave", post(leave))
         .route("/internal/v1/sessions/{id}/restore", post(restore))
         .route("/internal/v1/sessions/{id}/location", get(location));
-    Router::new()
+    let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
@@ -88,7 +90,22 @@ pub fn router(state: AppState) -> Router {
             crate::telemetry::metrics::track_http("instance", req, next)
         }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .with_state(state.clone());
+    // The gateways' channel runs each request through the routes above.
+    let routes = app.clone();
+    app.route(
+        crate::rpc::PATH,
+        get(move |ws: axum::extract::WebSocketUpgrade| {
+            let (routes, stop, channels) =
+                (routes.clone(), state.stop.clone(), state.channels.clone());
+            async move {
+                ws.max_message_size(crate::rpc::MAX_FRAME)
+                    .on_upgrade(move |socket| {
+                        channels.track_future(crate::rpc::serve(socket, routes, stop))
+                    })
+            }
+        }),
+    )
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {

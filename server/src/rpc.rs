@@ -1,0 +1,509 @@
+//! The gateway's channel to an instance: the instance's internal HTTP API
+//! carried over one WebSocket connection, many requests in flight at once.
+//!
+//! Over HTTP/1.1 every message costs the gateway and the instance a request
+//! and an answer of their own on the wire (a write and a read each side,
+//! one connection per request in flight). Here requests and answers are
+//! binary frames tagged with an id; a writer sends every frame that is
+//! waiting before it flushes, so under load one system call carries many.
+//! The instance runs each request through its own router, so the internal
+//! API, its checks and its metrics are the same either way.
+//!
+//! Request frame: `id` (u64, big-endian), method length (u8), method, path
+//! length (u16), path (with query), body (the rest).
+//! Answer frame: `id` (u64), status (u16), body (the rest).
+//!
+//! Failure semantics are HTTP's: a closed connection fails every request in
+//! flight on it (the gateway fails over and retries with the message's
+//! `client_msg_id`); an instance that stops (SIGTERM) reads no new request,
+//! answers the ones it has, then closes.
+
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket};
+use axum::http::{Method, Request, StatusCode};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// The instance's route for the channel.
+pub const PATH: &str = "/internal/v1/rpc";
+/// Largest frame either way: a request body is at most 1 MiB; answers
+/// (transcripts) can be larger.
+pub const MAX_FRAME: usize = 64 << 20;
+
+pub fn encode_request(id: u64, method: &Method, path: &str, body: &[u8]) -> Bytes {
+    let method = method.as_str().as_bytes();
+    let mut b = BytesMut::with_capacity(8 + 1 + method.len() + 2 + path.len() + body.len());
+    b.put_u64(id);
+    b.put_u8(method.len() as u8);
+    b.put_slice(method);
+    b.put_u16(path.len() as u16);
+    b.put_slice(path.as_bytes());
+    b.put_slice(body);
+    b.freeze()
+}
+
+pub struct RequestFrame {
+    pub id: u64,
+    pub method: Method,
+    pub path: String,
+    pub body: Bytes,
+}
+
+pub fn decode_request(mut b: Bytes) -> Option<RequestFrame> {
+    if b.remaining() < 9 {
+        return None;
+    }
+    let id = b.get_u64();
+    let n = b.get_u8() as usize;
+    if b.remaining() < n + 2 {
+        return None;
+    }
+    let method = Method::from_bytes(&b.split_to(n)).ok()?;
+    let n = b.get_u16() as usize;
+    if b.remaining() < n {
+        return None;
+    }
+    let path = String::from_utf8(b.split_to(n).to_vec()).ok()?;
+    Some(RequestFrame {
+        id,
+        method,
+        path,
+        body: b,
+    })
+}
+
+pub fn encode_answer(id: u64, status: StatusCode, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(10 + body.len());
+    b.put_u64(id);
+    b.put_u16(status.as_u16());
+    b.put_slice(body);
+    b.freeze()
+}
+
+pub fn decode_answer(mut b: Bytes) -> Option<(u64, StatusCode, Bytes)> {
+    if b.remaining() < 10 {
+        return None;
+    }
+    let id = b.get_u64();
+    let status = StatusCode::from_u16(b.get_u16()).ok()?;
+    Some((id, status, b))
+}
+
+/// Instance side: serve requests from one gateway through `router` until
+/// the connection closes or `stop` fires; on stop, answer what was read,
+/// then close.
+pub async fn serve(socket: WebSocket, router: axum::Router, stop: CancellationToken) {
+    let (mut sink, mut stream) = socket.split();
+    let (out, mut queue) = mpsc::unbounded_channel::<Bytes>();
+    // Reader and writer are one future: when it is dropped, the socket goes.
+    let writer = async move {
+        while let Some(frame) = queue.recv().await {
+            if sink.feed(Message::Binary(frame)).await.is_err() {
+                return;
+            }
+            while let Ok(frame) = queue.try_recv() {
+                if sink.feed(Message::Binary(frame)).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    };
+    let reader = async move {
+        loop {
+            let message = tokio::select! {
+                m = stream.next() => m,
+                _ = stop.cancelled() => break,
+            };
+            let frame = match message {
+                Some(Ok(Message::Binary(b))) => b,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                _ => break,
+            };
+            let Some(call) = decode_request(frame) else {
+                tracing::warn!("malformed frame on the gateway channel; closing it");
+                break;
+            };
+            let (router, out) = (router.clone(), out.clone());
+            // Its own task, as an HTTP request has: it finishes (and its
+            // save is acknowledged) even if the channel closes meanwhile.
+            tokio::spawn(async move {
+                let (status, body) = answer(router, call.method, &call.path, call.body).await;
+                let _ = out.send(encode_answer(call.id, status, &body));
+            });
+        }
+        // The writer ends once every request task has sent its answer.
+        drop(out);
+    };
+    tokio::join!(reader, writer);
+}
+
+async fn answer(
+    router: axum::Router,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> (StatusCode, Bytes) {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .header(axum::http::header::CONTENT_LENGTH, body.len())
+        .body(Body::from(body));
+    let request = match request {
+        Ok(r) => r,
+        Err(e) => return bad_request(&e.to_string()),
+    };
+    let Ok(response) = router.oneshot(request).await;
+    let status = response.status();
+    match axum::body::to_bytes(response.into_body(), MAX_FRAME).await {
+        Ok(body) => (status, body),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": {"code": "internal", "message": e.to_string()}})
+                .to_string()
+                .into(),
+        ),
+    }
+}
+
+fn bad_request(why: &str) -> (StatusCode, Bytes) {
+    (
+        StatusCode::BAD_REQUEST,
+        serde_json::json!({"error": {"code": "bad_request", "message": why}})
+            .to_string()
+            .into(),
+    )
+}
+
+type Waiting = Mutex<Option<HashMap<u64, oneshot::Sender<(StatusCode, Bytes)>>>>;
+
+/// Gateway side: one open channel to an instance.
+pub struct Link {
+    out: mpsc::UnboundedSender<Bytes>,
+    /// Requests sent and not yet answered; None once the link is closed.
+    waiting: Arc<Waiting>,
+    next_id: AtomicU64,
+    closed: CancellationToken,
+}
+
+/// Why a request on a link got no answer.
+#[derive(Debug)]
+pub struct LinkClosed;
+
+/// Why a link could not be opened.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The instance has no channel route (an older version): use HTTP.
+    Unsupported,
+    Failed(String),
+}
+
+impl Link {
+    /// Open a channel to the instance at `base` (`http://host:port`).
+    pub async fn connect(base: &str) -> Result<Arc<Link>, ConnectError> {
+        let url = format!(
+            "{}{PATH}",
+            base.replacen("http://", "ws://", 1)
+                .replacen("https://", "wss://", 1)
+        );
+        let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+        config.max_message_size = Some(MAX_FRAME);
+        config.max_frame_size = Some(MAX_FRAME);
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(&url, Some(config), true)
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(r)
+                    if r.status() == StatusCode::NOT_FOUND =>
+                {
+                    ConnectError::Unsupported
+                }
+                e => ConnectError::Failed(e.to_string()),
+            })?;
+        let (mut sink, mut stream) = socket.split();
+        let (out, mut queue) = mpsc::unbounded_channel::<Bytes>();
+        let waiting: Arc<Waiting> = Arc::new(Mutex::new(Some(HashMap::new())));
+        let closed = CancellationToken::new();
+        let link = Arc::new(Link {
+            out,
+            waiting: waiting.clone(),
+            next_id: AtomicU64::new(1),
+            closed: closed.clone(),
+        });
+        use tokio_tungstenite::tungstenite::Message as M;
+        let writer_closed = closed.clone();
+        tokio::spawn(async move {
+            let send = async {
+                while let Some(frame) = queue.recv().await {
+                    sink.feed(M::Binary(frame)).await?;
+                    while let Ok(frame) = queue.try_recv() {
+                        sink.feed(M::Binary(frame)).await?;
+                    }
+                    sink.flush().await?;
+                }
+                Ok::<_, tokio_tungstenite::tungstenite::Error>(())
+            };
+            tokio::select! {
+                _ = send => {}
+                _ = writer_closed.cancelled() => {}
+            }
+            writer_closed.cancel();
+            let _ = sink.close().await;
+        });
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    m = stream.next() => m,
+                    _ = closed.cancelled() => break,
+                };
+                match message {
+                    Some(Ok(M::Binary(frame))) => {
+                        let Some((id, status, body)) = decode_answer(frame) else {
+                            break;
+                        };
+                        let waiter = waiting.lock().as_mut().and_then(|w| w.remove(&id));
+                        if let Some(w) = waiter {
+                            let _ = w.send((status, body));
+                        }
+                    }
+                    Some(Ok(M::Ping(_) | M::Pong(_) | M::Frame(_))) => {}
+                    _ => break,
+                }
+            }
+            closed.cancel();
+            // Every request still waiting fails: its sender is dropped.
+            waiting.lock().take();
+        });
+        Ok(link)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Send a request and wait for its answer; fails when the link closes
+    /// first. Dropping the future forgets the request (its answer, if any,
+    /// is discarded).
+    pub async fn call(
+        &self,
+        method: &Method,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(StatusCode, Bytes), LinkClosed> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        match self.waiting.lock().as_mut() {
+            Some(w) => w.insert(id, tx),
+            None => return Err(LinkClosed),
+        };
+        let forget = Forget {
+            waiting: &self.waiting,
+            id,
+        };
+        if self
+            .out
+            .send(encode_request(id, method, path, body))
+            .is_err()
+        {
+            return Err(LinkClosed);
+        }
+        let answer = rx.await.map_err(|_| LinkClosed);
+        drop(forget);
+        answer
+    }
+}
+
+/// Removes a request's waiter when its caller gives up (timeout, failover).
+struct Forget<'a> {
+    waiting: &'a Waiting,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.waiting.lock().as_mut() {
+            w.remove(&self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let f = encode_request(
+            7,
+            &Method::POST,
+            "/internal/v1/sessions/a/messages?x=1",
+            b"{\"t\":1}",
+        );
+        let r = decode_request(f).expect("a request frame");
+        assert_eq!(
+            (r.id, r.method, r.path.as_str(), &r.body[..]),
+            (
+                7,
+                Method::POST,
+                "/internal/v1/sessions/a/messages?x=1",
+                &b"{\"t\":1}"[..]
+            )
+        );
+        let a = encode_answer(9, StatusCode::CONFLICT, b"{}");
+        assert_eq!(
+            decode_answer(a),
+            Some((9, StatusCode::CONFLICT, Bytes::from_static(b"{}")))
+        );
+    }
+
+    #[test]
+    fn truncated_frames_are_refused() {
+        let f = encode_request(7, &Method::GET, "/x", b"");
+        for n in 0..f.len() - 1 {
+            assert!(decode_request(f.slice(..n)).is_none(), "{n} bytes");
+        }
+        assert!(decode_answer(Bytes::from_static(b"123456789")).is_none());
+    }
+
+    /// A server on loopback: `routes` plus the channel route when `channel`;
+    /// `stop` stops it as SIGTERM does, `kill` drops its channels' sockets
+    /// as the death of the process does.
+    async fn server(channel: bool, stop: CancellationToken, kill: CancellationToken) -> String {
+        use axum::routing::{get, post};
+        let routes = axum::Router::new()
+            .route("/echo", post(|body: Bytes| async move { body }))
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                    "slow"
+                }),
+            )
+            .route("/teapot", get(|| async { StatusCode::IM_A_TEAPOT }));
+        let app = if channel {
+            let inner = routes.clone();
+            routes.route(
+                PATH,
+                get(move |ws: axum::extract::WebSocketUpgrade| {
+                    let (inner, stop, kill) = (inner.clone(), stop.clone(), kill.clone());
+                    async move {
+                        ws.on_upgrade(move |s| async move {
+                            tokio::select! {
+                                _ = serve(s, inner, stop) => {}
+                                _ = kill.cancelled() => {}
+                            }
+                        })
+                    }
+                }),
+            )
+        } else {
+            routes
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn requests_and_answers_cross_the_channel_concurrently() {
+        let url = server(true, CancellationToken::new(), CancellationToken::new()).await;
+        let link = Link::connect(&url).await.expect("a channel");
+        let calls = (0..50).map(|i| {
+            let link = link.clone();
+            async move {
+                let body = format!("{{\"n\":{i}}}");
+                let (status, answer) = link
+                    .call(&Method::POST, "/echo", body.as_bytes())
+                    .await
+                    .expect("an answer");
+                assert_eq!((status, &answer[..]), (StatusCode::OK, body.as_bytes()));
+            }
+        });
+        futures_util::future::join_all(calls).await;
+        let (status, _) = link
+            .call(&Method::GET, "/teapot", b"")
+            .await
+            .expect("an answer");
+        assert_eq!(status, StatusCode::IM_A_TEAPOT);
+        let (status, _) = link
+            .call(&Method::GET, "/nowhere", b"")
+            .await
+            .expect("an answer");
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn a_server_without_the_route_is_reached_over_http() {
+        let url = server(false, CancellationToken::new(), CancellationToken::new()).await;
+        assert!(matches!(
+            Link::connect(&url).await,
+            Err(ConnectError::Unsupported)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_failure() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        assert!(matches!(
+            Link::connect(&url).await,
+            Err(ConnectError::Failed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_stopping_server_answers_what_it_read_then_closes() {
+        let stop = CancellationToken::new();
+        let url = server(true, stop.clone(), CancellationToken::new()).await;
+        let link = Link::connect(&url).await.expect("a channel");
+        let slow = tokio::spawn({
+            let link = link.clone();
+            async move { link.call(&Method::GET, "/slow", b"").await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        stop.cancel();
+        let (status, body) = slow.await.unwrap().expect("answered before the close");
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"slow"[..]));
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while !link.is_closed() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the channel closes");
+        assert!(link.call(&Method::GET, "/teapot", b"").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn requests_in_flight_fail_when_the_server_goes() {
+        let kill = CancellationToken::new();
+        let url = server(true, CancellationToken::new(), kill.clone()).await;
+        let link = Link::connect(&url).await.expect("a channel");
+        let slow = tokio::spawn({
+            let link = link.clone();
+            async move { link.call(&Method::GET, "/slow", b"").await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // Its end of the channel goes, as with kill -9.
+        kill.cancel();
+        let result = tokio::time::timeout(std::time::Duration::from_secs(5), slow)
+            .await
+            .expect("not left hanging")
+            .unwrap();
+        assert!(result.is_err(), "{result:?}");
+    }
+}
