@@ -36,6 +36,9 @@ pub const PATH: &str = "/internal/v1/rpc";
 /// Largest frame either way: a request body is at most 1 MiB; answers
 /// (transcripts) can be larger.
 pub const MAX_FRAME: usize = 64 << 20;
+/// Longest wait to open a channel (a frozen instance accepts the TCP
+/// connection but never answers the handshake).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub fn encode_request(id: u64, method: &Method, path: &str, body: &[u8]) -> Bytes {
     let method = method.as_str().as_bytes();
@@ -104,20 +107,12 @@ pub async fn serve(socket: WebSocket, router: axum::Router, stop: CancellationTo
     let (out, mut queue) = mpsc::unbounded_channel::<Bytes>();
     // Reader and writer are one future: when it is dropped, the socket goes.
     let writer = async move {
-        while let Some(frame) = queue.recv().await {
-            if sink.feed(Message::Binary(frame)).await.is_err() {
-                return;
-            }
-            while let Ok(frame) = queue.try_recv() {
-                if sink.feed(Message::Binary(frame)).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
+        if write_batched(&mut queue, &mut sink, Message::Binary)
+            .await
+            .is_ok()
+        {
+            let _ = sink.close().await;
         }
-        let _ = sink.close().await;
     };
     let reader = async move {
         loop {
@@ -146,6 +141,26 @@ pub async fn serve(socket: WebSocket, router: axum::Router, stop: CancellationTo
         drop(out);
     };
     tokio::join!(reader, writer);
+}
+
+/// Send the queued frames until the queue closes: every frame waiting at
+/// that moment goes out before one flush (one write for many under load).
+async fn write_batched<S, M>(
+    queue: &mut mpsc::UnboundedReceiver<Bytes>,
+    sink: &mut S,
+    message: fn(Bytes) -> M,
+) -> Result<(), S::Error>
+where
+    S: futures_util::Sink<M> + Unpin,
+{
+    while let Some(frame) = queue.recv().await {
+        sink.feed(message(frame)).await?;
+        while let Ok(frame) = queue.try_recv() {
+            sink.feed(message(frame)).await?;
+        }
+        sink.flush().await?;
+    }
+    Ok(())
 }
 
 async fn answer(
@@ -220,8 +235,10 @@ impl Link {
         let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
         config.max_message_size = Some(MAX_FRAME);
         config.max_frame_size = Some(MAX_FRAME);
-        let (socket, _) = tokio_tungstenite::connect_async_with_config(&url, Some(config), true)
+        let connect = tokio_tungstenite::connect_async_with_config(&url, Some(config), true);
+        let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
+            .map_err(|_| ConnectError::Failed("the channel handshake timed out".into()))?
             .map_err(|e| match e {
                 tokio_tungstenite::tungstenite::Error::Http(r)
                     if r.status() == StatusCode::NOT_FOUND =>
@@ -243,18 +260,8 @@ impl Link {
         use tokio_tungstenite::tungstenite::Message as M;
         let writer_closed = closed.clone();
         tokio::spawn(async move {
-            let send = async {
-                while let Some(frame) = queue.recv().await {
-                    sink.feed(M::Binary(frame)).await?;
-                    while let Ok(frame) = queue.try_recv() {
-                        sink.feed(M::Binary(frame)).await?;
-                    }
-                    sink.flush().await?;
-                }
-                Ok::<_, tokio_tungstenite::tungstenite::Error>(())
-            };
             tokio::select! {
-                _ = send => {}
+                _ = write_batched(&mut queue, &mut sink, M::Binary) => {}
                 _ = writer_closed.cancelled() => {}
             }
             writer_closed.cancel();
