@@ -479,8 +479,23 @@ async fn send_answer(
     req.send().await
 }
 
+/// Send one message; true when it was acknowledged as a new message (an
+/// answer for a `client_msg_id` already stored is no acknowledgement of
+/// work done, and would flatter the figures).
 async fn send(client: &reqwest::Client, chat: &Chat, text: &str, cmid: String) -> bool {
-    matches!(send_answer(client, chat, text, cmid).await, Ok(r) if r.status().is_success())
+    let Ok(r) = send_answer(client, chat, text, cmid).await else {
+        return false;
+    };
+    if !r.status().is_success() {
+        return false;
+    }
+    matches!(r.bytes().await, Ok(b) if !b.windows(16).any(|w| w == b"\"duplicate\":true"))
+}
+
+/// A prefix that makes the `client_msg_id`s of one load phase unique across
+/// the phases and rounds of a run.
+fn phase_nonce() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
 async fn closed_loop(
@@ -491,10 +506,16 @@ async fn closed_loop(
 ) -> (f64, Latencies) {
     let stop = Arc::new(AtomicBool::new(false));
     let chats = Arc::new(chats.to_vec());
+    let nonce = phase_nonce();
     let mut tasks = Vec::new();
     for w in 0..args.concurrency {
-        let (client, chats, stop, text) =
-            (client.clone(), chats.clone(), stop.clone(), text.to_owned());
+        let (client, chats, stop, text, nonce) = (
+            client.clone(),
+            chats.clone(),
+            stop.clone(),
+            text.to_owned(),
+            nonce.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut i = w;
@@ -503,7 +524,7 @@ async fn closed_loop(
                 let chat = &chats[i % chats.len()];
                 i += args_concurrency_stride(chats.len());
                 let t = Instant::now();
-                if send(&client, chat, &text, format!("w{w}-{n}")).await {
+                if send(&client, chat, &text, format!("{nonce}-w{w}-{n}")).await {
                     lat.push(t.elapsed().as_micros() as u32);
                 }
                 n += 1;
@@ -535,13 +556,15 @@ async fn open_loop(
     let start = Instant::now() + Duration::from_millis(50);
     let chats = Arc::new(chats.to_vec());
     let errors = Arc::new(AtomicU64::new(0));
+    let nonce = phase_nonce();
     let mut tasks = Vec::new();
     for w in 0..workers {
-        let (client, chats, text, errors) = (
+        let (client, chats, text, errors, nonce) = (
             client.clone(),
             chats.clone(),
             text.to_owned(),
             errors.clone(),
+            nonce.clone(),
         );
         let rate = args.rate;
         tasks.push(tokio::spawn(async move {
@@ -551,7 +574,7 @@ async fn open_loop(
                 let due = start + Duration::from_secs_f64(k as f64 / rate as f64);
                 tokio::time::sleep_until(due.into()).await;
                 let chat = &chats[(k as usize * 7919) % chats.len()];
-                if send(&client, chat, &text, format!("o{k}")).await {
+                if send(&client, chat, &text, format!("{nonce}-o{k}")).await {
                     lat.push(due.elapsed().as_micros() as u32);
                 } else {
                     errors.fetch_add(1, Ordering::Relaxed);

@@ -33,14 +33,22 @@ use tower::ServiceExt;
 
 /// The instance's route for the channel.
 pub const PATH: &str = "/internal/v1/rpc";
-/// Largest frame either way: a request body is at most 1 MiB; answers
-/// (transcripts) can be larger.
+/// Largest answer frame (transcripts can be large).
 pub const MAX_FRAME: usize = 64 << 20;
+/// Largest request frame the instance reads: a body is at most 1 MiB.
+pub const MAX_REQUEST_FRAME: usize = (1 << 20) + (64 << 10);
+/// Longest path a request frame carries (longer ones go over HTTP).
+pub const MAX_PATH: usize = u16::MAX as usize;
+/// Longest wait for a close handshake or for the peer to finish sending.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest wait to open a channel (a frozen instance accepts the TCP
 /// connection but never answers the handshake).
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// A request frame; `path` is at most [`MAX_PATH`] bytes and the method at
+/// most 255 (the gateway's standard methods).
 pub fn encode_request(id: u64, method: &Method, path: &str, body: &[u8]) -> Bytes {
+    debug_assert!(path.len() <= MAX_PATH && method.as_str().len() <= 255);
     let method = method.as_str().as_bytes();
     let mut b = BytesMut::with_capacity(8 + 1 + method.len() + 2 + path.len() + body.len());
     b.put_u64(id);
@@ -107,11 +115,11 @@ pub async fn serve(socket: WebSocket, router: axum::Router, stop: CancellationTo
     let (out, mut queue) = mpsc::unbounded_channel::<Bytes>();
     // Reader and writer are one future: when it is dropped, the socket goes.
     let writer = async move {
-        if write_batched(&mut queue, &mut sink, Message::Binary)
+        if write_batched(&mut queue, &mut sink, Message::Binary, |_| true)
             .await
             .is_ok()
         {
-            let _ = sink.close().await;
+            let _ = tokio::time::timeout(LINGER, sink.close()).await;
         }
     };
     let reader = async move {
@@ -139,24 +147,42 @@ pub async fn serve(socket: WebSocket, router: axum::Router, stop: CancellationTo
         }
         // The writer ends once every request task has sent its answer.
         drop(out);
+        stream
     };
-    tokio::join!(reader, writer);
+    let (mut stream, ()) = tokio::join!(reader, writer);
+    // Read (and drop: unanswered, they fail over) what the gateway sent
+    // meanwhile until it answers the close, so that closing with unread
+    // data does not reset the connection and lose answers already sent.
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Some(Ok(m)) = stream.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Send the queued frames until the queue closes: every frame waiting at
 /// that moment goes out before one flush (one write for many under load).
+/// Frames for which `keep` is false are dropped unsent.
 async fn write_batched<S, M>(
     queue: &mut mpsc::UnboundedReceiver<Bytes>,
     sink: &mut S,
     message: fn(Bytes) -> M,
+    keep: impl Fn(&Bytes) -> bool,
 ) -> Result<(), S::Error>
 where
     S: futures_util::Sink<M> + Unpin,
 {
     while let Some(frame) = queue.recv().await {
-        sink.feed(message(frame)).await?;
-        while let Ok(frame) = queue.try_recv() {
+        if keep(&frame) {
             sink.feed(message(frame)).await?;
+        }
+        while let Ok(frame) = queue.try_recv() {
+            if keep(&frame) {
+                sink.feed(message(frame)).await?;
+            }
         }
         sink.flush().await?;
     }
@@ -181,11 +207,12 @@ async fn answer(
     };
     let Ok(response) = router.oneshot(request).await;
     let status = response.status();
-    match axum::body::to_bytes(response.into_body(), MAX_FRAME).await {
+    // Room for the answer frame's header within the gateway's limit.
+    match axum::body::to_bytes(response.into_body(), MAX_FRAME - 16).await {
         Ok(body) => (status, body),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
-            serde_json::json!({"error": {"code": "internal", "message": e.to_string()}})
+            serde_json::json!({"error": {"code": "too_large", "message": format!("the answer could not be sent on the gateway channel: {e}")}})
                 .to_string()
                 .into(),
         ),
@@ -258,14 +285,23 @@ impl Link {
             closed: closed.clone(),
         });
         use tokio_tungstenite::tungstenite::Message as M;
-        let writer_closed = closed.clone();
+        let (writer_closed, writer_waiting) = (closed.clone(), waiting.clone());
         tokio::spawn(async move {
+            // A request whose caller gave up (timeout, failover) is not sent.
+            let wanted = |frame: &Bytes| {
+                let id = frame
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes);
+                let waiting = writer_waiting.lock();
+                matches!((id, waiting.as_ref()), (Some(id), Some(w)) if w.contains_key(&id))
+            };
             tokio::select! {
-                _ = write_batched(&mut queue, &mut sink, M::Binary) => {}
+                _ = write_batched(&mut queue, &mut sink, M::Binary, wanted) => {}
                 _ = writer_closed.cancelled() => {}
             }
             writer_closed.cancel();
-            let _ = sink.close().await;
+            let _ = tokio::time::timeout(LINGER, sink.close()).await;
         });
         tokio::spawn(async move {
             loop {
@@ -296,6 +332,11 @@ impl Link {
 
     pub fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
+    }
+
+    /// Close the link: requests waiting on it fail, queued ones are dropped.
+    pub fn close(&self) {
+        self.closed.cancel();
     }
 
     /// Send a request and wait for its answer; fails when the link closes
@@ -492,6 +533,22 @@ mod tests {
         })
         .await
         .expect("the channel closes");
+        assert!(link.call(&Method::GET, "/teapot", b"").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn closing_a_link_fails_its_requests_and_the_next_ones() {
+        let url = server(true, CancellationToken::new(), CancellationToken::new()).await;
+        let link = Link::connect(&url).await.expect("a channel");
+        let slow = tokio::spawn({
+            let link = link.clone();
+            async move { link.call(&Method::GET, "/slow", b"").await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // What the gateway does when it marks the instance down.
+        link.close();
+        assert!(slow.await.unwrap().is_err(), "a waiting request fails");
+        assert!(link.is_closed());
         assert!(link.call(&Method::GET, "/teapot", b"").await.is_err());
     }
 

@@ -682,3 +682,58 @@ async fn management_endpoints_tell_the_truth() {
     }
     assert!(!metrics.contains(&chat), "no chat id in metric labels");
 }
+
+/// The gateway's channel carries the internal API (a real WebSocket client,
+/// binary frames), and a browser (any request with an Origin) cannot open it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_channel_serves_the_internal_api_and_refuses_browsers() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error, Message};
+    let dir = data_dir();
+    let db = dir.path().join("confab.db");
+    let s = Server::start(dir.path(), "inst-a", &db, &[]).await;
+    let url = format!("{}/internal/v1/rpc", s.url.replacen("http://", "ws://", 1));
+
+    let mut browser = url.as_str().into_client_request().unwrap();
+    browser
+        .headers_mut()
+        .insert("origin", "http://evil.example".parse().unwrap());
+    match tokio_tungstenite::connect_async(browser).await {
+        Err(Error::Http(r)) => assert_eq!(r.status().as_u16(), 403),
+        other => panic!("a browser opened the channel: {:?}", other.map(|_| ())),
+    }
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    let create = confab::rpc::encode_request(
+        1,
+        &reqwest::Method::POST,
+        "/internal/v1/sessions",
+        br#"{"nickname":"Ann"}"#,
+    );
+    let bad = confab::rpc::encode_request(2, &reqwest::Method::POST, "/internal/v1/sessions", b"{");
+    ws.send(Message::Binary(create)).await.unwrap();
+    ws.send(Message::Binary(bad)).await.unwrap();
+    let mut answers = std::collections::BTreeMap::new();
+    while answers.len() < 2 {
+        let Some(Ok(Message::Binary(frame))) = ws.next().await else {
+            panic!("the channel closed before answering");
+        };
+        let (id, status, body) = confab::rpc::decode_answer(frame).unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        answers.insert(id, (status.as_u16(), body));
+    }
+    assert_eq!(answers[&1].0, 201, "{:?}", answers[&1]);
+    let chat = answers[&1].1["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        answers[&2].0, 400,
+        "bad JSON gets its JSON error: {:?}",
+        answers[&2]
+    );
+    assert_eq!(answers[&2].1["error"]["code"], "bad_request");
+    // The chat made over the channel is there over HTTP too.
+    let http = Http::default();
+    let sessions = http.get(&s.internal("/sessions"), None).await.ok();
+    assert!(sessions.to_string().contains(&chat), "{sessions}");
+}

@@ -80,6 +80,9 @@ impl Gateway {
         };
         let down = member.down_token();
         let exchange = async {
+            if path.len() > crate::rpc::MAX_PATH {
+                return self.call_http(member, method, path, payload).await;
+            }
             match member.route().await.map_err(Unreachable)? {
                 pool::Route::Channel(link) => link
                     .call(&method, path, &payload)
@@ -444,7 +447,9 @@ impl Application {
         tracing::info!(addr = %listener.local_addr()?, instances = gateway.pool.members.len(), "gateway started");
         let stop = gateway.stop.clone();
         axum::serve(
-            listener,
+            axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async move {

@@ -43,8 +43,11 @@ pub struct Member {
     /// or restored chats spreads before the next check reports the counts.
     assigned: AtomicI64,
     /// The open channel to this instance (crate::rpc), made on first use
-    /// and again after it closes.
-    channel: tokio::sync::Mutex<Option<Arc<crate::rpc::Link>>>,
+    /// and again after it closes; closed when the instance is marked down,
+    /// so that nothing queued for a frozen instance reaches it later.
+    channel: Mutex<Option<Arc<crate::rpc::Link>>>,
+    /// One channel handshake at a time.
+    connecting: tokio::sync::Mutex<()>,
     /// The instance has no channel route (an older version): plain HTTP.
     http_only: AtomicBool,
 }
@@ -84,13 +87,16 @@ impl Member {
         if self.http_only.load(Ordering::Relaxed) {
             return Ok(Route::Http);
         }
-        let mut channel = self.channel.lock().await;
-        if let Some(link) = channel.as_ref().filter(|l| !l.is_closed()) {
-            return Ok(Route::Channel(link.clone()));
+        if let Some(link) = self.open_channel() {
+            return Ok(Route::Channel(link));
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(link) = self.open_channel() {
+            return Ok(Route::Channel(link));
         }
         match crate::rpc::Link::connect(&self.url).await {
             Ok(link) => {
-                *channel = Some(link.clone());
+                *self.channel.lock() = Some(link.clone());
                 Ok(Route::Channel(link))
             }
             Err(crate::rpc::ConnectError::Unsupported) => {
@@ -98,6 +104,18 @@ impl Member {
                 Ok(Route::Http)
             }
             Err(crate::rpc::ConnectError::Failed(why)) => Err(why),
+        }
+    }
+
+    fn open_channel(&self) -> Option<Arc<crate::rpc::Link>> {
+        self.channel.lock().clone().filter(|l| !l.is_closed())
+    }
+
+    /// Close the channel: requests still queued on it are dropped (their
+    /// callers have failed over) and the next request opens a new one.
+    fn close_channel(&self) {
+        if let Some(link) = self.channel.lock().take() {
+            link.close();
         }
     }
 
@@ -134,7 +152,8 @@ impl Pool {
                         down: CancellationToken::new(),
                     }),
                     assigned: AtomicI64::new(0),
-                    channel: tokio::sync::Mutex::new(None),
+                    channel: Mutex::new(None),
+                    connecting: tokio::sync::Mutex::new(()),
                     http_only: AtomicBool::new(false),
                 })
             })
@@ -190,6 +209,7 @@ impl Pool {
         if h.healthy {
             h.healthy = false;
             h.down.cancel();
+            member.close_channel();
             tracing::warn!(
                 event_id = events::GATEWAY_INSTANCE_DOWN,
                 instance = h.instance_id.as_deref().unwrap_or("?"),
@@ -250,6 +270,9 @@ impl Pool {
         member.assigned.store(0, Ordering::Relaxed);
         if !was_healthy {
             h.down = CancellationToken::new();
+            // Back (perhaps a newer version after an upgrade): try the
+            // channel again.
+            member.http_only.store(false, Ordering::Relaxed);
             tracing::info!(
                 event_id = events::GATEWAY_INSTANCE_UP,
                 instance = h.instance_id.as_deref().unwrap_or("?"),

@@ -779,9 +779,12 @@ impl Instance {
             Ok(()) => true,
             // Refused because another instance owns the session: the store
             // did its job, and this is no save error.
-            Err(StoreError::Fenced { .. } | StoreError::Conflict(_) | StoreError::NotFound(_)) => {
-                return
-            }
+            Err(
+                StoreError::Fenced { .. }
+                | StoreError::Conflict(_)
+                | StoreError::NotFound(_)
+                | StoreError::Closed(_),
+            ) => return,
             Err(_) => false,
         };
         let result = if ok { "ok" } else { "error" };

@@ -95,17 +95,35 @@ pub fn router(state: AppState) -> Router {
     let routes = app.clone();
     app.route(
         crate::rpc::PATH,
-        get(move |ws: axum::extract::WebSocketUpgrade| {
-            let (routes, stop, channels) =
-                (routes.clone(), state.stop.clone(), state.channels.clone());
-            async move {
-                ws.max_message_size(crate::rpc::MAX_FRAME)
-                    .on_upgrade(move |socket| {
-                        channels.track_future(crate::rpc::serve(socket, routes, stop))
-                    })
-            }
-        }),
+        get(
+            move |headers: axum::http::HeaderMap, ws: axum::extract::WebSocketUpgrade| {
+                channel(headers, ws, routes.clone(), state.clone())
+            },
+        ),
     )
+}
+
+/// A gateway's channel (crate::rpc).
+async fn channel(
+    headers: axum::http::HeaderMap,
+    ws: axum::extract::WebSocketUpgrade,
+    routes: Router,
+    state: AppState,
+) -> Response {
+    // Browsers send an Origin with every WebSocket and apply no CORS to it:
+    // a web page must not reach the internal API this way. The gateway
+    // sends none.
+    if headers.contains_key(axum::http::header::ORIGIN) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the gateway channel takes no browser connections",
+        )
+        .into_response();
+    }
+    let (stop, channels) = (state.stop, state.channels);
+    ws.max_message_size(crate::rpc::MAX_REQUEST_FRAME)
+        .on_upgrade(move |socket| channels.track_future(crate::rpc::serve(socket, routes, stop)))
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
