@@ -355,6 +355,11 @@ impl ServerProcess {
     }
 
     async fn gateway(instances: &[String], port: u16) -> anyhow::Result<Self> {
+        Self::gateway_with(instances, port, true).await
+    }
+
+    /// A gateway; `channel`: over the instance channel, else HTTP only.
+    async fn gateway_with(instances: &[String], port: u16, channel: bool) -> anyhow::Result<Self> {
         let args: Vec<String> = vec![
             "gateway".into(),
             "--listen".into(),
@@ -367,6 +372,8 @@ impl ServerProcess {
             "gateway.rate-limit-burst=1000000".into(),
             "--set".into(),
             "gateway.token-secret=bench".into(),
+            "--set".into(),
+            format!("gateway.instance-channel={channel}"),
         ];
         Self::spawn(&args, port).await
     }
@@ -597,30 +604,39 @@ async fn open_loop(
 }
 
 /// Acknowledged messages/s through the gateway against straight to the
-/// instance, in the same run, on the same instance.
+/// instance, in the same run, on the same instance: through a gateway on
+/// the instance channel (the default) and through one on HTTP only.
 async fn gateway_cost(dir: &Path, args: &BenchArgs, text: &str) -> anyhow::Result<()> {
     let db = dir.join("gateway.db");
     let _ = std::fs::remove_file(&db);
     let instance = ServerProcess::instance(&db, &args.synchronous, "bench", free_port()?).await?;
-    let gateway = ServerProcess::gateway(std::slice::from_ref(&instance.url), free_port()?).await?;
+    let urls = std::slice::from_ref(&instance.url);
+    let gateway = ServerProcess::gateway_with(urls, free_port()?, true).await?;
+    let http_gateway = ServerProcess::gateway_with(urls, free_port()?, false).await?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency * 2)
         .build()?;
     let direct_chats = create_chats_at(&client, &instance.url, args.sessions, false).await?;
     let via_chats = create_chats_at(&client, &gateway.url, args.sessions, true).await?;
-    // Alternate the two in short rounds so that a noisy neighbour weighs
-    // on both alike.
-    let [direct, via] = compare(
+    let http_chats = create_chats_at(&client, &http_gateway.url, args.sessions, true).await?;
+    // Alternate the targets in short rounds so that a noisy neighbour
+    // weighs on all alike.
+    let [direct, via, via_http] = compare(
         &client,
         args,
         text,
         [
             ("straight to the instance", &direct_chats),
             ("through the gateway", &via_chats),
+            ("through a gateway on HTTP only", &http_chats),
         ],
     )
     .await;
     println!("gateway / direct: {:.2}", via / direct);
+    println!(
+        "gateway on HTTP only (gateway.instance-channel = false) / direct: {:.2}",
+        via_http / direct
+    );
     Ok(())
 }
 
@@ -798,8 +814,8 @@ async fn cassandra_vs_sqlite(dir: &Path, args: &BenchArgs, text: &str) -> anyhow
     Ok(())
 }
 
-/// Closed loops against two targets in alternating short rounds, so that a
-/// noisy neighbour weighs on both alike; prints each round and the totals,
+/// Closed loops against the targets in alternating short rounds, so that a
+/// noisy neighbour weighs on all alike; prints each round and the totals,
 /// returns the mean rates.
 async fn compare<const N: usize>(
     client: &reqwest::Client,
@@ -807,9 +823,8 @@ async fn compare<const N: usize>(
     text: &str,
     targets: [(&str, &Vec<Chat>); N],
 ) -> [f64; N] {
-    // Rates climb during a run (caches, the database file, the host), so
-    // the order alternates (A B, B A, …): neither target is always the
-    // one measured later.
+    // The database grows during a run and the host's load changes, so the
+    // order alternates (A B, B A, …): no target is always measured later.
     let rounds = 4;
     let round = BenchArgs {
         duration: args.duration / rounds,

@@ -177,6 +177,9 @@ pub struct GatewayConfig {
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
     pub health_interval: Duration,
+    /// Reach the instances over one multiplexed channel each (crate::rpc);
+    /// false: one HTTP/1.1 request per call.
+    pub instance_channel: bool,
     pub admin_token: Option<String>,
 }
 
@@ -228,6 +231,7 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("gateway", "rate-limit-per-second"),
     ("gateway", "rate-limit-burst"),
     ("gateway", "health-interval"),
+    ("gateway", "instance-channel"),
     ("gateway", "admin-token"),
     ("gateway", "admin-token-file"),
 ];
@@ -588,6 +592,7 @@ impl Layers {
             rate_limit_burst: self.integer("gateway.rate-limit-burst", 40, 1, 1_000_000)? as u32,
             health_interval: self
                 .duration("gateway.health-interval", Duration::from_millis(250))?,
+            instance_channel: self.boolean("gateway.instance-channel", true)?,
             admin_token: self.secret("gateway.admin-token")?,
         };
         Ok(Config {

@@ -305,3 +305,41 @@ async fn two_gateways_serve_the_same_chats_and_a_restarted_gateway_loses_nothing
     let _ = gw2.kill();
     let _ = gw2.wait();
 }
+
+/// The gateway reaches instances over the channel by default, and over
+/// plain HTTP with `gateway.instance-channel = false`; a chat fails over
+/// after kill -9 either way, its transcript whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_works_over_the_channel_and_over_plain_http() {
+    for channel in [true, false] {
+        let setting = format!("gateway.instance-channel={channel}");
+        let c = TestCluster::start(2, &["--set", &setting]).await;
+        let chat = c.create_chat("Ann").await;
+        assert_eq!(c.send(&chat, "one", Some("m1")).await.status, 200);
+        let status = c
+            .http
+            .get(&format!("{}/status", c.gateway), None)
+            .await
+            .ok();
+        let carrying = status["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["instance_id"] == chat.instance_id.as_str())
+            .cloned()
+            .unwrap();
+        assert_eq!(carrying["channel"], channel, "{status}");
+        c.kill(&chat.instance_id).await;
+        assert_eq!(c.send(&chat, "two", Some("m2")).await.status, 200);
+        let events = c.transcript(&chat).await["events"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let messages: Vec<&str> = events
+            .iter()
+            .filter(|e| e["kind"] == "message")
+            .filter_map(|e| e["text"].as_str())
+            .collect();
+        assert_eq!(messages, ["one", "two"], "channel {channel}: {events:?}");
+    }
+}

@@ -391,7 +391,7 @@ impl Application {
         m::describe();
         metrics::counter!(m::GATEWAY_FAILOVERS).absolute(0);
         metrics::gauge!(m::GATEWAY_INSTANCES_HEALTHY).set(0.0);
-        let pool = Pool::new(&g.instances, client.clone());
+        let pool = Pool::new(&g.instances, client.clone(), g.instance_channel);
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(500)));
         connector.set_nodelay(true);
@@ -447,9 +447,7 @@ impl Application {
         tracing::info!(addr = %listener.local_addr()?, instances = gateway.pool.members.len(), "gateway started");
         let stop = gateway.stop.clone();
         axum::serve(
-            axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
+            listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async move {

@@ -25,6 +25,8 @@ pub struct MemberView {
     pub healthy: bool,
     pub enabled: bool,
     pub sessions_active: i64,
+    /// Requests go over an open channel (crate::rpc), not HTTP.
+    pub channel: bool,
 }
 
 struct Health {
@@ -127,6 +129,7 @@ impl Member {
             healthy: h.healthy,
             enabled: h.enabled,
             sessions_active: h.sessions_active,
+            channel: self.open_channel().is_some(),
         }
     }
 }
@@ -134,10 +137,13 @@ impl Member {
 pub struct Pool {
     pub members: Vec<Arc<Member>>,
     client: reqwest::Client,
+    channel: bool,
 }
 
 impl Pool {
-    pub fn new(urls: &[String], client: reqwest::Client) -> Arc<Self> {
+    /// `channel`: reach the instances over the channel (crate::rpc), else
+    /// over HTTP only.
+    pub fn new(urls: &[String], client: reqwest::Client, channel: bool) -> Arc<Self> {
         let members = urls
             .iter()
             .map(|u| {
@@ -154,11 +160,15 @@ impl Pool {
                     assigned: AtomicI64::new(0),
                     channel: Mutex::new(None),
                     connecting: tokio::sync::Mutex::new(()),
-                    http_only: AtomicBool::new(false),
+                    http_only: AtomicBool::new(!channel),
                 })
             })
             .collect();
-        Arc::new(Pool { members, client })
+        Arc::new(Pool {
+            members,
+            client,
+            channel,
+        })
     }
 
     pub fn by_id(&self, id: &str) -> Option<Arc<Member>> {
@@ -272,7 +282,9 @@ impl Pool {
             h.down = CancellationToken::new();
             // Back (perhaps a newer version after an upgrade): try the
             // channel again.
-            member.http_only.store(false, Ordering::Relaxed);
+            if self.channel {
+                member.http_only.store(false, Ordering::Relaxed);
+            }
             tracing::info!(
                 event_id = events::GATEWAY_INSTANCE_UP,
                 instance = h.instance_id.as_deref().unwrap_or("?"),

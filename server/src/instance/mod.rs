@@ -137,10 +137,6 @@ impl Application {
         );
         let signalled = stop.clone();
         let id = instance.id.clone();
-        // Answers go out at once (many share the gateway's channel).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
         let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!(event_id = events::INSTANCE_STOPPING, instance = %id, "instance stopping: finishing in-flight requests");
