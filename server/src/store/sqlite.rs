@@ -103,6 +103,26 @@ fn open(path: &Path, options: SqliteOptions) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// `f` again while SQLite answers busy or locked, until `deadline`.
+fn retry_busy<T>(
+    deadline: std::time::Instant,
+    mut f: impl FnMut() -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    loop {
+        match f() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return result,
+        }
+    }
+}
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -135,16 +155,23 @@ impl SqliteStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let conn = open(path, options).map_err(unavailable)?;
-        conn.execute_batch(SCHEMA).map_err(unavailable)?;
-        let reader = open(path, options).map_err(unavailable)?;
-        // Checkpoints run beside the writer, not inside its commits, so that
-        // copying the WAL back into the database never delays a save.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(unavailable)?;
-        conn.pragma_update(None, "journal_size_limit", options.wal_limit_bytes)
-            .map_err(unavailable)?;
-        let checkpointer = open(path, options).map_err(unavailable)?;
+        // Instances that start together on a new file race to switch it to
+        // WAL and to create the schema; SQLite answers "locked" at once to
+        // some of those steps instead of waiting, so they are retried.
+        let deadline = std::time::Instant::now() + options.busy_timeout;
+        let conn = retry_busy(deadline, || {
+            let conn = open(path, options)?;
+            conn.execute_batch(SCHEMA)?;
+            // Checkpoints run beside the writer, not inside its commits, so
+            // that copying the WAL back into the database never delays a
+            // save.
+            conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+            conn.pragma_update(None, "journal_size_limit", options.wal_limit_bytes)?;
+            Ok(conn)
+        })
+        .map_err(unavailable)?;
+        let reader = retry_busy(deadline, || open(path, options)).map_err(unavailable)?;
+        let checkpointer = retry_busy(deadline, || open(path, options)).map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(max_batch * 4);
         let alive = tx.downgrade();
         let wal = PathBuf::from(format!("{}-wal", path.display()));
@@ -586,8 +613,13 @@ impl SqliteContactStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let conn = open(path, options).map_err(unavailable)?;
-        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        let deadline = std::time::Instant::now() + options.busy_timeout;
+        let conn = retry_busy(deadline, || {
+            let conn = open(path, options)?;
+            conn.execute_batch(SCHEMA)?;
+            Ok(conn)
+        })
+        .map_err(unavailable)?;
         Ok(SqliteContactStore {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -648,6 +680,32 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("confab.db")
+    }
+
+    /// Instances started together (`confab up`) open the same new file at
+    /// once: every one of them must get the store ("database is locked"
+    /// stopped one in a loaded test run).
+    #[tokio::test]
+    async fn stores_opened_together_on_a_new_file_all_open() {
+        for round in 0..20 {
+            let path = temp_db(&format!("together-{round}"));
+            let barrier = Arc::new(std::sync::Barrier::new(4));
+            let openers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let options = SqliteOptions::default();
+                        SqliteStore::open(&path, options)?;
+                        SqliteContactStore::open(&path, options).map(|_| ())
+                    })
+                })
+                .collect();
+            for opener in openers {
+                let result = opener.join().unwrap();
+                assert!(result.is_ok(), "round {round}: {:?}", result.err());
+            }
+        }
     }
 
     #[tokio::test]
