@@ -18,6 +18,7 @@
 //! `client_msg_id`); an instance that stops (SIGTERM) reads no new request,
 //! answers the ones it has, then closes.
 
+use crate::error::ApiError;
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket};
 use axum::http::{Method, Request, StatusCode};
@@ -203,29 +204,23 @@ async fn answer(
         .body(Body::from(body));
     let request = match request {
         Ok(r) => r,
-        Err(e) => return bad_request(&e.to_string()),
+        Err(e) => return error_answer(ApiError::bad_request(e.to_string())),
     };
     let Ok(response) = router.oneshot(request).await;
     let status = response.status();
     // Room for the answer frame's header within the gateway's limit.
     match axum::body::to_bytes(response.into_body(), MAX_FRAME - 16).await {
         Ok(body) => (status, body),
-        Err(e) => (
+        Err(e) => error_answer(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            serde_json::json!({"error": {"code": "too_large", "message": format!("the answer could not be sent on the gateway channel: {e}")}})
-                .to_string()
-                .into(),
-        ),
+            "too_large",
+            format!("the answer could not be sent on the gateway channel: {e}"),
+        )),
     }
 }
 
-fn bad_request(why: &str) -> (StatusCode, Bytes) {
-    (
-        StatusCode::BAD_REQUEST,
-        serde_json::json!({"error": {"code": "bad_request", "message": why}})
-            .to_string()
-            .into(),
-    )
+fn error_answer(e: ApiError) -> (StatusCode, Bytes) {
+    (e.status, e.body().to_string().into())
 }
 
 type Waiting = Mutex<Option<HashMap<u64, oneshot::Sender<(StatusCode, Bytes)>>>>;
@@ -465,6 +460,16 @@ mod tests {
         url
     }
 
+    /// A `/slow` request (300 ms) on `link`, given time to reach the server.
+    async fn slow_call(
+        link: &Arc<Link>,
+    ) -> tokio::task::JoinHandle<Result<(StatusCode, Bytes), LinkClosed>> {
+        let link = link.clone();
+        let call = tokio::spawn(async move { link.call(&Method::GET, "/slow", b"").await });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        call
+    }
+
     #[tokio::test]
     async fn requests_and_answers_cross_the_channel_concurrently() {
         let url = server(true, CancellationToken::new(), CancellationToken::new()).await;
@@ -518,11 +523,7 @@ mod tests {
         let stop = CancellationToken::new();
         let url = server(true, stop.clone(), CancellationToken::new()).await;
         let link = Link::connect(&url).await.expect("a channel");
-        let slow = tokio::spawn({
-            let link = link.clone();
-            async move { link.call(&Method::GET, "/slow", b"").await }
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let slow = slow_call(&link).await;
         stop.cancel();
         let (status, body) = slow.await.unwrap().expect("answered before the close");
         assert_eq!((status, &body[..]), (StatusCode::OK, &b"slow"[..]));
@@ -540,11 +541,7 @@ mod tests {
     async fn closing_a_link_fails_its_requests_and_the_next_ones() {
         let url = server(true, CancellationToken::new(), CancellationToken::new()).await;
         let link = Link::connect(&url).await.expect("a channel");
-        let slow = tokio::spawn({
-            let link = link.clone();
-            async move { link.call(&Method::GET, "/slow", b"").await }
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let slow = slow_call(&link).await;
         // What the gateway does when it marks the instance down.
         link.close();
         assert!(slow.await.unwrap().is_err(), "a waiting request fails");
@@ -557,11 +554,7 @@ mod tests {
         let kill = CancellationToken::new();
         let url = server(true, CancellationToken::new(), kill.clone()).await;
         let link = Link::connect(&url).await.expect("a channel");
-        let slow = tokio::spawn({
-            let link = link.clone();
-            async move { link.call(&Method::GET, "/slow", b"").await }
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let slow = slow_call(&link).await;
         // Its end of the channel goes, as with kill -9.
         kill.cancel();
         let result = tokio::time::timeout(std::time::Duration::from_secs(5), slow)

@@ -5,24 +5,27 @@
 use std::path::Path;
 use std::process::Command;
 
-fn promtool(args: &[&str]) -> String {
+/// Run `tool` (from Debian's `package`) in the repository; its output.
+fn run(tool: &str, package: &str, args: &[&str]) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new("promtool")
+    let out = Command::new(tool)
         .args(args)
         .current_dir(&root)
         .output()
         .unwrap_or_else(|e| {
-            panic!(
-                "promtool not runnable ({e}); install Debian's prometheus package (README set-up)"
-            )
+            panic!("{tool} not runnable ({e}); install Debian's {package} package (README set-up)")
         });
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
+    assert!(out.status.success(), "{tool} {args:?} failed:\n{text}");
     text
+}
+
+fn promtool(args: &[&str]) -> String {
+    run("promtool", "prometheus", args)
 }
 
 #[test]
@@ -90,19 +93,10 @@ fn every_alert_is_tested_firing_and_quiet() {
 /// package, the README's set-up).
 #[test]
 fn alertmanager_example_is_valid() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new("amtool")
-        .args(["check-config", "alerts/alertmanager.example.yml"])
-        .current_dir(&root)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("amtool not runnable ({e}); install Debian's prometheus-alertmanager package (README set-up)")
-        });
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let text = run(
+        "amtool",
+        "prometheus-alertmanager",
+        &["check-config", "alerts/alertmanager.example.yml"],
     );
-    assert!(out.status.success(), "amtool check-config failed:\n{text}");
     assert!(text.contains("SUCCESS"), "{text}");
 }

@@ -206,7 +206,7 @@ async fn keep_alive_get(
     path: &str,
     token: &str,
 ) -> (u16, String, Vec<u8>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n");
     conn.write_all(request.as_bytes()).await.unwrap();
@@ -215,10 +215,7 @@ async fn keep_alive_get(
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
-        let mut chunk = [0u8; 4096];
-        let n = conn.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "the gateway closed the connection");
-        buf.extend_from_slice(&chunk[..n]);
+        read_more(conn, &mut buf).await;
     };
     let headers = String::from_utf8_lossy(&buf[..header_end]).to_lowercase();
     let status: u16 = headers[9..12].parse().unwrap();
@@ -230,16 +227,22 @@ async fn keep_alive_get(
         .parse()
         .unwrap();
     while buf.len() < header_end + length {
-        let mut chunk = [0u8; 4096];
-        let n = conn.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "the gateway closed the connection");
-        buf.extend_from_slice(&chunk[..n]);
+        read_more(conn, &mut buf).await;
     }
     (
         status,
         headers,
         buf[header_end..header_end + length].to_vec(),
     )
+}
+
+/// Append what the connection has to `buf`; it must not be closed.
+async fn read_more(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    let n = conn.read(&mut chunk).await.unwrap();
+    assert!(n > 0, "the gateway closed the connection");
+    buf.extend_from_slice(&chunk[..n]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -777,14 +777,9 @@ impl Instance {
         metrics::histogram!(m::TRANSCRIPT_SAVE_DURATION).record(start.elapsed().as_secs_f64());
         let ok = match result {
             Ok(()) => true,
-            // Refused because another instance owns the session: the store
-            // did its job, and this is no save error.
-            Err(
-                StoreError::Fenced { .. }
-                | StoreError::Conflict(_)
-                | StoreError::NotFound(_)
-                | StoreError::Closed(_),
-            ) => return,
+            // Refused (another instance owns the session, or it is closed
+            // or gone): the store did its job, and this is no save error.
+            Err(e) if !e.is_transient() => return,
             Err(_) => false,
         };
         let result = if ok { "ok" } else { "error" };

@@ -114,12 +114,8 @@ async fn channel(
     // a web page must not reach the internal API this way. The gateway
     // sends none.
     if headers.contains_key(axum::http::header::ORIGIN) {
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "the gateway channel takes no browser connections",
-        )
-        .into_response();
+        return ApiError::forbidden("the gateway channel takes no browser connections")
+            .into_response();
     }
     let (stop, channels) = (state.stop, state.channels);
     ws.max_message_size(crate::rpc::MAX_REQUEST_FRAME)
