@@ -781,8 +781,7 @@ async fn cassandra_vs_sqlite(dir: &Path, args: &BenchArgs, text: &str) -> anyhow
     let config = crate::config::Layers::default()
         .with_overrides(sets.iter().map(String::as_str))?
         .resolve()?;
-    let session = crate::store::cassandra::connect(&config.cassandra).await?;
-    crate::store::cassandra::init_schema(&session, keyspace, false).await?;
+    crate::store::cassandra::connect_and_init(&config.cassandra, false).await?;
     let db = dir.join("cassandra-bench.db");
     let _ = std::fs::remove_file(&db);
     let on_cassandra =

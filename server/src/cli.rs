@@ -24,11 +24,17 @@ pub enum Command {
     /// Run the public chat gateway in front of instances.
     Gateway(GatewayArgs),
     /// Start a local cluster: instances, gateway and dashboard.
-    Up(crate::cluster::UpArgs),
+    Up(crate::supervisor::UpArgs),
     /// Cassandra schema management.
     Cassandra {
         #[command(subcommand)]
         command: CassandraCommand,
+    },
+    /// The configuration: every option with its default, or a check of a
+    /// configuration without starting anything.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
     },
     /// Load-generate against a real instance and report figures against
     /// the raw store rate measured in the same run.
@@ -109,6 +115,18 @@ pub enum CassandraCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Print every option with its default and what it does (TOML).
+    Defaults,
+    /// Resolve a configuration (file, environment, `--set`) and say whether
+    /// it is valid, without starting anything.
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
 #[derive(Args, Debug)]
 pub struct GatewayArgs {
     #[command(flatten)]
@@ -121,9 +139,37 @@ pub struct GatewayArgs {
     pub instances: Vec<String>,
 }
 
+impl ServerArgs {
+    /// The typed flags as the options they set.
+    fn flags(&self) -> Vec<(&'static str, Option<String>)> {
+        vec![
+            ("server.listen", self.listen.clone()),
+            ("server.instance-id", self.instance_id.clone()),
+            ("server.store", self.store.clone()),
+            (
+                "server.sqlite-path",
+                self.sqlite_path.as_ref().map(|p| p.display().to_string()),
+            ),
+            ("server.admin-token", self.admin_token.clone()),
+        ]
+    }
+}
+
+impl GatewayArgs {
+    /// The typed flags as the options they set.
+    fn flags(&self) -> Vec<(&'static str, Option<String>)> {
+        let instances = (!self.instances.is_empty()).then(|| self.instances.join(","));
+        vec![
+            ("gateway.listen", self.listen.clone()),
+            ("gateway.instances", instances),
+        ]
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging(cli.log_format);
+    let log_format = cli.log_format;
+    telemetry::init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -138,8 +184,11 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            tracing::error!("{e:#}");
+            // Once: as a JSON log line where logs are parsed, else as text.
+            match log_format {
+                LogFormat::Json => tracing::error!("{e:#}"),
+                LogFormat::Text => eprintln!("error: {e:#}"),
+            }
             ExitCode::from(2)
         }
     }
@@ -148,31 +197,18 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(args) => {
-            let config = args.config.load(&[
-                ("server.listen", args.listen.clone()),
-                ("server.instance-id", args.instance_id.clone()),
-                ("server.store", args.store.clone()),
-                (
-                    "server.sqlite-path",
-                    args.sqlite_path.as_ref().map(|p| p.display().to_string()),
-                ),
-                ("server.admin-token", args.admin_token.clone()),
-            ])?;
+            let config = args.config.load(&args.flags())?;
             let app = crate::instance::Application::build(&config).await?;
-            app.run_until_stopped(crate::instance::shutdown_signal())
+            app.run_until_stopped(crate::process::shutdown_signal())
                 .await
         }
         Command::Gateway(args) => {
-            let instances = (!args.instances.is_empty()).then(|| args.instances.join(","));
-            let config = args.config.load(&[
-                ("gateway.listen", args.listen.clone()),
-                ("gateway.instances", instances),
-            ])?;
+            let config = args.config.load(&args.flags())?;
             let app = crate::gateway::Application::build(&config).await?;
-            app.run_until_stopped(crate::instance::shutdown_signal())
+            app.run_until_stopped(crate::process::shutdown_signal())
                 .await
         }
-        Command::Up(args) => crate::cluster::run(args).await,
+        Command::Up(args) => crate::supervisor::run(args).await,
         Command::Cassandra {
             command: CassandraCommand::TestNode { listen },
         } => {
@@ -182,7 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                  use --set cassandra.await-schema-agreement=false --set cassandra.local-dc= with it",
                 node.addr
             );
-            crate::instance::shutdown_signal().await;
+            crate::process::shutdown_signal().await;
             Ok(())
         }
         Command::Cassandra {
@@ -195,8 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let config = config.load(&[("cassandra.contact-points", contact_points)])?;
             let c = &config.cassandra;
-            let session = crate::store::cassandra::connect(c).await?;
-            crate::store::cassandra::init_schema(&session, &c.keyspace, ttl).await?;
+            crate::store::cassandra::connect_and_init(c, ttl).await?;
             println!(
                 "keyspace {} ready at {} ({} tables)",
                 c.keyspace,
@@ -205,6 +240,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Config {
+            command: ConfigCommand::Defaults,
+        } => {
+            print!("{}", crate::config::defaults_toml());
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => {
+            config.load(&[])?;
+            println!("configuration is valid");
+            Ok(())
+        }
         Command::Bench(args) => crate::bench::run(args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_typed_flag_sets_a_known_option() {
+        let server = Cli::parse_from([
+            "confab",
+            "server",
+            "--listen",
+            "127.0.0.1:1",
+            "--instance-id",
+            "a",
+            "--store",
+            "sqlite",
+            "--sqlite-path",
+            "/tmp/x.db",
+            "--admin-token",
+            "t",
+        ]);
+        let gateway = Cli::parse_from([
+            "confab",
+            "gateway",
+            "--listen",
+            "127.0.0.1:2",
+            "--instance",
+            "http://a",
+        ]);
+        let flags = match (server.command, gateway.command) {
+            (Command::Server(s), Command::Gateway(g)) => [s.flags(), g.flags()].concat(),
+            _ => unreachable!(),
+        };
+        for (key, value) in flags {
+            assert!(crate::config::option(key).is_some(), "{key} is no option");
+            assert!(value.is_some(), "{key} was given");
+        }
     }
 }

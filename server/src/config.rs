@@ -180,7 +180,6 @@ pub struct GatewayConfig {
     /// Reach the instances over one multiplexed channel each (crate::rpc);
     /// false: one HTTP/1.1 request per call.
     pub instance_channel: bool,
-    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -191,50 +190,276 @@ pub struct Config {
     pub gateway: GatewayConfig,
 }
 
-/// Every option: (section, name). Environment variables and unknown-key
-/// checks are derived from this list.
-pub const OPTIONS: &[(&str, &str)] = &[
-    ("settings", "session-restoration-mode"),
-    ("settings", "transcript-auto-save"),
-    ("settings", "transcript-save-on-error"),
-    ("settings", "transcript-resend-attempts"),
-    ("settings", "transcript-resend-delay"),
-    ("settings", "transcript-save-notices"),
-    ("cassandra", "contact-points"),
-    ("cassandra", "keyspace"),
-    ("cassandra", "local-dc"),
-    ("cassandra", "read-consistency"),
-    ("cassandra", "write-consistency"),
-    ("cassandra", "username"),
-    ("cassandra", "password"),
-    ("cassandra", "password-file"),
-    ("cassandra", "tls-ca-file"),
-    ("cassandra", "reconnect-timeout"),
-    ("cassandra", "await-schema-agreement"),
-    ("server", "instance-id"),
-    ("server", "listen"),
-    ("server", "store"),
-    ("server", "sqlite-path"),
-    ("server", "sqlite-synchronous"),
-    ("server", "sqlite-busy-timeout"),
-    ("server", "contact-store-path"),
-    ("server", "admin-token"),
-    ("server", "admin-token-file"),
-    ("server", "admin-kill-enabled"),
-    ("server", "max-batch"),
-    ("gateway", "listen"),
-    ("gateway", "instances"),
-    ("gateway", "token-secret"),
-    ("gateway", "token-secret-file"),
-    ("gateway", "agent-credential"),
-    ("gateway", "allowed-origins"),
-    ("gateway", "rate-limit-per-second"),
-    ("gateway", "rate-limit-burst"),
-    ("gateway", "health-interval"),
-    ("gateway", "instance-channel"),
-    ("gateway", "admin-token"),
-    ("gateway", "admin-token-file"),
+/// One option: its section and name, its default (a TOML literal) and what
+/// it does. This table is the one source of option names and defaults: the
+/// TOML file, the `CONFAB_…` environment, `--set` and the typed flags are
+/// all checked against it, `resolve` takes its defaults from it, and the
+/// README's configuration block is generated from it (`confab config
+/// defaults`; a test compares the two).
+#[derive(Debug, Clone, Copy)]
+pub struct OptionSpec {
+    pub section: &'static str,
+    pub name: &'static str,
+    pub default: &'static str,
+    pub doc: &'static str,
+}
+
+const fn opt(
+    section: &'static str,
+    name: &'static str,
+    default: &'static str,
+    doc: &'static str,
+) -> OptionSpec {
+    OptionSpec {
+        section,
+        name,
+        default,
+        doc,
+    }
+}
+
+pub const OPTIONS: &[OptionSpec] = &[
+    opt(
+        "settings",
+        "session-restoration-mode",
+        r#""simple""#,
+        r#""simple" | "none"; no effect when transcript-auto-save = 0"#,
+    ),
+    opt(
+        "settings",
+        "transcript-auto-save",
+        "1",
+        "0 off, 1 save after each message, 2 save and notify clients",
+    ),
+    opt(
+        "settings",
+        "transcript-save-on-error",
+        r#""close""#,
+        r#""close" | "continue""#,
+    ),
+    opt(
+        "settings",
+        "transcript-resend-attempts",
+        "3",
+        "retries of a failed save (0-100)",
+    ),
+    opt(
+        "settings",
+        "transcript-resend-delay",
+        r#""1s""#,
+        "between retries",
+    ),
+    opt(
+        "settings",
+        "transcript-save-notices",
+        "true",
+        "tell participants when a save failed",
+    ),
+    opt(
+        "cassandra",
+        "contact-points",
+        r#"["127.0.0.1:9042"]"#,
+        "used when server.store = \"cassandra\"",
+    ),
+    opt(
+        "cassandra",
+        "keyspace",
+        r#""confab""#,
+        "1 to 48 letters, digits or underscores",
+    ),
+    opt(
+        "cassandra",
+        "local-dc",
+        r#""datacenter1""#,
+        r#""": no preference (a single-DC cluster)"#,
+    ),
+    opt(
+        "cassandra",
+        "read-consistency",
+        r#""QUORUM""#,
+        "ANY ONE TWO THREE QUORUM ALL LOCAL_QUORUM EACH_QUORUM LOCAL_ONE",
+    ),
+    opt(
+        "cassandra",
+        "write-consistency",
+        r#""QUORUM""#,
+        "the same choices",
+    ),
+    opt("cassandra", "username", r#""""#, r#""": no authentication"#),
+    opt("cassandra", "password", r#""""#, "or password-file"),
+    opt(
+        "cassandra",
+        "password-file",
+        r#""""#,
+        "a file holding the password",
+    ),
+    opt(
+        "cassandra",
+        "tls-ca-file",
+        r#""""#,
+        "CA certificate (PEM): TLS to the nodes",
+    ),
+    opt(
+        "cassandra",
+        "reconnect-timeout",
+        r#""5s""#,
+        "connection and request timeout",
+    ),
+    opt(
+        "cassandra",
+        "await-schema-agreement",
+        "true",
+        "false only for single test nodes (empty system.peers)",
+    ),
+    opt("server", "instance-id", r#""""#, r#""": confab-<port>"#),
+    opt(
+        "server",
+        "listen",
+        r#""127.0.0.1:7001""#,
+        "address of the instance's HTTP API",
+    ),
+    opt(
+        "server",
+        "store",
+        r#""sqlite""#,
+        r#""sqlite" | "cassandra""#,
+    ),
+    opt(
+        "server",
+        "sqlite-path",
+        r#"".confab/confab.db""#,
+        "the SQLite session store, shared by the instances of one host",
+    ),
+    opt(
+        "server",
+        "sqlite-synchronous",
+        r#""full""#,
+        "off | normal | full | extra",
+    ),
+    opt(
+        "server",
+        "sqlite-busy-timeout",
+        r#""5s""#,
+        "wait for another process's write lock before a save fails",
+    ),
+    opt(
+        "server",
+        "contact-store-path",
+        r#""""#,
+        r#""": the session store's file"#,
+    ),
+    opt(
+        "server",
+        "admin-token",
+        r#""""#,
+        "or admin-token-file; /admin answers 401 without it",
+    ),
+    opt(
+        "server",
+        "admin-token-file",
+        r#""""#,
+        "a file holding the admin token",
+    ),
+    opt(
+        "server",
+        "admin-kill-enabled",
+        "false",
+        "POST /admin/kill (SIGKILL itself) for restoration tests",
+    ),
+    opt(
+        "server",
+        "max-batch",
+        "512",
+        "most saves group-committed in one transaction (1-100000)",
+    ),
+    opt(
+        "gateway",
+        "listen",
+        r#""127.0.0.1:8080""#,
+        "address of the public chat API and pages",
+    ),
+    opt(
+        "gateway",
+        "instances",
+        "[]",
+        r#"instance base URLs, e.g. ["http://127.0.0.1:7001"]"#,
+    ),
+    opt(
+        "gateway",
+        "token-secret",
+        r#""""#,
+        "or token-secret-file; gateways sharing it serve the same chats",
+    ),
+    opt(
+        "gateway",
+        "token-secret-file",
+        r#""""#,
+        "a file holding the token secret",
+    ),
+    opt(
+        "gateway",
+        "agent-credential",
+        r#""""#,
+        "what agents present to join chats and read the queue",
+    ),
+    opt(
+        "gateway",
+        "allowed-origins",
+        "[]",
+        "WebSocket origins besides the gateway's own",
+    ),
+    opt(
+        "gateway",
+        "rate-limit-per-second",
+        "20",
+        "requests per connection and second",
+    ),
+    opt(
+        "gateway",
+        "rate-limit-burst",
+        "40",
+        "bursts up to this many",
+    ),
+    opt(
+        "gateway",
+        "health-interval",
+        r#""250ms""#,
+        "how often each instance is checked",
+    ),
+    opt(
+        "gateway",
+        "instance-channel",
+        "true",
+        "false: one HTTP/1.1 request per call to an instance",
+    ),
 ];
+
+/// The option `section.option`, if there is one.
+pub fn option(key: &str) -> Option<&'static OptionSpec> {
+    let (section, name) = key.split_once('.')?;
+    OPTIONS
+        .iter()
+        .find(|o| o.section == section && o.name == name)
+}
+
+/// The README's configuration block: every option with its default and
+/// what it does, section by section.
+pub fn defaults_toml() -> String {
+    let mut out = String::new();
+    let mut section = "";
+    for o in OPTIONS {
+        if o.section != section {
+            if !section.is_empty() {
+                out.push('\n');
+            }
+            section = o.section;
+            out.push_str(&format!("[{section}]\n"));
+        }
+        let line = format!("{} = {}", o.name, o.default);
+        out.push_str(&format!("{line:<38}# {}\n", o.doc));
+    }
+    out
+}
 
 /// The environment variable for an option: `CONFAB_SETTINGS_TRANSCRIPT_AUTO_SAVE`.
 pub fn env_name(section: &str, option: &str) -> String {
@@ -284,7 +509,7 @@ impl Layers {
     }
 
     fn set(&mut self, key: &str, value: Value) -> Result<()> {
-        if !OPTIONS.iter().any(|(s, o)| format!("{s}.{o}") == key) {
+        if option(key).is_none() {
             return Err(ConfigError::Unknown(key.to_owned()));
         }
         self.values.insert(key.to_owned(), value);
@@ -294,10 +519,12 @@ impl Layers {
     /// Overlay `CONFAB_…` variables from `env`.
     pub fn with_env(mut self, env: impl IntoIterator<Item = (String, String)>) -> Self {
         let env: BTreeMap<String, String> = env.into_iter().collect();
-        for (section, option) in OPTIONS {
-            if let Some(v) = env.get(&env_name(section, option)) {
-                self.values
-                    .insert(format!("{section}.{option}"), Value::String(v.clone()));
+        for o in OPTIONS {
+            if let Some(v) = env.get(&env_name(o.section, o.name)) {
+                self.values.insert(
+                    format!("{}.{}", o.section, o.name),
+                    Value::String(v.clone()),
+                );
             }
         }
         self
@@ -323,8 +550,17 @@ impl Layers {
         Ok(self)
     }
 
-    fn raw(&self, key: &str) -> Option<&Value> {
-        self.values.get(key)
+    /// The option's value: as given, or its default from [`OPTIONS`].
+    fn value(&self, key: &str) -> Value {
+        if let Some(v) = self.values.get(key) {
+            return v.clone();
+        }
+        let spec = option(key).unwrap_or_else(|| panic!("option {key} is not in OPTIONS"));
+        format!("v = {}", spec.default)
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| panic!("the default of {key} is no TOML value"))
     }
 
     fn invalid(key: &str, v: &Value, expected: &str) -> ConfigError {
@@ -339,24 +575,22 @@ impl Layers {
         }
     }
 
-    fn string(&self, key: &str, default: &str) -> Result<String> {
-        match self.raw(key) {
-            None => Ok(default.to_owned()),
-            Some(Value::String(s)) => Ok(s.clone()),
-            Some(v) => Err(Self::invalid(key, v, "a string")),
+    fn string(&self, key: &str) -> Result<String> {
+        match self.value(key) {
+            Value::String(s) => Ok(s),
+            v => Err(Self::invalid(key, &v, "a string")),
         }
     }
 
+    /// A string option whose empty value means "not set".
     fn opt_string(&self, key: &str) -> Result<Option<String>> {
-        let s = self.string(key, "")?;
+        let s = self.string(key)?;
         Ok(if s.is_empty() { None } else { Some(s) })
     }
 
-    fn choice<T: Copy>(&self, key: &str, default: T, choices: &[(&str, T)]) -> Result<T> {
-        let Some(v) = self.raw(key) else {
-            return Ok(default);
-        };
-        let text = match v {
+    fn choice<T: Copy>(&self, key: &str, choices: &[(&str, T)]) -> Result<T> {
+        let v = self.value(key);
+        let text = match &v {
             Value::String(s) => s.clone(),
             Value::Integer(i) => i.to_string(),
             other => other.to_string(),
@@ -367,22 +601,22 @@ impl Layers {
             .map(|(_, t)| *t)
             .ok_or_else(|| {
                 let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
-                Self::invalid(key, v, &format!("one of {}", names.join(", ")))
+                Self::invalid(key, &v, &format!("one of {}", names.join(", ")))
             })
     }
 
-    fn integer(&self, key: &str, default: u64, min: u64, max: u64) -> Result<u64> {
+    fn integer(&self, key: &str, min: u64, max: u64) -> Result<u64> {
         let expected = format!("an integer from {min} to {max}");
-        let n = match self.raw(key) {
-            None => return Ok(default),
-            Some(v @ Value::Integer(i)) => {
-                u64::try_from(*i).map_err(|_| Self::invalid(key, v, &expected))?
+        let v = self.value(key);
+        let n = match &v {
+            Value::Integer(i) => {
+                u64::try_from(*i).map_err(|_| Self::invalid(key, &v, &expected))?
             }
-            Some(v @ Value::String(s)) => s
+            Value::String(s) => s
                 .trim()
                 .parse()
-                .map_err(|_| Self::invalid(key, v, &expected))?,
-            Some(v) => return Err(Self::invalid(key, v, &expected)),
+                .map_err(|_| Self::invalid(key, &v, &expected))?,
+            _ => return Err(Self::invalid(key, &v, &expected)),
         };
         if n < min || n > max {
             return Err(Self::invalid(key, &Value::Integer(n as i64), &expected));
@@ -390,52 +624,49 @@ impl Layers {
         Ok(n)
     }
 
-    fn boolean(&self, key: &str, default: bool) -> Result<bool> {
-        match self.raw(key) {
-            None => Ok(default),
-            Some(Value::Boolean(b)) => Ok(*b),
-            Some(v @ Value::String(s)) => match s.as_str() {
-                "true" => Ok(true),
-                "false" => Ok(false),
-                _ => Err(Self::invalid(key, v, "true or false")),
-            },
-            Some(v) => Err(Self::invalid(key, v, "true or false")),
+    fn boolean(&self, key: &str) -> Result<bool> {
+        match self.value(key) {
+            Value::Boolean(b) => Ok(b),
+            Value::String(s) if s == "true" => Ok(true),
+            Value::String(s) if s == "false" => Ok(false),
+            v => Err(Self::invalid(key, &v, "true or false")),
         }
     }
 
-    fn duration(&self, key: &str, default: Duration) -> Result<Duration> {
+    fn duration(&self, key: &str) -> Result<Duration> {
         let expected = "a duration such as \"500ms\", \"1s\" or \"2m\"";
-        match self.raw(key) {
-            None => Ok(default),
-            Some(v @ Value::String(s)) => {
-                humantime::parse_duration(s.trim()).map_err(|_| Self::invalid(key, v, expected))
-            }
-            Some(v) => Err(Self::invalid(key, v, expected)),
+        match self.value(key) {
+            Value::String(s) => humantime::parse_duration(s.trim())
+                .map_err(|_| Self::invalid(key, &Value::String(s.clone()), expected)),
+            v => Err(Self::invalid(key, &v, expected)),
         }
     }
 
-    fn list(&self, key: &str, default: &[&str]) -> Result<Vec<String>> {
-        match self.raw(key) {
-            None => Ok(default.iter().map(|s| s.to_string()).collect()),
-            Some(Value::String(s)) => Ok(s
+    fn list(&self, key: &str) -> Result<Vec<String>> {
+        match self.value(key) {
+            Value::String(s) => Ok(s
                 .split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(str::to_owned)
                 .collect()),
-            Some(v @ Value::Array(items)) => items
+            Value::Array(items) => items
                 .iter()
                 .map(|i| match i {
                     Value::String(s) => Ok(s.clone()),
-                    _ => Err(Self::invalid(key, v, "a list of strings")),
+                    _ => Err(Self::invalid(
+                        key,
+                        &Value::Array(items.clone()),
+                        "a list of strings",
+                    )),
                 })
                 .collect(),
-            Some(v) => Err(Self::invalid(key, v, "a list of strings")),
+            v => Err(Self::invalid(key, &v, "a list of strings")),
         }
     }
 
-    fn socket(&self, key: &str, default: &str) -> Result<SocketAddr> {
-        let s = self.string(key, default)?;
+    fn socket(&self, key: &str) -> Result<SocketAddr> {
+        let s = self.string(key)?;
         s.parse()
             .map_err(|_| Self::invalid(key, &Value::String(s), "an address such as 127.0.0.1:7001"))
     }
@@ -462,7 +693,6 @@ impl Layers {
         let settings = Settings {
             session_restoration_mode: self.choice(
                 "settings.session-restoration-mode",
-                RestorationMode::Simple,
                 &[
                     ("simple", RestorationMode::Simple),
                     ("none", RestorationMode::None),
@@ -470,7 +700,6 @@ impl Layers {
             )?,
             transcript_auto_save: self.choice(
                 "settings.transcript-auto-save",
-                AutoSave::Save,
                 &[
                     ("0", AutoSave::Off),
                     ("1", AutoSave::Save),
@@ -479,7 +708,6 @@ impl Layers {
             )?,
             transcript_save_on_error: self.choice(
                 "settings.transcript-save-on-error",
-                SaveOnError::Close,
                 &[
                     ("close", SaveOnError::Close),
                     ("continue", SaveOnError::Continue),
@@ -487,31 +715,28 @@ impl Layers {
             )?,
             transcript_resend_attempts: self.integer(
                 "settings.transcript-resend-attempts",
-                3,
                 0,
                 100,
             )? as u32,
-            transcript_resend_delay: self
-                .duration("settings.transcript-resend-delay", Duration::from_secs(1))?,
-            transcript_save_notices: self.boolean("settings.transcript-save-notices", true)?,
+            transcript_resend_delay: self.duration("settings.transcript-resend-delay")?,
+            transcript_save_notices: self.boolean("settings.transcript-save-notices")?,
         };
         let consistency = |key: &str| -> Result<Consistency> {
-            let s = self.string(key, "QUORUM")?;
+            let s = self.string(key)?;
             Consistency::parse(&s)
                 .ok_or_else(|| Self::invalid(key, &Value::String(s), Consistency::CHOICES))
         };
         let cassandra = CassandraConfig {
-            contact_points: self.list("cassandra.contact-points", &["127.0.0.1:9042"])?,
-            keyspace: self.string("cassandra.keyspace", "confab")?,
-            local_dc: self.string("cassandra.local-dc", "datacenter1")?,
+            contact_points: self.list("cassandra.contact-points")?,
+            keyspace: self.string("cassandra.keyspace")?,
+            local_dc: self.string("cassandra.local-dc")?,
             read_consistency: consistency("cassandra.read-consistency")?,
             write_consistency: consistency("cassandra.write-consistency")?,
-            username: self.string("cassandra.username", "")?,
+            username: self.string("cassandra.username")?,
             password: self.secret("cassandra.password")?,
             tls_ca_file: self.opt_string("cassandra.tls-ca-file")?.map(PathBuf::from),
-            reconnect_timeout: self
-                .duration("cassandra.reconnect-timeout", Duration::from_secs(5))?,
-            await_schema_agreement: self.boolean("cassandra.await-schema-agreement", true)?,
+            reconnect_timeout: self.duration("cassandra.reconnect-timeout")?,
+            await_schema_agreement: self.boolean("cassandra.await-schema-agreement")?,
         };
         if cassandra.contact_points.is_empty() {
             return Err(ConfigError::Invalid {
@@ -533,22 +758,22 @@ impl Layers {
                 "1 to 48 letters, digits or underscores",
             ));
         }
-        let listen = self.socket("server.listen", "127.0.0.1:7001")?;
+        let listen = self.socket("server.listen")?;
         let server = ServerConfig {
-            instance_id: self.string("server.instance-id", &format!("confab-{}", listen.port()))?,
+            instance_id: self
+                .opt_string("server.instance-id")?
+                .unwrap_or_else(|| format!("confab-{}", listen.port())),
             listen,
             store: self.choice(
                 "server.store",
-                StoreBackend::Sqlite,
                 &[
                     ("sqlite", StoreBackend::Sqlite),
                     ("cassandra", StoreBackend::Cassandra),
                 ],
             )?,
-            sqlite_path: PathBuf::from(self.string("server.sqlite-path", ".confab/confab.db")?),
+            sqlite_path: PathBuf::from(self.string("server.sqlite-path")?),
             sqlite_synchronous: self.choice(
                 "server.sqlite-synchronous",
-                Synchronous::Full,
                 &[
                     ("off", Synchronous::Off),
                     ("normal", Synchronous::Normal),
@@ -556,14 +781,13 @@ impl Layers {
                     ("extra", Synchronous::Extra),
                 ],
             )?,
-            sqlite_busy_timeout: self
-                .duration("server.sqlite-busy-timeout", Duration::from_secs(5))?,
+            sqlite_busy_timeout: self.duration("server.sqlite-busy-timeout")?,
             contact_store_path: self
                 .opt_string("server.contact-store-path")?
                 .map(PathBuf::from),
             admin_token: self.secret("server.admin-token")?,
-            admin_kill_enabled: self.boolean("server.admin-kill-enabled", false)?,
-            max_batch: self.integer("server.max-batch", 512, 1, 100_000)? as usize,
+            admin_kill_enabled: self.boolean("server.admin-kill-enabled")?,
+            max_batch: self.integer("server.max-batch", 1, 100_000)? as usize,
         };
         if server.instance_id.is_empty()
             || !server
@@ -578,22 +802,16 @@ impl Layers {
             ));
         }
         let gateway = GatewayConfig {
-            listen: self.socket("gateway.listen", "127.0.0.1:8080")?,
-            instances: self.list("gateway.instances", &[])?,
+            listen: self.socket("gateway.listen")?,
+            instances: self.list("gateway.instances")?,
             token_secret: self.secret("gateway.token-secret")?,
             agent_credential: self.opt_string("gateway.agent-credential")?,
-            allowed_origins: self.list("gateway.allowed-origins", &[])?,
-            rate_limit_per_second: self.integer(
-                "gateway.rate-limit-per-second",
-                20,
-                1,
-                1_000_000,
-            )? as u32,
-            rate_limit_burst: self.integer("gateway.rate-limit-burst", 40, 1, 1_000_000)? as u32,
-            health_interval: self
-                .duration("gateway.health-interval", Duration::from_millis(250))?,
-            instance_channel: self.boolean("gateway.instance-channel", true)?,
-            admin_token: self.secret("gateway.admin-token")?,
+            allowed_origins: self.list("gateway.allowed-origins")?,
+            rate_limit_per_second: self.integer("gateway.rate-limit-per-second", 1, 1_000_000)?
+                as u32,
+            rate_limit_burst: self.integer("gateway.rate-limit-burst", 1, 1_000_000)? as u32,
+            health_interval: self.duration("gateway.health-interval")?,
+            instance_channel: self.boolean("gateway.instance-channel")?,
         };
         Ok(Config {
             settings,
@@ -602,6 +820,235 @@ impl Layers {
             gateway,
         })
     }
+}
+
+/// The names of closed sets of values, as the configuration spells them.
+impl RestorationMode {
+    fn name(self) -> &'static str {
+        match self {
+            RestorationMode::Simple => "simple",
+            RestorationMode::None => "none",
+        }
+    }
+}
+
+impl AutoSave {
+    fn level(self) -> i64 {
+        match self {
+            AutoSave::Off => 0,
+            AutoSave::Save => 1,
+            AutoSave::SaveAndNotify => 2,
+        }
+    }
+}
+
+impl SaveOnError {
+    fn name(self) -> &'static str {
+        match self {
+            SaveOnError::Close => "close",
+            SaveOnError::Continue => "continue",
+        }
+    }
+}
+
+impl Consistency {
+    fn name(self) -> &'static str {
+        match self {
+            Consistency::Any => "ANY",
+            Consistency::One => "ONE",
+            Consistency::Two => "TWO",
+            Consistency::Three => "THREE",
+            Consistency::Quorum => "QUORUM",
+            Consistency::All => "ALL",
+            Consistency::LocalQuorum => "LOCAL_QUORUM",
+            Consistency::EachQuorum => "EACH_QUORUM",
+            Consistency::LocalOne => "LOCAL_ONE",
+        }
+    }
+}
+
+impl StoreBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreBackend::Sqlite => "sqlite",
+            StoreBackend::Cassandra => "cassandra",
+        }
+    }
+}
+
+/// The sections of the configuration file, for writing a component's part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Settings,
+    Cassandra,
+    Server,
+    Gateway,
+}
+
+impl Config {
+    /// The given sections as a TOML file that [`Layers::from_toml`] reads
+    /// back into the same values: how `confab up` hands each component its
+    /// typed configuration (and nothing of the sections it does not use).
+    pub fn to_toml(&self, sections: &[Section]) -> String {
+        let mut file = toml::Table::new();
+        for section in sections {
+            let (name, table) = match section {
+                Section::Settings => ("settings", self.settings_table()),
+                Section::Cassandra => ("cassandra", self.cassandra_table()),
+                Section::Server => ("server", self.server_table()),
+                Section::Gateway => ("gateway", self.gateway_table()),
+            };
+            file.insert(name.into(), Value::Table(table));
+        }
+        toml::to_string(&file).unwrap_or_default()
+    }
+
+    fn settings_table(&self) -> toml::Table {
+        let s = &self.settings;
+        let mut t = toml::Table::new();
+        put(
+            &mut t,
+            "session-restoration-mode",
+            text(s.session_restoration_mode.name()),
+        );
+        put(
+            &mut t,
+            "transcript-auto-save",
+            Value::Integer(s.transcript_auto_save.level()),
+        );
+        put(
+            &mut t,
+            "transcript-save-on-error",
+            text(s.transcript_save_on_error.name()),
+        );
+        put(
+            &mut t,
+            "transcript-resend-attempts",
+            Value::Integer(s.transcript_resend_attempts.into()),
+        );
+        put(
+            &mut t,
+            "transcript-resend-delay",
+            duration(s.transcript_resend_delay),
+        );
+        put(
+            &mut t,
+            "transcript-save-notices",
+            Value::Boolean(s.transcript_save_notices),
+        );
+        t
+    }
+
+    fn cassandra_table(&self) -> toml::Table {
+        let k = &self.cassandra;
+        let mut t = toml::Table::new();
+        put(&mut t, "contact-points", list(&k.contact_points));
+        put(&mut t, "keyspace", text(&k.keyspace));
+        put(&mut t, "local-dc", text(&k.local_dc));
+        put(&mut t, "read-consistency", text(k.read_consistency.name()));
+        put(
+            &mut t,
+            "write-consistency",
+            text(k.write_consistency.name()),
+        );
+        put(&mut t, "username", text(&k.username));
+        if let Some(pw) = &k.password {
+            put(&mut t, "password", text(pw));
+        }
+        if let Some(ca) = &k.tls_ca_file {
+            put(&mut t, "tls-ca-file", path(ca));
+        }
+        put(&mut t, "reconnect-timeout", duration(k.reconnect_timeout));
+        put(
+            &mut t,
+            "await-schema-agreement",
+            Value::Boolean(k.await_schema_agreement),
+        );
+        t
+    }
+
+    fn server_table(&self) -> toml::Table {
+        let s = &self.server;
+        let mut t = toml::Table::new();
+        put(&mut t, "instance-id", text(&s.instance_id));
+        put(&mut t, "listen", text(&s.listen.to_string()));
+        put(&mut t, "store", text(s.store.name()));
+        put(&mut t, "sqlite-path", path(&s.sqlite_path));
+        put(
+            &mut t,
+            "sqlite-synchronous",
+            text(&s.sqlite_synchronous.pragma().to_ascii_lowercase()),
+        );
+        put(
+            &mut t,
+            "sqlite-busy-timeout",
+            duration(s.sqlite_busy_timeout),
+        );
+        if let Some(p) = &s.contact_store_path {
+            put(&mut t, "contact-store-path", path(p));
+        }
+        if let Some(token) = &s.admin_token {
+            put(&mut t, "admin-token", text(token));
+        }
+        put(
+            &mut t,
+            "admin-kill-enabled",
+            Value::Boolean(s.admin_kill_enabled),
+        );
+        put(&mut t, "max-batch", Value::Integer(s.max_batch as i64));
+        t
+    }
+
+    fn gateway_table(&self) -> toml::Table {
+        let g = &self.gateway;
+        let mut t = toml::Table::new();
+        put(&mut t, "listen", text(&g.listen.to_string()));
+        put(&mut t, "instances", list(&g.instances));
+        if let Some(secret) = &g.token_secret {
+            put(&mut t, "token-secret", text(secret));
+        }
+        if let Some(cred) = &g.agent_credential {
+            put(&mut t, "agent-credential", text(cred));
+        }
+        put(&mut t, "allowed-origins", list(&g.allowed_origins));
+        put(
+            &mut t,
+            "rate-limit-per-second",
+            Value::Integer(g.rate_limit_per_second.into()),
+        );
+        put(
+            &mut t,
+            "rate-limit-burst",
+            Value::Integer(g.rate_limit_burst.into()),
+        );
+        put(&mut t, "health-interval", duration(g.health_interval));
+        put(
+            &mut t,
+            "instance-channel",
+            Value::Boolean(g.instance_channel),
+        );
+        t
+    }
+}
+
+fn put(table: &mut toml::Table, option: &str, value: Value) {
+    table.insert(option.to_owned(), value);
+}
+
+fn text(s: &str) -> Value {
+    Value::String(s.to_owned())
+}
+
+fn duration(d: Duration) -> Value {
+    Value::String(humantime::format_duration(d).to_string())
+}
+
+fn list(items: &[String]) -> Value {
+    Value::Array(items.iter().map(|s| text(s)).collect())
+}
+
+fn path(p: &Path) -> Value {
+    Value::String(p.display().to_string())
 }
 
 #[cfg(test)]
@@ -767,5 +1214,104 @@ transcript-save-notices = false
             .unwrap()
             .resolve();
         assert_eq!(invalid_option(missing), "cassandra.password-file");
+    }
+
+    #[test]
+    fn every_option_survives_a_round_trip_through_to_toml() {
+        // Every option set to a value other than its default, so that an
+        // option missing from `to_toml` (or written wrongly) shows.
+        let c = resolve(
+            r#"[settings]
+session-restoration-mode = "none"
+transcript-auto-save = 2
+transcript-save-on-error = "continue"
+transcript-resend-attempts = 7
+transcript-resend-delay = "1m 250ms"
+transcript-save-notices = false
+[cassandra]
+contact-points = ["10.0.0.1:9042", "10.0.0.2:9042"]
+keyspace = "other"
+local-dc = "dc2"
+read-consistency = "LOCAL_ONE"
+write-consistency = "EACH_QUORUM"
+username = "u"
+password = "p\"w"
+tls-ca-file = "/etc/ca.pem"
+reconnect-timeout = "9s"
+await-schema-agreement = false
+[server]
+instance-id = "chat-9"
+listen = "0.0.0.0:7100"
+store = "cassandra"
+sqlite-path = "/var/lib/confab/x.db"
+sqlite-synchronous = "extra"
+sqlite-busy-timeout = "750ms"
+contact-store-path = "/var/lib/confab/contacts.db"
+admin-token = "adm"
+admin-kill-enabled = true
+max-batch = 64
+[gateway]
+listen = "0.0.0.0:8443"
+instances = ["http://a:7001"]
+token-secret = "ts"
+agent-credential = "ag"
+allowed-origins = ["https://shop.example"]
+rate-limit-per-second = 5
+rate-limit-burst = 6
+health-interval = "1s"
+instance-channel = false
+"#,
+        )
+        .unwrap();
+        let all = [
+            Section::Settings,
+            Section::Cassandra,
+            Section::Server,
+            Section::Gateway,
+        ];
+        let written = c.to_toml(&all);
+        assert_eq!(resolve(&written).unwrap(), c, "{written}");
+        for o in OPTIONS {
+            if o.name.ends_with("-file") && o.name != "tls-ca-file" {
+                continue; // a secret's file variant: the value is written
+            }
+            assert!(
+                written.contains(&format!("{} = ", o.name)),
+                "{}.{} not written:\n{written}",
+                o.section,
+                o.name
+            );
+        }
+        assert_eq!(
+            resolve(&resolve("").unwrap().to_toml(&all)).unwrap(),
+            resolve("").unwrap()
+        );
+        let gateway_only = c.to_toml(&[Section::Gateway]);
+        assert!(!gateway_only.contains("[server]") && !gateway_only.contains("\"adm\""));
+    }
+
+    #[test]
+    fn every_default_in_the_table_is_a_valid_value() {
+        // An empty configuration resolves from the table's defaults alone,
+        // and each default, given explicitly, resolves to the same.
+        let defaults = resolve("").unwrap();
+        assert_eq!(resolve(&defaults_toml()).unwrap(), defaults);
+    }
+
+    #[test]
+    fn the_readme_configuration_block_is_the_option_table() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .expect("README.md");
+        let marker = "<!-- generated by `confab config defaults`; a test checks it -->\n```toml\n";
+        let start = readme
+            .find(marker)
+            .expect("the README's configuration block marker")
+            + marker.len();
+        let end = start + readme[start..].find("```").expect("end of the block");
+        assert_eq!(
+            &readme[start..end],
+            defaults_toml(),
+            "README.md's configuration block differs from config::OPTIONS; paste the output of `confab config defaults`"
+        );
     }
 }

@@ -2,10 +2,11 @@
 //! and contact-centre agents. The `confab` binary is a thin wrapper over
 //! this library; tests build the same applications.
 
+pub mod auth;
 pub mod bench;
 pub mod cli;
-pub mod cluster;
 pub mod config;
+pub mod contract;
 pub mod error;
 pub mod gateway;
 pub mod instance;
@@ -14,6 +15,7 @@ pub mod process;
 pub mod rpc;
 pub mod session;
 pub mod store;
+pub mod supervisor;
 pub mod telemetry;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

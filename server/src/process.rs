@@ -1,4 +1,5 @@
-//! Signals to whole processes, and knowing when they took effect.
+//! Signals to whole processes, and knowing when they took effect; and the
+//! signals that stop ours (SIGTERM, Ctrl-C).
 //!
 //! `kill(pid, SIGSTOP)` only queues the stop: the kernel wakes one thread
 //! to begin the group stop, and every thread stops when it is next
@@ -57,6 +58,28 @@ pub async fn wait_stopped(pid: u32, timeout: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     true
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
 }
 
 #[cfg(test)]

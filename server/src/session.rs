@@ -31,6 +31,17 @@ impl SessionState {
         }
     }
 
+    /// The state machine's one transition rule: the state after `event`.
+    /// A `closed` event closes the session, an agent joining a waiting one
+    /// makes it active; closed is final.
+    pub fn after(self, event: &Event) -> SessionState {
+        match (self, event.kind) {
+            (SessionState::Closed, _) | (_, EventKind::Closed) => SessionState::Closed,
+            (_, EventKind::Joined) if event.role == Some(Role::Agent) => SessionState::Active,
+            (state, _) => state,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "waiting" => Some(SessionState::Waiting),
@@ -135,7 +146,7 @@ pub struct Event {
     pub client_msg_id: Option<String>,
 }
 
-/// The wire shape of an event (DESIGN §4): `at` as RFC 3339.
+/// The wire shape of an event (docs/public-api.md, "Events"): `at` as RFC 3339.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EventView {
     pub seq: u64,
@@ -308,15 +319,6 @@ impl Transcript {
         self.events.last().map(|e| e.seq).unwrap_or(0)
     }
 
-    /// The state the session moves to once `draft` is appended.
-    pub fn state_after(&self, draft: &Draft) -> SessionState {
-        match draft.kind {
-            EventKind::Closed => SessionState::Closed,
-            EventKind::Joined if draft.role == Some(Role::Agent) => SessionState::Active,
-            _ => self.state,
-        }
-    }
-
     /// Validate that `participant_id` may act in this session now.
     pub fn check_participant(&self, participant_id: &str) -> Result<&Participant, StateError> {
         if self.state == SessionState::Closed {
@@ -339,11 +341,7 @@ impl Transcript {
     /// without saving when auto-save is off).
     pub fn push(&mut self, event: Event) {
         self.apply(&event);
-        if event.kind == EventKind::Closed {
-            self.state = SessionState::Closed;
-        } else if event.kind == EventKind::Joined && event.role == Some(Role::Agent) {
-            self.state = SessionState::Active;
-        }
+        self.state = self.state.after(&event);
         self.events.push(event);
     }
 

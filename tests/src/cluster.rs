@@ -23,24 +23,10 @@ impl TestCluster {
     #[allow(clippy::zombie_processes)]
     pub async fn start(instances: u16, extra: &[&str]) -> TestCluster {
         let dir = crate::data_dir();
-        let base = crate::free_ports(instances);
-        let (gw, sup, dash) = (free_port(), free_port(), free_port());
-        let mut cmd = Command::new(confab_bin());
-        cmd.arg("up")
-            .arg("--instances")
-            .arg(instances.to_string())
-            .arg("--data-dir")
-            .arg(dir.path())
-            .arg("--instance-base-port")
-            .arg(base.to_string())
-            .arg("--gateway-port")
-            .arg(gw.to_string())
-            .arg("--supervisor-port")
-            .arg(sup.to_string())
-            .arg("--dashboard-port")
-            .arg(dash.to_string())
-            .args(extra)
-            .stdin(Stdio::null());
+        let ports = UpPorts::free(instances);
+        let sup = ports.supervisor;
+        let mut cmd = ports.command(dir.path());
+        cmd.args(extra).stdin(Stdio::null());
         // Test clients share a few keep-alive connections among many chats;
         // only the rate-limit test keeps the per-connection default.
         if !extra.iter().any(|a| a.contains("rate-limit")) {
@@ -278,6 +264,47 @@ impl TestCluster {
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
             .sum()
+    }
+}
+
+/// The ports of one `confab up`, free when chosen.
+#[derive(Debug, Clone, Copy)]
+pub struct UpPorts {
+    pub instances: u16,
+    pub instance_base: u16,
+    pub gateway: u16,
+    pub supervisor: u16,
+    pub dashboard: u16,
+}
+
+impl UpPorts {
+    pub fn free(instances: u16) -> UpPorts {
+        UpPorts {
+            instances,
+            instance_base: crate::free_ports(instances),
+            gateway: free_port(),
+            supervisor: free_port(),
+            dashboard: free_port(),
+        }
+    }
+
+    /// `confab up` on these ports with `dir` as its data directory.
+    pub fn command(&self, dir: &Path) -> Command {
+        let mut cmd = Command::new(confab_bin());
+        cmd.arg("up")
+            .arg("--instances")
+            .arg(self.instances.to_string())
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--instance-base-port")
+            .arg(self.instance_base.to_string())
+            .arg("--gateway-port")
+            .arg(self.gateway.to_string())
+            .arg("--supervisor-port")
+            .arg(self.supervisor.to_string())
+            .arg("--dashboard-port")
+            .arg(self.dashboard.to_string());
+        cmd
     }
 }
 

@@ -144,12 +144,9 @@ pub async fn init_keyspace_with(contact_point: &str, extra: &[(String, String)])
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
     let config = cassandra_config_with(contact_point, &keyspace, extra);
-    let session = confab::store::cassandra::connect(&config)
+    confab::store::cassandra::connect_and_init(&config, false)
         .await
-        .expect("connect to the CQL node");
-    confab::store::cassandra::init_schema(&session, &keyspace, false)
-        .await
-        .expect("create the schema");
+        .expect("connect to the CQL node and create the schema");
     keyspace
 }
 

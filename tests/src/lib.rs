@@ -464,10 +464,10 @@ impl Http {
     }
 }
 
-/// The DESIGN §2 hazard, end to end: `a` owns a new chat and acknowledges
-/// "before the pause"; `a` is paused (SIGSTOP) with a write queued in its
-/// socket; the chat is restored on `b`, which acknowledges "new owner"; `a`
-/// resumes. Returns the chat, its participant and the stale write's answer.
+/// The stale-owner hazard (README, "How a message is kept"), end to end:
+/// `a` owns a new chat and acknowledges "before the pause"; `a` is paused
+/// (SIGSTOP) with a write queued in its socket; the chat is restored on `b`,
+/// which acknowledges "new owner"; `a` resumes. Returns the chat, its participant and the stale write's answer.
 pub async fn paused_owner_writes_after_restore(
     http: &Http,
     a: &Server,

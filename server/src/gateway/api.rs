@@ -1,11 +1,12 @@
-//! The public chat API (`/api/v1`, DESIGN §4), its OpenAPI document, and
-//! the customer and agent pages.
+//! The public chat API (`/api/v1`, docs/public-api.md), its OpenAPI
+//! document, and the customer and agent pages.
 
 use super::{no_instance, passthrough, ratelimit, relay, tokens::Claims, Gateway, Unreachable};
-use crate::error::{ApiError, JsonBody};
-use crate::instance::routes::{
-    check_client_msg_id, check_nickname, check_text, constant_time_eq, MAX_BODY_BYTES,
+use crate::auth::{bearer, constant_time_eq};
+use crate::contract::{
+    after_param, check_chat_id, check_client_msg_id, check_nickname, check_text, MAX_BODY_BYTES,
 };
+use crate::error::{ApiError, JsonBody};
 use crate::session::Role;
 use axum::extract::{DefaultBodyLimit, Path, Query, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, Method, StatusCode};
@@ -131,6 +132,9 @@ pub struct Joined {
 pub struct QueuedChat {
     pub chat_id: String,
     pub subject: Option<String>,
+    /// The customer's nickname; null when the instance that answered the
+    /// listing does not report it.
+    pub nickname: Option<String>,
     pub created_at: String,
 }
 
@@ -223,7 +227,12 @@ pub fn router(
 }
 
 async fn status(State(s): State<GwState>) -> Json<Value> {
-    Json(json!({"component": "gateway", "version": crate::VERSION, "instances": s.gw.pool.views()}))
+    Json(json!({
+        "component": "gateway",
+        "version": crate::VERSION,
+        "pid": std::process::id(),
+        "instances": s.gw.pool.views(),
+    }))
 }
 
 async fn metrics_text(State(s): State<GwState>) -> Response {
@@ -242,13 +251,6 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Bearer {
     ) -> Result<Self, Self::Rejection> {
         Ok(Bearer(bearer(&parts.headers).map(str::to_owned)))
     }
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
 }
 
 /// The participant a token names, if it is genuine and for this chat.
@@ -278,19 +280,6 @@ fn agent(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
         )),
         Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::unauthorized("wrong agent credential")),
-    }
-}
-
-fn valid_chat_id(id: &str) -> Result<(), ApiError> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::not_found(format!("chat {id} not found")))
     }
 }
 
@@ -373,7 +362,7 @@ async fn post_message(
     Bearer(token): Bearer,
     JsonBody(b): JsonBody<PostMessage>,
 ) -> Result<Response, ApiError> {
-    valid_chat_id(&chat_id)?;
+    check_chat_id(&chat_id)?;
     let who = participant(&s.gw, token.as_deref(), &chat_id)?;
     check_text(&b.text)?;
     check_client_msg_id(&b.client_msg_id)?;
@@ -404,14 +393,9 @@ async fn transcript(
     Query(q): Query<HashMap<String, String>>,
     Bearer(token): Bearer,
 ) -> Result<Response, ApiError> {
-    valid_chat_id(&chat_id)?;
+    check_chat_id(&chat_id)?;
     participant(&s.gw, token.as_deref(), &chat_id)?;
-    let after: u64 = match q.get("after") {
-        None => 0,
-        Some(v) => v.parse().map_err(|_| {
-            ApiError::bad_request(format!("`after` must be a sequence number, got {v:?}"))
-        })?,
-    };
+    let after = after_param(&q)?;
     let (status, body, _) =
         s.gw.on_chat_raw(
             &chat_id,
@@ -435,7 +419,7 @@ async fn stream(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    valid_chat_id(&chat_id)?;
+    check_chat_id(&chat_id)?;
     let who = participant(&s.gw, q.get("token").map(String::as_str), &chat_id)?;
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
         let host = headers
@@ -452,12 +436,7 @@ async fn stream(
             )));
         }
     }
-    let after: u64 = match q.get("after") {
-        None => 0,
-        Some(v) => v.parse().map_err(|_| {
-            ApiError::bad_request(format!("`after` must be a sequence number, got {v:?}"))
-        })?,
-    };
+    let after = after_param(&q)?;
     // Resolve the chat before upgrading, so unknown or closed chats get a
     // plain HTTP error.
     s.gw.locate(&chat_id).await?;
@@ -478,7 +457,7 @@ async fn join(
     headers: HeaderMap,
     JsonBody(b): JsonBody<JoinChat>,
 ) -> Result<Json<Joined>, ApiError> {
-    valid_chat_id(&chat_id)?;
+    check_chat_id(&chat_id)?;
     agent(&s.gw, &headers)?;
     let nickname = check_nickname(&b.nickname)?;
     let (status, body, member) =
@@ -529,6 +508,7 @@ async fn queue(State(s): State<GwState>, headers: HeaderMap) -> Result<Json<Queu
                 .map(|r| QueuedChat {
                     chat_id: r["session_id"].as_str().unwrap_or_default().to_owned(),
                     subject: r["subject"].as_str().map(str::to_owned),
+                    nickname: r["nickname"].as_str().map(str::to_owned),
                     created_at: crate::session::format_ms(r["created_at_ms"].as_i64().unwrap_or(0)),
                 })
                 .collect()
@@ -547,7 +527,7 @@ async fn leave(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    valid_chat_id(&chat_id)?;
+    check_chat_id(&chat_id)?;
     let who = participant(&s.gw, bearer(&headers), &chat_id)?;
     // The body is optional: empty means {}.
     let leave: LeaveChat = if body.iter().all(u8::is_ascii_whitespace) {

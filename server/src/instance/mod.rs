@@ -1,8 +1,16 @@
 //! `confab server`: one chat server instance.
 
 pub mod availability;
-pub mod core;
+mod closing;
+mod engine;
+pub mod error;
+mod live;
+mod messages;
+mod restoration;
 pub mod routes;
+pub mod stats;
+mod stream;
+pub mod wire;
 
 use crate::config::{Config, StoreBackend};
 use crate::store::sqlite::{SqliteContactStore, SqliteOptions, SqliteStore};
@@ -16,7 +24,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use self::core::Instance;
+pub use engine::Instance;
+pub use error::EngineError;
+pub use live::LiveSession;
 
 /// How long shutdown waits for in-flight requests (and their saves).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -111,10 +121,6 @@ impl Application {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    pub fn instance(&self) -> &Arc<Instance> {
-        &self.instance
-    }
-
     /// Serve until `shutdown` resolves; then stop accepting, end WebSocket
     /// streams, let in-flight requests finish their saves (bounded), exit.
     pub async fn run_until_stopped(
@@ -158,27 +164,5 @@ impl Application {
         }
         instance.release_all();
         Ok(())
-    }
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
 }

@@ -1,6 +1,6 @@
 //! The instance's HTTP surface.
 //!
-//! Management (DESIGN §4): `GET /healthz` (liveness), `GET /readyz`
+//! Management (docs/internal-api.md): `GET /healthz` (liveness), `GET /readyz`
 //! (readiness: enabled and the session store answers), `GET /status`,
 //! `GET /kpi`, `GET /metrics`, `POST /admin/disable`, `POST /admin/enable`,
 //! `POST /admin/kill` (only with `server.admin-kill-enabled`), all `/admin`
@@ -25,14 +25,16 @@
 //! A session that this instance does not host (any more) answers 421
 //! `not_owner`: the gateway then restores it on a live instance.
 
-use super::core::{Instance, LiveSession};
-use crate::error::{ApiError, JsonBody};
-use crate::session::{
-    self, EventKind, SessionState, MAX_CLIENT_MSG_ID_BYTES, MAX_NICKNAME_BYTES, MAX_TEXT_BYTES,
+use super::error::EngineError;
+use super::Instance;
+use crate::auth::check_admin;
+use crate::contract::{
+    after_param, check_chat_id, check_client_msg_id, check_nickname, check_text, MAX_BODY_BYTES,
 };
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use crate::error::{ApiError, JsonBody};
+use crate::session::SessionState;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -41,12 +43,7 @@ use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
-
-/// Largest request body: a 64 KiB text JSON-escaped may take several times
-/// its size; the text limit itself is checked after parsing (413).
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -68,7 +65,7 @@ pub fn router(state: AppState) -> Router {
         .route("/internal/v1/sessions/{id}/join", post(join))
         .route("/internal/v1/sessions/{id}/messages", post(post_message))
         .route("/internal/v1/sessions/{id}/transcript", get(transcript))
-        .route("/internal/v1/sessions/{id}/ws", get(stream))
+        .route("/internal/v1/sessions/{id}/ws", get(super::stream::stream))
         .route("/internal/v1/sessions/{id}/leave", post(leave))
         .route("/internal/v1/sessions/{id}/restore", post(restore))
         .route("/internal/v1/sessions/{id}/location", get(location));
@@ -152,35 +149,12 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn kpi(State(s): State<AppState>) -> Json<super::core::KpiView> {
+async fn kpi(State(s): State<AppState>) -> Json<super::stats::KpiView> {
     Json(s.instance.kpi_view())
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
     crate::telemetry::metrics::render(&s.metrics)
-}
-
-/// `Authorization: Bearer <token>` against the configured admin token.
-pub fn check_admin(headers: &HeaderMap, expected: Option<&str>) -> Result<(), ApiError> {
-    let Some(expected) = expected else {
-        return Err(ApiError::unauthorized(
-            "the admin API is off: no admin token is configured",
-        ));
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <admin token>"))?;
-    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized("wrong admin token"))
-    }
-}
-
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn disable(
@@ -232,69 +206,29 @@ async fn kill(
 /// (a client timeout drops the handler): a save that committed must reach
 /// the in-memory transcript, a close must finish.
 async fn detached<T: Send + 'static>(
-    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+    work: impl std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::spawn(work)
+    Ok(tokio::spawn(work)
         .await
-        .map_err(|e| ApiError::internal("chat operation failed", &e))?
+        .map_err(|e| ApiError::internal("chat operation failed", &e))??)
 }
 
-fn valid_id(id: &str) -> Result<&str, ApiError> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(id)
-    } else {
-        Err(ApiError::not_found(format!("chat {id} not found")))
-    }
-}
-
-fn after_param(q: &HashMap<String, String>) -> Result<u64, ApiError> {
-    match q.get("after") {
-        None => Ok(0),
-        Some(v) => v.parse().map_err(|_| {
-            ApiError::bad_request(format!("`after` must be a sequence number, got {v:?}"))
-        }),
-    }
-}
-
-pub fn check_nickname(nickname: &str) -> Result<String, ApiError> {
-    let n = nickname.trim();
-    if n.is_empty() {
-        return Err(ApiError::bad_request("`nickname` must not be empty"));
-    }
-    if n.len() > MAX_NICKNAME_BYTES {
-        return Err(ApiError::bad_request(format!(
-            "`nickname` is longer than {MAX_NICKNAME_BYTES} bytes"
-        )));
-    }
-    Ok(n.to_owned())
-}
-
-pub fn check_text(text: &str) -> Result<(), ApiError> {
-    if text.len() > MAX_TEXT_BYTES {
-        return Err(ApiError::too_large(format!(
-            "`text` is {} bytes; the limit is {MAX_TEXT_BYTES}",
-            text.len()
-        )));
-    }
-    if text.trim().is_empty() {
-        return Err(ApiError::bad_request("`text` must not be empty"));
-    }
-    Ok(())
-}
-
-pub fn check_client_msg_id(id: &Option<String>) -> Result<(), ApiError> {
-    match id {
-        Some(id) if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_BYTES => {
-            Err(ApiError::bad_request(format!(
-                "`client_msg_id` must be 1 to {MAX_CLIENT_MSG_ID_BYTES} bytes"
-            )))
-        }
-        _ => Ok(()),
+/// The engine's answers in HTTP: the status and code each refusal gets.
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let message = e.to_string();
+        let (status, code) = match e {
+            EngineError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            EngineError::Closed(_) => (StatusCode::CONFLICT, "chat_closed"),
+            EngineError::NotOwner(_) => (StatusCode::MISDIRECTED_REQUEST, "not_owner"),
+            EngineError::NotParticipant { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+            EngineError::Disabled { .. } => (StatusCode::SERVICE_UNAVAILABLE, "instance_disabled"),
+            EngineError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            EngineError::SaveFailed => (StatusCode::SERVICE_UNAVAILABLE, "save_failed"),
+            EngineError::RestorationDisabled => (StatusCode::CONFLICT, "restoration_disabled"),
+            EngineError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+        };
+        ApiError::new(status, code, message)
     }
 }
 
@@ -348,7 +282,7 @@ async fn join(
     JsonBody(b): JsonBody<JoinBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let nickname = check_nickname(&b.nickname)?;
-    valid_id(&id)?;
+    check_chat_id(&id)?;
     let instance = s.instance.clone();
     let agent = detached(async move { instance.join(&id, nickname).await }).await?;
     Ok(Json(json!({"participant_id": agent.participant_id})))
@@ -367,10 +301,10 @@ async fn post_message(
     State(s): State<AppState>,
     Path(id): Path<String>,
     JsonBody(b): JsonBody<MessageBody>,
-) -> Result<Json<super::core::Posted>, ApiError> {
+) -> Result<Json<super::wire::Posted>, ApiError> {
     check_text(&b.text)?;
     check_client_msg_id(&b.client_msg_id)?;
-    valid_id(&id)?;
+    check_chat_id(&id)?;
     let instance = s.instance.clone();
     let posted = detached(async move {
         instance
@@ -385,9 +319,11 @@ async fn transcript(
     State(s): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<super::core::TranscriptView>, ApiError> {
+) -> Result<Json<super::wire::TranscriptView>, ApiError> {
     let after = after_param(&q)?;
-    Ok(Json(s.instance.transcript(valid_id(&id)?, after).await?))
+    Ok(Json(
+        s.instance.transcript(check_chat_id(&id)?, after).await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -403,7 +339,7 @@ async fn leave(
     Path(id): Path<String>,
     JsonBody(b): JsonBody<LeaveBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    valid_id(&id)?;
+    check_chat_id(&id)?;
     let instance = s.instance.clone();
     let state =
         detached(async move { instance.leave(&id, &b.participant_id, b.end_chat).await }).await?;
@@ -413,8 +349,8 @@ async fn leave(
 async fn restore(
     State(s): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<super::core::Restored>, ApiError> {
-    valid_id(&id)?;
+) -> Result<Json<super::wire::Restored>, ApiError> {
+    check_chat_id(&id)?;
     let instance = s.instance.clone();
     Ok(Json(
         detached(async move { instance.restore(&id).await }).await?,
@@ -425,99 +361,11 @@ async fn location(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<crate::store::SessionRecord>, ApiError> {
-    let id = valid_id(&id)?;
+    let id = check_chat_id(&id)?;
     s.instance
         .store()
         .locate(id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("chat {id} not found")))
-}
-
-async fn stream(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-    ws: WebSocketUpgrade,
-) -> Result<Response, ApiError> {
-    let after = after_param(&q)?;
-    let session = s.instance.live(valid_id(&id)?).await?;
-    let stop = s.stop.clone();
-    Ok(ws
-        .max_message_size(64 * 1024)
-        .on_upgrade(move |socket| push_events(socket, session, after, stop)))
-}
-
-/// WebSocket close codes: 1000 chat closed, 1001 instance shutting down,
-/// 1012 session moved (reconnect through the gateway).
-async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
-}
-
-async fn push_events(
-    mut socket: WebSocket,
-    session: Arc<LiveSession>,
-    after: u64,
-    stop: CancellationToken,
-) {
-    let (backlog, mut rx, closed) = session.subscribe(after).await;
-    let mut last = after;
-    for v in backlog {
-        last = v.seq;
-        if send_event(&mut socket, &v).await.is_err() {
-            return;
-        }
-    }
-    if closed {
-        return close(socket, 1000, "chat closed").await;
-    }
-    loop {
-        tokio::select! {
-            biased;
-            r = rx.recv() => match r {
-                Ok(v) => {
-                    if !v.ephemeral {
-                        if v.seq <= last {
-                            continue;
-                        }
-                        last = v.seq;
-                    }
-                    if send_event(&mut socket, &v).await.is_err() {
-                        return;
-                    }
-                    if v.kind == EventKind::Closed {
-                        return close(socket, 1000, "chat closed").await;
-                    }
-                }
-                Err(RecvError::Lagged(_)) => {
-                    for v in session.events_after(last).await {
-                        last = v.seq;
-                        if send_event(&mut socket, &v).await.is_err() {
-                            return;
-                        }
-                        if v.kind == EventKind::Closed {
-                            return close(socket, 1000, "chat closed").await;
-                        }
-                    }
-                }
-                Err(RecvError::Closed) => return close(socket, 1012, "session moved").await,
-            },
-            _ = session.gone.cancelled() => return close(socket, 1012, "session moved").await,
-            _ = stop.cancelled() => return close(socket, 1001, "instance shutting down").await,
-            incoming = socket.recv() => match incoming {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            },
-        }
-    }
-}
-
-async fn send_event(socket: &mut WebSocket, v: &session::EventView) -> Result<(), axum::Error> {
-    let text = serde_json::to_string(v).unwrap_or_default();
-    socket.send(Message::Text(text.into())).await
 }

@@ -141,6 +141,15 @@ pub async fn init_schema(session: &Session, keyspace: &str, ttl: bool) -> StoreR
     Ok(())
 }
 
+/// Connect and create the keyspace and tables (idempotent): what
+/// `confab cassandra init`, `confab up --store cassandra` and the benchmark
+/// do before instances start.
+pub async fn connect_and_init(config: &CassandraConfig, ttl: bool) -> StoreResult<Session> {
+    let session = connect(config).await?;
+    init_schema(&session, &config.keyspace, ttl).await?;
+    Ok(session)
+}
+
 struct Statements {
     ins_session: PreparedStatement,
     sel_session: PreparedStatement,

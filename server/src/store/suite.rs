@@ -120,7 +120,8 @@ pub async fn appends_keep_order_and_text_exactly(a: &dyn SessionStore) {
     assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
 }
 
-/// The DESIGN §2 hazard: a paused old owner resumes and writes. Its write
+/// The stale-owner hazard (README, "How a message is kept"; for Cassandra,
+/// cassandra/README.md): a paused old owner resumes and writes. Its write
 /// must be refused, and the new owner's transcript must hold only what was
 /// acknowledged to someone.
 pub async fn stale_owner_is_fenced_after_claim(a: &dyn SessionStore, b: &dyn SessionStore) {

@@ -1,5 +1,6 @@
-//! Every metric confab exports (DESIGN §4), with its buckets. Names are
-//! Prometheus-style, in base units, and never labelled by session.
+//! Every metric confab exports (docs/operations.md, "Metrics"), with its
+//! buckets. Names are Prometheus-style, in base units, and never labelled by
+//! session.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;

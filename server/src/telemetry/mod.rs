@@ -5,6 +5,7 @@
 pub mod events;
 pub mod metrics;
 
+use std::io::IsTerminal;
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -16,13 +17,30 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The value of `--log-format`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 /// Install the global subscriber. `RUST_LOG` overrides the default filter.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,tower_http=warn,kassandra=off"));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
-        LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init(),
+        // Colours only on a terminal, never into a log file or a pipe.
+        LogFormat::Text => registry
+            .with(
+                fmt::layer()
+                    .with_target(false)
+                    .with_ansi(std::io::stdout().is_terminal()),
+            )
+            .try_init(),
         LogFormat::Json => registry
             .with(
                 fmt::layer()

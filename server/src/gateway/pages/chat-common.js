@@ -19,7 +19,21 @@ function uuid() {
   else for (let i = 0; i < 16; i++) b[i] = Math.floor(Math.random() * 256);
   return Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
 }
+// Answers after which retrying cannot help: a bad or foreign token, an
+// unknown chat, a closed chat (409).
+function isFinal(e) { return [401, 403, 404, 409].includes(e.status); }
 function pad(n) { return String(n).padStart(2, '0'); }
+// What a `closed` event says, by its reason code (server/src/session.rs, mod reason;
+// docs/public-api.md, "Events").
+const CLOSED_TEXT = {
+  'customer-left': 'Chat closed: the customer left',
+  'agent-ended': 'Chat closed: ended by the agent',
+  'save-error': 'Chat closed after save errors',
+};
+function closedText(reason) {
+  if (!reason) return 'Chat closed';
+  return CLOSED_TEXT[reason] || 'Chat closed (' + String(reason).replace(/-/g, ' ') + ')';
+}
 function fmtTime(at) {
   const d = new Date(at);
   if (isNaN(d.getTime())) return '';
@@ -130,7 +144,7 @@ function create(opts) {
         else textLine(ev, 'system', ev.text || ev.reason || 'notice');
         break;
       case 'closed':
-        textLine(ev, 'system', 'Chat closed' + (ev.reason ? ' (' + ev.reason + ')' : ''));
+        textLine(ev, 'system', closedText(ev.reason));
         markClosed();
         break;
       default:
@@ -191,7 +205,7 @@ function create(opts) {
     timer = setTimeout(async () => {
       if (my !== gen || !S || closed) return;
       try { await resync(); } catch (e) {
-        if (e.status === 401 || e.status === 403 || e.status === 404) { setStatus(e.message, 'error'); markClosed(); return; }
+        if (isFinal(e)) { setStatus(e.message, 'error'); markClosed(); return; }
         scheduleReconnect(my); return;
       }
       if (!closed) connect();
@@ -241,7 +255,7 @@ function create(opts) {
     $(opts.homeId).hidden = true; $('chat').hidden = false;
     updateControls();
     resync().then(() => { connect(); $('text').focus(); }, (e) => {
-      if (e.status === 401 || e.status === 403 || e.status === 404) {
+      if (isFinal(e)) {
         forget(); reset(); setStatus(e.message, 'error');
       } else { setStatus(e.message, 'error'); scheduleReconnect(gen); }
     });

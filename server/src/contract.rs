@@ -1,0 +1,72 @@
+//! What the gateways and the instances agree on at their seam: the limits
+//! and validators both sides apply to the same input, so that a request the
+//! gateway accepts is one the instance accepts too.
+
+use crate::error::ApiError;
+use crate::session::{MAX_CLIENT_MSG_ID_BYTES, MAX_NICKNAME_BYTES, MAX_TEXT_BYTES};
+use std::collections::HashMap;
+
+/// Largest request body: a 64 KiB text JSON-escaped may take several times
+/// its size; the text limit itself is checked after parsing (413).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// A chat id as both sides make them; anything else names no chat (404).
+pub fn check_chat_id(id: &str) -> Result<&str, ApiError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(id)
+    } else {
+        Err(ApiError::not_found(format!("chat {id} not found")))
+    }
+}
+
+/// The `after` query parameter: a sequence number, 0 when absent.
+pub fn after_param(q: &HashMap<String, String>) -> Result<u64, ApiError> {
+    match q.get("after") {
+        None => Ok(0),
+        Some(v) => v.parse().map_err(|_| {
+            ApiError::bad_request(format!("`after` must be a sequence number, got {v:?}"))
+        }),
+    }
+}
+
+pub fn check_nickname(nickname: &str) -> Result<String, ApiError> {
+    let n = nickname.trim();
+    if n.is_empty() {
+        return Err(ApiError::bad_request("`nickname` must not be empty"));
+    }
+    if n.len() > MAX_NICKNAME_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "`nickname` is longer than {MAX_NICKNAME_BYTES} bytes"
+        )));
+    }
+    Ok(n.to_owned())
+}
+
+pub fn check_text(text: &str) -> Result<(), ApiError> {
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(ApiError::too_large(format!(
+            "`text` is {} bytes; the limit is {MAX_TEXT_BYTES}",
+            text.len()
+        )));
+    }
+    if text.trim().is_empty() {
+        return Err(ApiError::bad_request("`text` must not be empty"));
+    }
+    Ok(())
+}
+
+pub fn check_client_msg_id(id: &Option<String>) -> Result<(), ApiError> {
+    match id {
+        Some(id) if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_BYTES => {
+            Err(ApiError::bad_request(format!(
+                "`client_msg_id` must be 1 to {MAX_CLIENT_MSG_ID_BYTES} bytes"
+            )))
+        }
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,63 @@
+//! Why the engine refused or failed an operation, in the engine's own
+//! terms. Only the HTTP layer (`routes`) turns these into status codes and
+//! JSON; the engine knows nothing of HTTP.
+
+use crate::store::StoreError;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("chat {0} not found")]
+    NotFound(String),
+    #[error("chat {0} is closed")]
+    Closed(String),
+    /// The chat lives (or must be restored) on another instance: this one
+    /// was fenced or never owned it. The gateway relocates on this answer.
+    #[error("session {0} is not owned by this instance")]
+    NotOwner(String),
+    #[error("participant {participant} is not in chat {chat}")]
+    NotParticipant { chat: String, participant: String },
+    #[error("instance {instance} is disabled and {refused}")]
+    Disabled {
+        instance: String,
+        refused: &'static str,
+    },
+    #[error("the session store is unavailable")]
+    StoreUnavailable,
+    /// Every save attempt failed; `transcript-save-on-error` was applied.
+    #[error(
+        "the message could not be saved and was not accepted; retry with the same client_msg_id"
+    )]
+    SaveFailed,
+    #[error("session restoration is off on this instance (session-restoration-mode = none or transcript-auto-save = 0)")]
+    RestorationDisabled,
+    /// The store refused in a way none of the above describes.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl EngineError {
+    /// A chat that is closed or gone: no failure of this instance when a
+    /// restore finds it so.
+    pub fn is_closed_or_gone(&self) -> bool {
+        matches!(self, EngineError::Closed(_) | EngineError::NotFound(_))
+    }
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(id) => EngineError::NotFound(id),
+            StoreError::Closed(id) => EngineError::Closed(id),
+            StoreError::Fenced { session_id, .. } => EngineError::NotOwner(session_id),
+            e @ (StoreError::AlreadyExists(_) | StoreError::Conflict(_)) => {
+                EngineError::Conflict(e.to_string())
+            }
+            StoreError::Unavailable(reason) => {
+                tracing::warn!(error = %reason, "session store unavailable");
+                EngineError::StoreUnavailable
+            }
+        }
+    }
+}
+
+pub type EngineResult<T> = Result<T, EngineError>;

@@ -1,0 +1,153 @@
+//! The sessions this instance hosts now: each one's in-memory transcript
+//! behind its own lock (one session's events are saved in order), a push
+//! channel for its WebSocket readers, and the registry that maps chat ids
+//! to them.
+
+use crate::session::{EventView, SessionState, Transcript};
+use crate::store::SessionRecord;
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::{broadcast, Mutex};
+use tokio_util::sync::CancellationToken;
+
+/// Pushed events buffered per session for slow WebSocket readers; a reader
+/// that falls further behind catches up from the transcript.
+const PUSH_BUFFER: usize = 32;
+
+/// One session hosted by this instance.
+pub struct LiveSession {
+    pub id: String,
+    pub intx: String,
+    pub subject: Option<String>,
+    pub created_at_ms: i64,
+    pub(super) inner: Mutex<Live>,
+    push: broadcast::Sender<Arc<EventView>>,
+    /// Cancelled when this instance stops hosting the session (closed,
+    /// moved, shutdown): its WebSocket streams end.
+    pub gone: CancellationToken,
+}
+
+/// The mutable part of a live session, behind its lock.
+pub(super) struct Live {
+    pub epoch: u64,
+    pub transcript: Transcript,
+}
+
+impl LiveSession {
+    pub(super) fn new(record: &SessionRecord, transcript: Transcript) -> Arc<Self> {
+        let (push, _) = broadcast::channel(PUSH_BUFFER);
+        Arc::new(LiveSession {
+            id: record.session_id.clone(),
+            intx: record.intx.clone(),
+            subject: record.subject.clone(),
+            created_at_ms: record.created_at_ms,
+            inner: Mutex::new(Live {
+                epoch: record.epoch,
+                transcript,
+            }),
+            push,
+            gone: CancellationToken::new(),
+        })
+    }
+
+    /// Events after `after` and a receiver for everything pushed later,
+    /// taken under one lock so that nothing falls between them.
+    pub async fn subscribe(
+        &self,
+        after: u64,
+    ) -> (Vec<EventView>, broadcast::Receiver<Arc<EventView>>, bool) {
+        let live = self.inner.lock().await;
+        (
+            views(&live.transcript, after),
+            self.push.subscribe(),
+            live.transcript.state == SessionState::Closed,
+        )
+    }
+
+    pub async fn events_after(&self, after: u64) -> Vec<EventView> {
+        views(&self.inner.lock().await.transcript, after)
+    }
+
+    pub(super) async fn epoch(&self) -> u64 {
+        self.inner.lock().await.epoch
+    }
+
+    pub(super) fn has_listeners(&self) -> bool {
+        self.push.receiver_count() > 0
+    }
+
+    pub(super) fn publish(&self, views: impl IntoIterator<Item = EventView>) {
+        if !self.has_listeners() {
+            return;
+        }
+        for v in views {
+            // No receiver is fine: nobody is connected by WebSocket.
+            let _ = self.push.send(Arc::new(v));
+        }
+    }
+}
+
+/// The transcript's events after `after`, as clients see them.
+pub(super) fn views(transcript: &Transcript, after: u64) -> Vec<EventView> {
+    transcript
+        .after(after)
+        .iter()
+        .map(EventView::from)
+        .collect()
+}
+
+/// Chat id → the session hosted here.
+#[derive(Default)]
+pub struct Registry {
+    sessions: RwLock<HashMap<String, Arc<LiveSession>>>,
+}
+
+impl Registry {
+    pub fn get(&self, session_id: &str) -> Option<Arc<LiveSession>> {
+        self.sessions.read().get(session_id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.sessions.read().keys().cloned().collect()
+    }
+
+    /// Host `session`; the number of sessions hosted now.
+    pub fn insert(&self, session: Arc<LiveSession>) -> usize {
+        let mut map = self.sessions.write();
+        map.insert(session.id.clone(), session);
+        map.len()
+    }
+
+    /// Stop hosting `session` (this very one: a newer restore of the same
+    /// chat stays) and end its streams. The number of sessions left, or
+    /// None if it was not here.
+    pub fn release(&self, session: &LiveSession) -> Option<usize> {
+        let mut map = self.sessions.write();
+        let here = map
+            .get(&session.id)
+            .is_some_and(|s| std::ptr::eq(s.as_ref(), session));
+        if !here {
+            return None;
+        }
+        if let Some(s) = map.remove(&session.id) {
+            s.gone.cancel();
+        }
+        Some(map.len())
+    }
+
+    /// Stop hosting every session (shutdown) and end their streams.
+    pub fn release_all(&self) {
+        for (_, s) in self.sessions.write().drain() {
+            s.gone.cancel();
+        }
+    }
+}

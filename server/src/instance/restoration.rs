@@ -1,0 +1,166 @@
+//! Restoration (`session-restoration-mode = simple`): the gateway asks an
+//! instance to take over a chat whose owner died; it claims the chat with a
+//! new fencing epoch, reloads the transcript, announces the reconnection
+//! (`left`/disconnected and `joined`/reconnected per participant) and
+//! records itself as the chat's location. And the ownership sweep, which
+//! releases chats that another instance took over while this one was cut
+//! off.
+
+use super::engine::Instance;
+use super::error::{EngineError, EngineResult};
+use super::live::LiveSession;
+use super::wire::Restored;
+use crate::session::{SessionState, Transcript};
+use crate::telemetry::events;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+impl Instance {
+    #[tracing::instrument(level = "debug", skip(self), fields(chat_id = %session_id))]
+    pub async fn restore(&self, session_id: &str) -> EngineResult<Restored> {
+        if !self.settings.restoration_enabled() {
+            self.stats.restore_failed();
+            tracing::warn!(event_id = events::RESTORE_FAILED, sid = %session_id, "restoration refused: session-restoration-mode is none or transcript-auto-save is 0");
+            return Err(EngineError::RestorationDisabled);
+        }
+        if !self.is_enabled() {
+            return Err(EngineError::Disabled {
+                instance: self.id.clone(),
+                refused: "takes no restored chats",
+            });
+        }
+        let result = self
+            .restoring
+            .run(session_id, self.restore_locked(session_id))
+            .await;
+        // A chat that is closed or gone cannot be restored, and that is no
+        // failure of this instance.
+        if matches!(&result, Err(e) if !e.is_closed_or_gone()) {
+            self.stats.restore_failed();
+        }
+        result
+    }
+
+    fn restored(&self, session_id: &str, epoch: u64, restored: bool) -> Restored {
+        Restored {
+            session_id: session_id.to_owned(),
+            instance_id: self.id.clone(),
+            epoch,
+            restored,
+        }
+    }
+
+    async fn restore_locked(&self, session_id: &str) -> EngineResult<Restored> {
+        if self.closing.lock().contains(session_id) {
+            return Err(EngineError::Closed(session_id.to_owned()));
+        }
+        if let Some(session) = self.sessions.get(session_id) {
+            let epoch = session.epoch().await;
+            match self.store.locate(session_id).await {
+                Ok(Some(r)) if r.owner_instance == self.id && r.epoch == epoch => {
+                    return Ok(self.restored(session_id, epoch, false));
+                }
+                Ok(_) => self.release_moved(&session),
+                Err(e) => {
+                    tracing::warn!(event_id = events::RESTORE_FAILED, sid = %session_id, error = %e, "restoration failed");
+                    return Err(self.store_error(e));
+                }
+            }
+        }
+        let start = Instant::now();
+        tracing::info!(event_id = events::RESTORE_STARTED, sid = %session_id, "restoring session");
+        let failed = |e: &dyn std::fmt::Display| {
+            tracing::warn!(event_id = events::RESTORE_FAILED, sid = %session_id, error = %e, "restoration failed");
+        };
+        let (record, stored) = self.store.claim(session_id, &self.id).await.map_err(|e| {
+            failed(&e);
+            self.store_error(e)
+        })?;
+        let transcript = Transcript::replay(record.state, stored);
+        if transcript.state == SessionState::Closed {
+            // Its closing was saved but the close did not finish: it stays closed.
+            return Err(EngineError::Closed(session_id.to_owned()));
+        }
+        let drafts = transcript.restoration_drafts();
+        let session = LiveSession::new(&record, transcript);
+        {
+            let mut live = session.inner.lock().await;
+            self.append(&session, &mut live, drafts)
+                .await
+                .inspect_err(|e| failed(e))?;
+        }
+        self.host(session);
+        let elapsed = start.elapsed();
+        self.stats.session_restored(elapsed);
+        tracing::info!(
+            event_id = events::RESTORE_DONE,
+            sid = %session_id,
+            intx = %record.intx,
+            epoch = record.epoch,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "session restored (current sessions={})",
+            self.sessions_active()
+        );
+        Ok(self.restored(session_id, record.epoch, true))
+    }
+
+    /// Every `interval`, check up to `batch` hosted sessions (round robin)
+    /// against the store and release those another instance owns now
+    /// (restored elsewhere while this one was cut off): they would otherwise
+    /// stay here, feed a stale WebSocket stream and keep a drain from ending.
+    pub fn spawn_ownership_sweep(
+        self: &Arc<Self>,
+        interval: Duration,
+        batch: usize,
+        stop: CancellationToken,
+    ) {
+        let instance = self.clone();
+        tokio::spawn(async move {
+            let mut offset = 0usize;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let mut ids = instance.sessions.ids();
+                if ids.is_empty() {
+                    continue;
+                }
+                ids.sort_unstable();
+                offset %= ids.len();
+                let window: Vec<String> = ids
+                    .iter()
+                    .cycle()
+                    .skip(offset)
+                    .take(batch.min(ids.len()))
+                    .cloned()
+                    .collect();
+                offset += window.len();
+                instance.sweep(window).await;
+            }
+        });
+    }
+
+    /// Release those of `ids` that the store says another instance owns.
+    async fn sweep(&self, ids: Vec<String>) {
+        let Ok(owners) = self.store.owners(&ids).await else {
+            return;
+        };
+        for id in ids {
+            let Some(session) = self.sessions.get(&id) else {
+                continue;
+            };
+            let epoch = session.epoch().await;
+            // A session of this instance whose close is finishing is no
+            // longer in the store either; only moved ones go.
+            let moved = owners
+                .get(&id)
+                .is_some_and(|(owner, e)| *owner != self.id || *e != epoch);
+            if moved {
+                tracing::warn!(event_id = events::SESSION_FENCED, sid = %id, "session moved to another instance; dropped here");
+                self.release_moved(&session);
+            }
+        }
+    }
+}
