@@ -36,9 +36,6 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Load-generate against a real instance and report figures against
-    /// the raw store rate measured in the same run.
-    Bench(crate::bench::BenchArgs),
 }
 
 /// Options every component takes: a TOML file and `section.option=value`
@@ -94,13 +91,6 @@ pub struct ServerArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum CassandraCommand {
-    /// Serve an in-memory CQL test node (the kassandra crate) for trying
-    /// `confab up --store cassandra` without a cluster. Not a real
-    /// Cassandra: no replication, no TTL, data lost on exit.
-    TestNode {
-        #[arg(long, default_value = "127.0.0.1:9042")]
-        listen: std::net::SocketAddr,
-    },
     /// Create the keyspace (single-node replication if it does not exist
     /// yet) and the tables, from the scripts in `cassandra/`.
     Init {
@@ -210,18 +200,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up(args) => crate::supervisor::run(args).await,
         Command::Cassandra {
-            command: CassandraCommand::TestNode { listen },
-        } => {
-            let node = crate::store::test_node::TestNode::start_on(listen).await?;
-            println!(
-                "CQL test node (kassandra, in memory, NOT a real Cassandra) on {}; \
-                 use --set cassandra.await-schema-agreement=false --set cassandra.local-dc= with it",
-                node.addr
-            );
-            crate::process::shutdown_signal().await;
-            Ok(())
-        }
-        Command::Cassandra {
             command:
                 CassandraCommand::Init {
                     config,
@@ -253,7 +231,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("configuration is valid");
             Ok(())
         }
-        Command::Bench(args) => crate::bench::run(args).await,
     }
 }
 

@@ -177,7 +177,7 @@ pub struct GatewayConfig {
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
     pub health_interval: Duration,
-    /// Reach the instances over one multiplexed channel each (crate::rpc);
+    /// Reach the instances over one multiplexed channel each (crate::channel);
     /// false: one HTTP/1.1 request per call.
     pub instance_channel: bool,
 }

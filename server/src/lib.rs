@@ -1,9 +1,10 @@
 //! confab: a highly available chat server for web chat between customers
 //! and contact-centre agents. The `confab` binary is a thin wrapper over
-//! this library; tests build the same applications.
+//! this library: each subcommand builds one application from it
+//! (`instance::Application`, `gateway::Application`, `supervisor::run`).
 
 pub mod auth;
-pub mod bench;
+pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod contract;
@@ -12,10 +13,10 @@ pub mod gateway;
 pub mod instance;
 pub mod keyed_lock;
 pub mod process;
-pub mod rpc;
 pub mod session;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;
+pub mod ws;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,5 +1,5 @@
-//! Where the Cassandra tests run: the CQL test node (`confab`'s
-//! `store::test_node`, kassandra over real TCP) or a real cluster.
+//! Where the Cassandra tests run: the CQL test node ([`crate::cql_node`],
+//! kassandra over real TCP) or a real cluster.
 //!
 //! With `CONFAB_TEST_CASSANDRA=host:port` the tests use that real cluster
 //! instead. The outage tests (a frozen node, a dead node) then run the
@@ -8,7 +8,7 @@
 //! node in Docker: `docker pause cassandra`, `docker unpause cassandra`,
 //! `docker kill cassandra`, `docker start cassandra`).
 
-pub use confab::store::test_node::{Security, TestNode, TlsIdentity};
+pub use crate::cql_node::{Security, TestNode, TlsIdentity};
 use std::path::{Path, PathBuf};
 
 /// Where Cassandra tests run: a real cluster named by

@@ -11,20 +11,22 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod cluster;
+pub mod cql_node;
 pub mod kassandra;
 pub mod ws;
 
-/// The `confab` binary, built once per test process with the same profile
-/// as the tests.
+/// The `confab` binary, built once per process with the same profile as
+/// the calling test (or tool).
 pub fn confab_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>")
-            .to_path_buf();
+        // target/<profile>/deps/<test> for tests, target/<profile>/<tool>
+        // for the tools built from this crate's users (confab-bench).
+        let mut profile_dir = exe.parent().expect("target/<profile>").to_path_buf();
+        if profile_dir.file_name().is_some_and(|n| n == "deps") {
+            profile_dir.pop();
+        }
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -286,3 +286,64 @@ async fn openapi_document_and_pages_are_served() {
         "the shared chat script is served"
     );
 }
+
+/// The agents' queue names each waiting chat's customer: the nickname is
+/// stored with the chat's header, so the listing carries it (every
+/// instance's chats, whichever instance answers). A chat an agent joined
+/// leaves the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_queue_shows_each_waiting_chats_nickname() {
+    let c = TestCluster::start(2, &[]).await;
+    let ann = c.create_chat("Ann").await;
+    // Trimmed as in the transcript; markup is data, passed on verbatim.
+    let bob = c.create_chat("  <b>Bob</b> & Ко 🙂 ").await;
+    let queue_url = format!("{}/api/v1/queue", c.gateway);
+    let queue = c.http.get(&queue_url, Some(&c.agent_credential)).await.ok();
+    let nickname_of = |queue: &serde_json::Value, chat: &str| {
+        queue["chats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["chat_id"] == chat)
+            .map(|q| q["nickname"].clone())
+    };
+    assert_eq!(nickname_of(&queue, &ann.id), Some(json!("Ann")), "{queue}");
+    assert_eq!(
+        nickname_of(&queue, &bob.id),
+        Some(json!("<b>Bob</b> & Ко 🙂")),
+        "{queue}"
+    );
+    let first = c.transcript(&bob).await["events"][0]["nickname"].clone();
+    assert_eq!(first, json!("<b>Bob</b> & Ко 🙂"), "as in the transcript");
+
+    // Each instance's listing carries it, for its own chats and the other's.
+    for id in [&ann.instance_id, &bob.instance_id] {
+        let listing = c
+            .http
+            .get(
+                &format!(
+                    "{}/internal/v1/sessions?state=waiting",
+                    c.instance_url(id).await
+                ),
+                None,
+            )
+            .await
+            .ok();
+        let record = listing["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["session_id"] == ann.id.as_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} does not list {}: {listing}", ann.id));
+        assert_eq!(record["nickname"], "Ann", "{record}");
+    }
+
+    c.join(&ann, "Agent Carl").await;
+    let queue = c.http.get(&queue_url, Some(&c.agent_credential)).await.ok();
+    assert_eq!(nickname_of(&queue, &ann.id), None, "joined: {queue}");
+    assert_eq!(
+        nickname_of(&queue, &bob.id),
+        Some(json!("<b>Bob</b> & Ко 🙂"))
+    );
+}

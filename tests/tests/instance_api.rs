@@ -692,7 +692,10 @@ async fn the_gateway_channel_serves_the_internal_api_and_refuses_browsers() {
     let dir = data_dir();
     let db = dir.path().join("confab.db");
     let s = Server::start(dir.path(), "inst-a", &db, &[]).await;
-    let url = format!("{}/internal/v1/rpc", s.url.replacen("http://", "ws://", 1));
+    let url = format!(
+        "{}/internal/v1/channel",
+        s.url.replacen("http://", "ws://", 1)
+    );
 
     let mut browser = url.as_str().into_client_request().unwrap();
     browser
@@ -706,13 +709,14 @@ async fn the_gateway_channel_serves_the_internal_api_and_refuses_browsers() {
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
         .unwrap();
-    let create = confab::rpc::encode_request(
+    let create = confab::channel::encode_request(
         1,
         &reqwest::Method::POST,
         "/internal/v1/sessions",
         br#"{"nickname":"Ann"}"#,
     );
-    let bad = confab::rpc::encode_request(2, &reqwest::Method::POST, "/internal/v1/sessions", b"{");
+    let bad =
+        confab::channel::encode_request(2, &reqwest::Method::POST, "/internal/v1/sessions", b"{");
     ws.send(Message::Binary(create)).await.unwrap();
     ws.send(Message::Binary(bad)).await.unwrap();
     let mut answers = std::collections::BTreeMap::new();
@@ -720,7 +724,7 @@ async fn the_gateway_channel_serves_the_internal_api_and_refuses_browsers() {
         let Some(Ok(Message::Binary(frame))) = ws.next().await else {
             panic!("the channel closed before answering");
         };
-        let (id, status, body) = confab::rpc::decode_answer(frame).unwrap();
+        let (id, status, body) = confab::channel::decode_answer(frame).unwrap();
         let body: Value = serde_json::from_slice(&body).unwrap();
         answers.insert(id, (status.as_u16(), body));
     }

@@ -132,8 +132,9 @@ pub struct Joined {
 pub struct QueuedChat {
     pub chat_id: String,
     pub subject: Option<String>,
-    /// The customer's nickname; null when the instance that answered the
-    /// listing does not report it.
+    /// The customer's nickname, stored with the chat at creation; null
+    /// for a chat created, or a listing answered, by an older version that
+    /// did not store it.
     pub nickname: Option<String>,
     pub created_at: String,
 }
@@ -304,6 +305,7 @@ fn answer(status: StatusCode, body: Value) -> Result<Value, ApiError> {
 /// Start a chat: an enabled, healthy instance with the fewest chats gets it.
 #[utoipa::path(post, path = "/api/v1/chats", request_body = CreateChat,
     responses((status = 201, body = ChatCreated), (status = 400, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, description = "no instance available", body = ErrorBody)))]
+#[tracing::instrument(level = "debug", name = "gateway", skip_all, fields(route = "create"))]
 async fn create_chat(
     State(s): State<GwState>,
     JsonBody(b): JsonBody<CreateChat>,
@@ -356,6 +358,7 @@ async fn create_chat(
     params(("chat_id" = String, Path)), security(("participant_token" = [])),
     responses((status = 200, body = MessageAccepted), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[tracing::instrument(level = "debug", name = "gateway", skip_all, fields(route = "messages", chat_id = %chat_id))]
 async fn post_message(
     State(s): State<GwState>,
     Path(chat_id): Path<String>,
@@ -387,6 +390,7 @@ async fn post_message(
 #[utoipa::path(get, path = "/api/v1/chats/{chat_id}/transcript",
     params(("chat_id" = String, Path), ("after" = Option<u64>, Query, description = "only events after this seq")), security(("participant_token" = [])),
     responses((status = 200, body = TranscriptBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[tracing::instrument(level = "debug", name = "gateway", skip_all, fields(route = "transcript", chat_id = %chat_id))]
 async fn transcript(
     State(s): State<GwState>,
     Path(chat_id): Path<String>,
@@ -412,6 +416,7 @@ async fn transcript(
 #[utoipa::path(get, path = "/api/v1/chats/{chat_id}/ws",
     params(("chat_id" = String, Path), ("token" = String, Query), ("after" = Option<u64>, Query)),
     responses((status = 101, description = "WebSocket upgrade"), (status = 401, body = ErrorBody), (status = 403, description = "token for another chat or Origin not allowed", body = ErrorBody)))]
+#[tracing::instrument(level = "debug", name = "gateway", skip_all, fields(route = "ws", chat_id = %chat_id))]
 async fn stream(
     State(s): State<GwState>,
     Path(chat_id): Path<String>,
@@ -451,6 +456,7 @@ async fn stream(
 #[utoipa::path(post, path = "/api/v1/chats/{chat_id}/join", request_body = JoinChat,
     params(("chat_id" = String, Path)), security(("agent_credential" = [])),
     responses((status = 200, body = Joined), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[tracing::instrument(level = "debug", name = "gateway", skip_all, fields(route = "join", chat_id = %chat_id))]
 async fn join(
     State(s): State<GwState>,
     Path(chat_id): Path<String>,
@@ -488,6 +494,7 @@ async fn join(
 /// Chats waiting for an agent, oldest first.
 #[utoipa::path(get, path = "/api/v1/queue", security(("agent_credential" = [])),
     responses((status = 200, body = QueueBody), (status = 401, body = ErrorBody)))]
+#[tracing::instrument(level = "debug", name = "gateway", skip_all, fields(route = "queue"))]
 async fn queue(State(s): State<GwState>, headers: HeaderMap) -> Result<Json<QueueBody>, ApiError> {
     agent(&s.gw, &headers)?;
     let member = s.gw.pool.any_healthy(None).ok_or_else(no_instance)?;
@@ -521,6 +528,7 @@ async fn queue(State(s): State<GwState>, headers: HeaderMap) -> Result<Json<Queu
 #[utoipa::path(post, path = "/api/v1/chats/{chat_id}/leave", request_body = LeaveChat,
     params(("chat_id" = String, Path)), security(("participant_token" = [])),
     responses((status = 200, body = Left), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[tracing::instrument(level = "debug", name = "gateway", skip_all, fields(route = "leave", chat_id = %chat_id))]
 async fn leave(
     State(s): State<GwState>,
     Path(chat_id): Path<String>,

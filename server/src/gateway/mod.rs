@@ -45,8 +45,7 @@ pub struct Unreachable(pub String);
 
 pub struct Gateway {
     pub pool: Arc<Pool>,
-    pub client: reqwest::Client,
-    /// HTTP/1.1 to instances without the channel (crate::rpc; older
+    /// HTTP/1.1 to instances without the channel (crate::channel; older
     /// versions during a rolling upgrade): hyper's pooled client.
     upstream: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -80,7 +79,7 @@ impl Gateway {
         };
         let down = member.down_token();
         let exchange = async {
-            if path.len() > crate::rpc::MAX_PATH {
+            if path.len() > crate::channel::MAX_PATH {
                 return self.call_http(member, method, path, payload).await;
             }
             match member.route().await.map_err(Unreachable)? {
@@ -391,7 +390,7 @@ impl Application {
         m::describe();
         metrics::counter!(m::GATEWAY_FAILOVERS).absolute(0);
         metrics::gauge!(m::GATEWAY_INSTANCES_HEALTHY).set(0.0);
-        let pool = Pool::new(&g.instances, client.clone(), g.instance_channel);
+        let pool = Pool::new(&g.instances, client, g.instance_channel);
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(500)));
         connector.set_nodelay(true);
@@ -401,7 +400,6 @@ impl Application {
                 .build(connector);
         let gateway = Arc::new(Gateway {
             pool,
-            client,
             upstream,
             tokens,
             agent_credential: g.agent_credential.clone(),

@@ -25,7 +25,7 @@ pub struct MemberView {
     pub healthy: bool,
     pub enabled: bool,
     pub sessions_active: i64,
-    /// Requests go over an open channel (crate::rpc), not HTTP.
+    /// Requests go over an open channel (crate::channel), not HTTP.
     pub channel: bool,
 }
 
@@ -44,10 +44,10 @@ pub struct Member {
     /// Chats sent here since the last health check, so that a burst of new
     /// or restored chats spreads before the next check reports the counts.
     assigned: AtomicI64,
-    /// The open channel to this instance (crate::rpc), made on first use
+    /// The open channel to this instance (crate::channel), made on first use
     /// and again after it closes; closed when the instance is marked down,
     /// so that nothing queued for a frozen instance reaches it later.
-    channel: Mutex<Option<Arc<crate::rpc::Link>>>,
+    channel: Mutex<Option<Arc<crate::channel::Channel>>>,
     /// One channel handshake at a time.
     connecting: tokio::sync::Mutex<()>,
     /// The instance has no channel route (an older version): plain HTTP.
@@ -56,7 +56,7 @@ pub struct Member {
 
 /// How the gateway reaches an instance for a request.
 pub enum Route {
-    Channel(Arc<crate::rpc::Link>),
+    Channel(Arc<crate::channel::Channel>),
     Http,
 }
 
@@ -96,20 +96,20 @@ impl Member {
         if let Some(link) = self.open_channel() {
             return Ok(Route::Channel(link));
         }
-        match crate::rpc::Link::connect(&self.url).await {
+        match crate::channel::Channel::connect(&self.url).await {
             Ok(link) => {
                 *self.channel.lock() = Some(link.clone());
                 Ok(Route::Channel(link))
             }
-            Err(crate::rpc::ConnectError::Unsupported) => {
+            Err(crate::channel::ConnectError::Unsupported) => {
                 self.http_only.store(true, Ordering::Relaxed);
                 Ok(Route::Http)
             }
-            Err(crate::rpc::ConnectError::Failed(why)) => Err(why),
+            Err(crate::channel::ConnectError::Failed(why)) => Err(why),
         }
     }
 
-    fn open_channel(&self) -> Option<Arc<crate::rpc::Link>> {
+    fn open_channel(&self) -> Option<Arc<crate::channel::Channel>> {
         self.channel.lock().clone().filter(|l| !l.is_closed())
     }
 
@@ -141,7 +141,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// `channel`: reach the instances over the channel (crate::rpc), else
+    /// `channel`: reach the instances over the channel (crate::channel), else
     /// over HTTP only.
     pub fn new(urls: &[String], client: reqwest::Client, channel: bool) -> Arc<Self> {
         let members = urls

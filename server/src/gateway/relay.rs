@@ -8,7 +8,8 @@
 
 use super::tokens::Claims;
 use super::Gateway;
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use crate::ws::{self, SeqFilter};
+use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ enum Upstream {
 }
 
 pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: Claims, after: u64) {
-    let mut last = after;
+    let mut seen = SeqFilter::after(after);
     let mut failures = 0;
     let mut failed: Option<Arc<super::pool::Member>> = None;
     let mut frames = (tokio::time::Instant::now(), 0u32);
@@ -43,16 +44,17 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
             Ok(m) => m,
             Err(e) => {
                 let code = if e.status == axum::http::StatusCode::CONFLICT {
-                    1000
+                    ws::CHAT_CLOSED
                 } else {
-                    1011
+                    ws::UNAVAILABLE
                 };
-                return close(client, code, "chat unavailable").await;
+                return ws::close(client, code, "chat unavailable").await;
             }
         };
         let url = format!(
-            "{}/internal/v1/sessions/{chat}/ws?after={last}",
-            member.url.replacen("http://", "ws://", 1)
+            "{}/internal/v1/sessions/{chat}/ws?after={}",
+            member.url.replacen("http://", "ws://", 1),
+            seen.last()
         );
         let down = member.down_token();
         let connected = tokio::select! {
@@ -62,7 +64,8 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
         let Some((upstream, _)) = connected else {
             failures += 1;
             if failures > MAX_FAILOVERS {
-                return close(client, 1011, "no instance could serve the chat").await;
+                return ws::close(client, ws::UNAVAILABLE, "no instance could serve the chat")
+                    .await;
             }
             gw.forget(&chat);
             failed = Some(member);
@@ -78,12 +81,8 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                     Some(Ok(tungstenite::Message::Text(text))) => {
                         if let Ok(event) = serde_json::from_str::<Value>(&text) {
                             let ephemeral = event["ephemeral"].as_bool().unwrap_or(false);
-                            let seq = event["seq"].as_u64().unwrap_or(0);
-                            if !ephemeral {
-                                if seq <= last {
-                                    continue;
-                                }
-                                last = seq;
+                            if !seen.admit(event["seq"].as_u64().unwrap_or(0), ephemeral) {
+                                continue;
                             }
                         }
                         if client.send(Message::Text(text.as_str().into())).await.is_err() {
@@ -92,7 +91,7 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                     }
                     Some(Ok(tungstenite::Message::Close(frame))) => {
                         let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
-                        break if code == 1000 { Upstream::Closed } else { Upstream::Lost };
+                        break if code == ws::CHAT_CLOSED { Upstream::Closed } else { Upstream::Lost };
                     }
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => break Upstream::Lost,
@@ -100,7 +99,7 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                 _ = down.cancelled() => break Upstream::Lost,
                 _ = gw.stop.cancelled() => {
                     let _ = up_tx.close().await;
-                    return close(client, 1001, "gateway shutting down").await;
+                    return ws::close(client, ws::GOING_AWAY, "gateway shutting down").await;
                 }
                 incoming = client.recv() => match incoming {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Upstream::ClientGone,
@@ -112,7 +111,7 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                         frames.1 += 1;
                         if frames.1 > CLIENT_FRAMES_PER_SECOND {
                             let _ = up_tx.close().await;
-                            return close(client, 1008, "too many frames").await;
+                            return ws::close(client, ws::POLICY, "too many frames").await;
                         }
                     }
                 },
@@ -120,22 +119,13 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
         };
         let _ = up_tx.close().await;
         match outcome {
-            Upstream::Closed => return close(client, 1000, "chat closed").await,
+            Upstream::Closed => return ws::close(client, ws::CHAT_CLOSED, "chat closed").await,
             Upstream::ClientGone => return,
             Upstream::Lost => {
-                tracing::info!(chat_id = %chat, participant = %who.participant_id, instance = ?member.id(), last_seq = last, "instance stream lost; reconnecting participant");
+                tracing::info!(chat_id = %chat, participant = %who.participant_id, instance = ?member.id(), last_seq = seen.last(), "instance stream lost; reconnecting participant");
                 gw.forget(&chat);
                 failed = Some(member);
             }
         }
     }
-}
-
-async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
 }

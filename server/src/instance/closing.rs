@@ -4,7 +4,7 @@
 //! answer, the rest is finished in the background (bounded retries), so
 //! that the participants are not kept waiting and nothing is lost.
 
-use super::engine::{state_error, Instance};
+use super::engine::{participant, Instance};
 use super::error::EngineResult;
 use super::live::{Live, LiveSession};
 use crate::session::{now_ms, reason, Draft, EventView, Role, SessionState};
@@ -28,11 +28,7 @@ impl Instance {
     ) -> EngineResult<SessionState> {
         let session = self.live(session_id).await?;
         let mut live = session.inner.lock().await;
-        let participant = live
-            .transcript
-            .check_participant(participant_id)
-            .map_err(|e| state_error(session_id, e))?
-            .clone();
+        let participant = participant(&live.transcript, session_id, participant_id)?;
         let present = live.transcript.present.contains_key(participant_id);
         let closes = participant.role == Role::Customer || end_chat;
         if !closes {

@@ -9,7 +9,7 @@ use super::error::{EngineError, EngineResult};
 use super::live::{LiveSession, Registry};
 use super::stats::{KpiView, Stats};
 use crate::config::{AutoSave, Settings};
-use crate::session::{SessionState, StateError};
+use crate::session::{Participant, SessionState, StateError, Transcript};
 use crate::store::{ContactStore, SessionStore, StoreError};
 use crate::telemetry::events;
 use std::collections::HashSet;
@@ -165,6 +165,19 @@ impl Instance {
             );
         }
     }
+}
+
+/// The participant `participant_id` of chat `session_id`, if they may act
+/// in it now.
+pub(super) fn participant(
+    transcript: &Transcript,
+    session_id: &str,
+    participant_id: &str,
+) -> EngineResult<Participant> {
+    transcript
+        .check_participant(participant_id)
+        .cloned()
+        .map_err(|e| state_error(session_id, e))
 }
 
 /// A refusal of the session state machine, for chat `session_id`.

@@ -3,7 +3,7 @@
 //! numbered, saved (group-committed with other chats' saves), then applied
 //! and pushed. A message is acknowledged only after its save.
 
-use super::engine::{state_error, Instance};
+use super::engine::{participant, state_error, Instance};
 use super::error::{EngineError, EngineResult};
 use super::live::{views, Live, LiveSession};
 use super::wire::{Created, Posted, TranscriptView};
@@ -38,6 +38,7 @@ impl Instance {
             epoch: 1,
             state: SessionState::Waiting,
             subject,
+            nickname: Some(nickname.clone()),
             created_at_ms: now_ms(),
         };
         tracing::Span::current().record("chat_id", record.session_id.as_str());
@@ -107,11 +108,7 @@ impl Instance {
     ) -> EngineResult<Posted> {
         let session = self.live(session_id).await?;
         let mut live = session.inner.lock().await;
-        let participant = live
-            .transcript
-            .check_participant(participant_id)
-            .map_err(|e| state_error(session_id, e))?
-            .clone();
+        let participant = participant(&live.transcript, session_id, participant_id)?;
         if let Some(seq) = client_msg_id
             .as_ref()
             .and_then(|c| live.transcript.client_ids.get(c))

@@ -13,7 +13,7 @@
 //! | method and path | body | answer |
 //! | --- | --- | --- |
 //! | `POST /internal/v1/sessions` | `{nickname, subject?}` | 201 `{session_id, intx, participant_id, instance_id, epoch}`; 503 `instance_disabled` when draining |
-//! | `GET /internal/v1/sessions?state=waiting` | | `{sessions: [SessionRecord]}` from the store (every instance's) |
+//! | `GET /internal/v1/sessions?state=waiting` | | `{sessions: [SessionRecord]}` from the store (every instance's), each with the customer's `nickname` |
 //! | `POST /internal/v1/sessions/{id}/join` | `{nickname}` | `{participant_id}` (an agent) |
 //! | `POST /internal/v1/sessions/{id}/messages` | `{participant_id, text, client_msg_id?}` | `{seq, duplicate}` after the durable save |
 //! | `GET /internal/v1/sessions/{id}/transcript?after=N` | | `{chat_id, instance_id, state, events}` |
@@ -52,7 +52,7 @@ pub struct AppState {
     pub admin_token: Option<String>,
     pub admin_kill_enabled: bool,
     pub stop: CancellationToken,
-    /// The gateways' channels (crate::rpc), awaited on shutdown.
+    /// The gateways' channels (crate::channel), awaited on shutdown.
     pub channels: tokio_util::task::TaskTracker,
 }
 
@@ -91,7 +91,7 @@ pub fn router(state: AppState) -> Router {
     // The gateways' channel runs each request through the routes above.
     let routes = app.clone();
     app.route(
-        crate::rpc::PATH,
+        crate::channel::PATH,
         get(
             move |headers: axum::http::HeaderMap, ws: axum::extract::WebSocketUpgrade| {
                 channel(headers, ws, routes.clone(), state.clone())
@@ -100,7 +100,7 @@ pub fn router(state: AppState) -> Router {
     )
 }
 
-/// A gateway's channel (crate::rpc).
+/// A gateway's channel (crate::channel).
 async fn channel(
     headers: axum::http::HeaderMap,
     ws: axum::extract::WebSocketUpgrade,
@@ -115,8 +115,10 @@ async fn channel(
             .into_response();
     }
     let (stop, channels) = (state.stop, state.channels);
-    ws.max_message_size(crate::rpc::MAX_REQUEST_FRAME)
-        .on_upgrade(move |socket| channels.track_future(crate::rpc::serve(socket, routes, stop)))
+    ws.max_message_size(crate::channel::MAX_REQUEST_FRAME)
+        .on_upgrade(move |socket| {
+            channels.track_future(crate::channel::serve(socket, routes, stop))
+        })
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {

@@ -9,7 +9,8 @@ use super::LiveSession;
 use crate::contract::{after_param, check_chat_id};
 use crate::error::ApiError;
 use crate::session::{EventKind, EventView};
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use crate::ws::{self, SeqFilter};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use std::collections::HashMap;
@@ -31,17 +32,6 @@ pub(super) async fn stream(
         .on_upgrade(move |socket| push_events(socket, session, after, stop)))
 }
 
-/// WebSocket close codes: 1000 chat closed, 1001 instance shutting down,
-/// 1012 session moved (reconnect through the gateway).
-async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
-}
-
 async fn push_events(
     mut socket: WebSocket,
     session: Arc<LiveSession>,
@@ -49,49 +39,46 @@ async fn push_events(
     stop: CancellationToken,
 ) {
     let (backlog, mut rx, closed) = session.subscribe(after).await;
-    let mut last = after;
+    let mut seen = SeqFilter::after(after);
     for v in backlog {
-        last = v.seq;
+        seen.admit(v.seq, false);
         if send_event(&mut socket, &v).await.is_err() {
             return;
         }
     }
     if closed {
-        return close(socket, 1000, "chat closed").await;
+        return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await;
     }
     loop {
         tokio::select! {
             biased;
             r = rx.recv() => match r {
                 Ok(v) => {
-                    if !v.ephemeral {
-                        if v.seq <= last {
-                            continue;
-                        }
-                        last = v.seq;
+                    if !seen.admit(v.seq, v.ephemeral) {
+                        continue;
                     }
                     if send_event(&mut socket, &v).await.is_err() {
                         return;
                     }
                     if v.kind == EventKind::Closed {
-                        return close(socket, 1000, "chat closed").await;
+                        return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await;
                     }
                 }
                 Err(RecvError::Lagged(_)) => {
-                    for v in session.events_after(last).await {
-                        last = v.seq;
+                    for v in session.events_after(seen.last()).await {
+                        seen.admit(v.seq, false);
                         if send_event(&mut socket, &v).await.is_err() {
                             return;
                         }
                         if v.kind == EventKind::Closed {
-                            return close(socket, 1000, "chat closed").await;
+                            return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await;
                         }
                     }
                 }
-                Err(RecvError::Closed) => return close(socket, 1012, "session moved").await,
+                Err(RecvError::Closed) => return ws::close(socket, ws::MOVED, "session moved").await,
             },
-            _ = session.gone.cancelled() => return close(socket, 1012, "session moved").await,
-            _ = stop.cancelled() => return close(socket, 1001, "instance shutting down").await,
+            _ = session.gone.cancelled() => return ws::close(socket, ws::MOVED, "session moved").await,
+            _ = stop.cancelled() => return ws::close(socket, ws::GOING_AWAY, "instance shutting down").await,
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
                 Some(Ok(_)) => {}

@@ -124,9 +124,15 @@ pub async fn connect(config: &CassandraConfig) -> StoreResult<Session> {
     builder.build().await.map_err(unavailable)
 }
 
+/// Columns added to the tables since their first version: (table, column,
+/// type). `CREATE TABLE IF NOT EXISTS` leaves a table made by an older
+/// version as it is; `init_schema` adds these to it.
+pub const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("sessions", "nickname", "text")];
+
 /// Create the keyspace (single-node replication; production keyspaces are
 /// made by the operator from `cassandra/01-keyspace-production.cql`) and
-/// the tables, optionally with the TTL variant.
+/// the tables, optionally with the TTL variant, then add to tables made by
+/// an older version the columns they lack ([`ADDED_COLUMNS`]).
 pub async fn init_schema(session: &Session, keyspace: &str, ttl: bool) -> StoreResult<()> {
     let tables = if ttl { TABLES_TTL_CQL } else { TABLES_CQL };
     for stmt in statements(KEYSPACE_SINGLE_NODE_CQL, keyspace)
@@ -137,6 +143,69 @@ pub async fn init_schema(session: &Session, keyspace: &str, ttl: bool) -> StoreR
             .query_unpaged(stmt.as_str(), ())
             .await
             .map_err(unavailable)?;
+    }
+    add_missing_columns(session, keyspace).await
+}
+
+/// (table, column) of every column of `keyspace`, from `system_schema`.
+/// The whole (node-local, small) table is read and filtered here: the CQL
+/// test node answers `WHERE keyspace_name = ?` on it with no rows.
+async fn columns(
+    session: &Session,
+    keyspace: &str,
+) -> StoreResult<std::collections::HashSet<(String, String)>> {
+    let mut query = scylla::statement::unprepared::Statement::new(
+        "SELECT keyspace_name, table_name, column_name FROM system_schema.columns",
+    );
+    // The schema tables are local to each node.
+    query.set_consistency(Consistency::One);
+    let rows: Vec<(String, String, String)> = session
+        .query_iter(query, ())
+        .await
+        .map_err(unavailable)?
+        .rows_stream()
+        .map_err(unavailable)?
+        .try_collect()
+        .await
+        .map_err(unavailable)?;
+    // confab names the keyspace unquoted: Cassandra stores it lowercased.
+    let lowercase = keyspace.to_ascii_lowercase();
+    Ok(rows
+        .into_iter()
+        .filter(|(ks, _, _)| ks == keyspace || *ks == lowercase)
+        .map(|(_, table, column)| (table, column))
+        .collect())
+}
+
+/// `ALTER TABLE … ADD` for each of [`ADDED_COLUMNS`] that `keyspace`'s
+/// table lacks: nothing on a keyspace made by this version (nor on the CQL
+/// test node, which has no `ALTER TABLE`). Two `init`s at once may both
+/// find a column missing; the second `ALTER` is refused (the column exists)
+/// and the column is then found on looking again.
+async fn add_missing_columns(session: &Session, keyspace: &str) -> StoreResult<()> {
+    let present = columns(session, keyspace).await?;
+    let has = |present: &std::collections::HashSet<(String, String)>, table: &str, column: &str| {
+        present.contains(&(table.to_owned(), column.to_owned()))
+    };
+    for (table, column, ty) in ADDED_COLUMNS {
+        if has(&present, table, column) {
+            continue;
+        }
+        let alter = format!("ALTER TABLE {keyspace}.{table} ADD {column} {ty}");
+        tracing::info!(
+            keyspace,
+            table,
+            column,
+            "adding a column to a table made by an older version"
+        );
+        if let Err(e) = session.query_unpaged(alter.as_str(), ()).await {
+            // Another init added it meanwhile: look again once the nodes
+            // agree on the schema.
+            let _ = session.await_schema_agreement().await;
+            if !has(&columns(session, keyspace).await?, table, column) {
+                return Err(unavailable(format!("{alter}: {e}")));
+            }
+        }
     }
     Ok(())
 }
@@ -179,11 +248,23 @@ struct Claim {
     cut: i64,
 }
 
-/// intx, subject, created_at, state
-type Header = (String, Option<String>, i64, SessionState);
+/// The stored header of a session.
+struct Header {
+    intx: String,
+    subject: Option<String>,
+    nickname: Option<String>,
+    created_at_ms: i64,
+    state: SessionState,
+}
 
-/// intx, subject, created_at, state, as stored (nullable)
-type HeaderRow = (Option<String>, Option<String>, Option<i64>, Option<String>);
+/// intx, subject, created_at, state, nickname, as stored (nullable)
+type HeaderRow = (
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+);
 
 type EventRow = (
     i64,
@@ -230,8 +311,8 @@ impl CassandraStore {
             }
         };
         let st = Statements {
-            ins_session: prepare(format!("INSERT INTO {ks}.sessions (session_id, intx, subject, created_at, state) VALUES (?, ?, ?, ?, ?)"), write).await?,
-            sel_session: prepare(format!("SELECT intx, subject, created_at, state FROM {ks}.sessions WHERE session_id = ?"), read).await?,
+            ins_session: prepare(format!("INSERT INTO {ks}.sessions (session_id, intx, subject, created_at, state, nickname) VALUES (?, ?, ?, ?, ?, ?)"), write).await?,
+            sel_session: prepare(format!("SELECT intx, subject, created_at, state, nickname FROM {ks}.sessions WHERE session_id = ?"), read).await?,
             upd_state: prepare(format!("INSERT INTO {ks}.sessions (session_id, state) VALUES (?, ?)"), write).await?,
             ins_claim: prepare(format!("INSERT INTO {ks}.session_claims (session_id, epoch, owner, cut) VALUES (?, ?, ?, ?)"), write).await?,
             sel_claims: prepare(format!("SELECT epoch, owner, cut FROM {ks}.session_claims WHERE session_id = ?"), read).await?,
@@ -305,13 +386,14 @@ impl CassandraStore {
         Ok(rows
             .into_iter()
             .next()
-            .and_then(|(intx, subject, created, state)| {
-                Some((
-                    intx?,
+            .and_then(|(intx, subject, created, state, nickname)| {
+                Some(Header {
+                    intx: intx?,
                     subject,
-                    created.unwrap_or(0),
-                    state.as_deref().and_then(SessionState::parse)?,
-                ))
+                    nickname,
+                    created_at_ms: created.unwrap_or(0),
+                    state: state.as_deref().and_then(SessionState::parse)?,
+                })
             }))
     }
 
@@ -348,7 +430,7 @@ impl CassandraStore {
         session_id: &str,
     ) -> StoreResult<Option<(SessionRecord, Vec<(Claim, String)>)>> {
         let (header, claims) = tokio::try_join!(self.header(session_id), self.claims(session_id))?;
-        let Some((intx, subject, created_at_ms, state)) = header else {
+        let Some(header) = header else {
             return Ok(None);
         };
         let Some((current, owner)) = claims.last().cloned() else {
@@ -357,12 +439,13 @@ impl CassandraStore {
         Ok(Some((
             SessionRecord {
                 session_id: session_id.to_owned(),
-                intx,
+                intx: header.intx,
                 owner_instance: owner,
                 epoch: current.epoch as u64,
-                state,
-                subject,
-                created_at_ms,
+                state: header.state,
+                subject: header.subject,
+                nickname: header.nickname,
+                created_at_ms: header.created_at_ms,
             },
             claims,
         )))
@@ -381,7 +464,11 @@ impl CassandraStore {
         } else {
             let created = match created_at_ms {
                 Some(c) => c,
-                None => self.header(session_id).await?.map(|h| h.2).unwrap_or(0),
+                None => self
+                    .header(session_id)
+                    .await?
+                    .map(|h| h.created_at_ms)
+                    .unwrap_or(0),
             };
             self.exec(
                 &self.st.ins_index,
@@ -529,6 +616,7 @@ impl SessionStore for CassandraStore {
                 record.subject.as_deref(),
                 record.created_at_ms,
                 record.state.as_str(),
+                record.nickname.as_deref(),
             ),
         )
         .await?;
@@ -571,11 +659,12 @@ impl SessionStore for CassandraStore {
                 current: current.max(0) as u64,
             });
         }
-        if header.3 == SessionState::Closed {
+        if header.state == SessionState::Closed {
             return Err(StoreError::Closed(a.session_id));
         }
-        if changes_state && header.3 != a.state {
-            self.set_state(id, a.state, Some(header.2)).await?;
+        if changes_state && header.state != a.state {
+            self.set_state(id, a.state, Some(header.created_at_ms))
+                .await?;
         }
         Ok(())
     }

@@ -11,7 +11,6 @@ pub mod cassandra;
 pub mod sqlite;
 #[cfg(any(test, feature = "store-suite"))]
 pub mod suite;
-pub mod test_node;
 
 /// The stored header of a session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +24,11 @@ pub struct SessionRecord {
     pub epoch: u64,
     pub state: SessionState,
     pub subject: Option<String>,
+    /// The customer's nickname, stored with the header at creation so that
+    /// a listing (the agents' queue) needs no read of the transcript. None
+    /// for a session stored by a version without the column.
+    #[serde(default)]
+    pub nickname: Option<String>,
     pub created_at_ms: i64,
 }
 

@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     epoch          INTEGER NOT NULL,
     state          TEXT NOT NULL,
     subject        TEXT,
-    created_at     INTEGER NOT NULL
+    created_at     INTEGER NOT NULL,
+    nickname       TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_by_state ON sessions (state, created_at);
 CREATE TABLE IF NOT EXISTS events (
@@ -56,6 +57,10 @@ CREATE TABLE IF NOT EXISTS final_transcripts (
     transcript TEXT NOT NULL
 ) WITHOUT ROWID;
 ";
+
+/// Columns added since the first version of `SCHEMA`: (table, column,
+/// type). A file created by an older version gets them at open.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("sessions", "nickname", "TEXT")];
 
 /// How often the WAL is copied back into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
@@ -103,6 +108,48 @@ fn open(path: &Path, options: SqliteOptions) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(e, _)
+            if matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            )
+    )
+}
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    let mut st = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+    let names = st.query_map([], |r| r.get::<_, String>("name"))?;
+    for name in names {
+        if name? == column {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Create the tables, and add to those of a file made by an older version
+/// the columns it lacks. Run under [`retry_busy`]: instances that open one
+/// file together may all find a column missing; the first adds it, the
+/// others' `ALTER TABLE` then fails ("duplicate column name") and the
+/// column is found on looking again.
+fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)?;
+    for (table, column, ty) in ADDED_COLUMNS {
+        if has_column(conn, table, column)? {
+            continue;
+        }
+        match conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}")) {
+            Ok(()) => {}
+            Err(e) if !is_busy(&e) && has_column(conn, table, column)? => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// `f` again while SQLite answers busy or locked, until `deadline`.
 fn retry_busy<T>(
     deadline: std::time::Instant,
@@ -110,12 +157,7 @@ fn retry_busy<T>(
 ) -> rusqlite::Result<T> {
     loop {
         match f() {
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if matches!(
-                    e.code,
-                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                ) && std::time::Instant::now() < deadline =>
-            {
+            Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
             }
             result => return result,
@@ -156,12 +198,13 @@ impl SqliteStore {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
         // Instances that start together on a new file race to switch it to
-        // WAL and to create the schema; SQLite answers "locked" at once to
-        // some of those steps instead of waiting, so they are retried.
+        // WAL and to create (or upgrade) the schema; SQLite answers "locked"
+        // at once to some of those steps instead of waiting, so they are
+        // retried.
         let deadline = std::time::Instant::now() + options.busy_timeout;
         let conn = retry_busy(deadline, || {
             let conn = open(path, options)?;
-            conn.execute_batch(SCHEMA)?;
+            create_schema(&conn)?;
             // Checkpoints run beside the writer, not inside its commits, so
             // that copying the WAL back into the database never delays a
             // save.
@@ -320,8 +363,8 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<WriteOutput> {
         WriteOp::Create(record, events) => {
             let inserted = conn
                 .prepare_cached(
-                    "INSERT INTO sessions (session_id, intx, owner_instance, epoch, state, subject, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+                    "INSERT INTO sessions (session_id, intx, owner_instance, epoch, state, subject, created_at, nickname)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
                 )
                 .and_then(|mut st| {
                     st.execute(params![
@@ -331,7 +374,8 @@ fn apply(conn: &Connection, op: &WriteOp) -> StoreResult<WriteOutput> {
                         record.epoch as i64,
                         record.state.as_str(),
                         record.subject,
-                        record.created_at_ms
+                        record.created_at_ms,
+                        record.nickname
                     ])
                 })
                 .map_err(unavailable)?;
@@ -458,10 +502,13 @@ fn session_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         state: SessionState::parse(&state).unwrap_or(SessionState::Closed),
         subject: r.get(5)?,
         created_at_ms: r.get(6)?,
+        nickname: r.get(7)?,
     })
 }
 
-const SESSION_COLUMNS: &str = "session_id, intx, owner_instance, epoch, state, subject, created_at";
+/// The columns `session_from_row` reads, in its order.
+const SESSION_COLUMNS: &str =
+    "session_id, intx, owner_instance, epoch, state, subject, created_at, nickname";
 
 fn select_session(conn: &Connection, session_id: &str) -> rusqlite::Result<Option<SessionRecord>> {
     conn.prepare_cached(&format!(
@@ -616,7 +663,7 @@ impl SqliteContactStore {
         let deadline = std::time::Instant::now() + options.busy_timeout;
         let conn = retry_busy(deadline, || {
             let conn = open(path, options)?;
-            conn.execute_batch(SCHEMA)?;
+            create_schema(&conn)?;
             Ok(conn)
         })
         .map_err(unavailable)?;
@@ -705,6 +752,76 @@ mod tests {
                 let result = opener.join().unwrap();
                 assert!(result.is_ok(), "round {round}: {:?}", result.err());
             }
+        }
+    }
+
+    /// A file made by a version without `sessions.nickname` is upgraded at
+    /// open, also by instances that open it at once (one adds the column,
+    /// the others find it); its sessions read back without a nickname, and
+    /// an older version's insert (without the column) still works.
+    #[tokio::test]
+    async fn a_file_of_an_older_version_gets_the_new_columns_at_open() {
+        let old_schema = SCHEMA.replace(",\n    nickname       TEXT\n", "\n");
+        assert_ne!(old_schema, SCHEMA, "the old schema lacks the column");
+        let old_insert = "INSERT INTO sessions (session_id, intx, owner_instance, epoch, state, subject, created_at)
+                          VALUES (?1, 'intx', 'inst-old', 1, 'waiting', NULL, ?2)";
+        for round in 0..20 {
+            let path = temp_db(&format!("upgrade-{round}"));
+            {
+                let conn = open(&path, SqliteOptions::default()).unwrap();
+                conn.execute_batch(&old_schema).unwrap();
+                assert!(!has_column(&conn, "sessions", "nickname").unwrap());
+                conn.execute(old_insert, params!["old-1", 1]).unwrap();
+            }
+            let barrier = Arc::new(std::sync::Barrier::new(4));
+            let openers: Vec<_> = (0..4)
+                .map(|i| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let options = SqliteOptions::default();
+                        if i % 2 == 0 {
+                            SqliteStore::open(&path, options).map(|_| ())
+                        } else {
+                            SqliteContactStore::open(&path, options).map(|_| ())
+                        }
+                    })
+                })
+                .collect();
+            for opener in openers {
+                let result = opener.join().unwrap();
+                assert!(result.is_ok(), "round {round}: {:?}", result.err());
+            }
+            let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+            let old = store.locate("old-1").await.unwrap().expect("kept");
+            assert_eq!(
+                (old.owner_instance.as_str(), old.nickname),
+                ("inst-old", None)
+            );
+            // An instance of the older version, still running, inserts.
+            store
+                .read(move |c| c.execute(old_insert, params!["old-2", 2]))
+                .await
+                .unwrap();
+            assert_eq!(store.locate("old-2").await.unwrap().unwrap().nickname, None);
+            let record = crate::store::suite::new_record("inst-new");
+            store.create_session(record.clone(), vec![]).await.unwrap();
+            let waiting = store
+                .list_sessions(Some(SessionState::Waiting), 10)
+                .await
+                .unwrap();
+            let nicknames: Vec<_> = waiting
+                .iter()
+                .map(|r| (r.session_id.as_str(), r.nickname.as_deref()))
+                .collect();
+            assert_eq!(
+                nicknames,
+                [
+                    ("old-1", None),
+                    ("old-2", None),
+                    (record.session_id.as_str(), record.nickname.as_deref())
+                ]
+            );
         }
     }
 

@@ -7,10 +7,12 @@
 use super::{Append, ContactStore, FinalTranscript, SessionRecord, SessionStore, StoreError};
 use crate::session::{now_ms, Draft, Event, Participant, Role, SessionState};
 
+const CUSTOMER_NICKNAME: &str = "Анна 李 🙂";
+
 fn customer() -> Participant {
     Participant {
         participant_id: "cust".into(),
-        nickname: "Анна 李 🙂".into(),
+        nickname: CUSTOMER_NICKNAME.into(),
         role: Role::Customer,
     }
 }
@@ -23,6 +25,7 @@ pub(crate) fn new_record(owner: &str) -> SessionRecord {
         epoch: 1,
         state: SessionState::Waiting,
         subject: Some("billing".into()),
+        nickname: Some(CUSTOMER_NICKNAME.into()),
         created_at_ms: now_ms(),
     }
 }
@@ -84,14 +87,32 @@ pub async fn create_and_load_round_trip(a: &dyn SessionStore, b: &dyn SessionSto
         .unwrap()
         .expect("visible to b");
     assert_eq!(loaded, record);
+    assert_eq!(loaded.nickname.as_deref(), Some(CUSTOMER_NICKNAME));
     assert_eq!(events.len(), 1);
-    assert_eq!(events[0].nickname.as_deref(), Some("Анна 李 🙂"));
+    assert_eq!(events[0].nickname.as_deref(), Some(CUSTOMER_NICKNAME));
     assert_eq!(events[0].role, Some(Role::Customer));
     assert_eq!(
         b.create_session(record.clone(), vec![]).await,
         Err(StoreError::AlreadyExists(record.session_id.clone()))
     );
-    assert_eq!(a.locate(&record.session_id).await.unwrap(), Some(record));
+    let located = a.locate(&record.session_id).await.unwrap();
+    assert_eq!(
+        located.as_ref().and_then(|r| r.nickname.as_deref()),
+        Some(CUSTOMER_NICKNAME)
+    );
+    assert_eq!(located, Some(record));
+
+    // A header without a nickname (stored by an older version) reads back
+    // without one.
+    let anonymous = SessionRecord {
+        nickname: None,
+        ..new_record("inst-a")
+    };
+    a.create_session(anonymous.clone(), vec![]).await.unwrap();
+    assert_eq!(
+        b.locate(&anonymous.session_id).await.unwrap(),
+        Some(anonymous)
+    );
 }
 
 pub async fn appends_keep_order_and_text_exactly(a: &dyn SessionStore) {
@@ -138,6 +159,15 @@ pub async fn stale_owner_is_fenced_after_claim(a: &dyn SessionStore, b: &dyn Ses
     assert!(claimed.epoch > record.epoch);
     let epoch = claimed.epoch;
     assert_eq!(claimed.owner_instance, "inst-b");
+    // A claim changes the owner and the epoch, nothing else of the header.
+    assert_eq!(
+        claimed,
+        SessionRecord {
+            owner_instance: "inst-b".into(),
+            epoch,
+            ..record.clone()
+        }
+    );
     assert_eq!(events.len(), 2);
     b.append_events(append(
         &record,
@@ -294,6 +324,19 @@ pub async fn list_by_state_and_unknown_sessions(a: &dyn SessionStore) {
         .await
         .unwrap();
     assert!(waiting.iter().any(|r| r.session_id == record.session_id));
+    // The listing (the agents' queue) carries the whole header, the
+    // customer's nickname included.
+    let listed = waiting
+        .iter()
+        .find(|r| r.session_id == record.session_id)
+        .unwrap();
+    assert_eq!(listed.nickname.as_deref(), Some(CUSTOMER_NICKNAME));
+    assert_eq!(listed, &record);
+    let all = a.list_sessions(None, 100_000).await.unwrap();
+    assert_eq!(
+        all.iter().find(|r| r.session_id == record.session_id),
+        Some(&record)
+    );
     let active = a
         .list_sessions(Some(SessionState::Active), 100_000)
         .await

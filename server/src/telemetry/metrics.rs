@@ -118,7 +118,7 @@ pub fn describe() {
     describe_histogram!(
         HTTP_REQUEST_DURATION,
         Unit::Seconds,
-        "HTTP request duration by component, route template and method."
+        "HTTP request duration by component, route template, method and status."
     );
     metrics::gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
 }

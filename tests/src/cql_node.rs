@@ -1,6 +1,8 @@
 //! A CQL test node: the `kassandra` crate (a third-party in-memory
 //! single-node CQL v4 server) served over real TCP on loopback — for tests,
-//! benchmarks and trying `confab up --store cassandra` without a cluster.
+//! benchmarks and trying `confab up --store cassandra` without a cluster
+//! (`cargo run -p confab-e2e --bin cql-test-node`). A test tool, not part of
+//! the product.
 //! It is NOT a real Cassandra: no replication, no TTL expiry, no
 //! lightweight transactions, an empty `system.peers` (so schema agreement
 //! cannot be awaited against it), everything lost on exit.

@@ -1,4 +1,4 @@
-//! `confab bench`: a load generator for the message path, reporting figures
+//! The benchmark scenarios: a load generator for the message path, reporting figures
 //! as ratios against baselines measured in the same run.
 //!
 //! Phases:
@@ -11,12 +11,12 @@
 //!    message's scheduled time (no coordinated omission);
 //! 4. idle memory: `--idle-sessions` open chats, the server's resident memory.
 
-use crate::config::Synchronous;
-use crate::session::{now_ms, Draft, Participant, Role, SessionState};
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::{Append, SessionRecord, SessionStore};
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::Parser;
+use confab::config::Synchronous;
+use confab::session::{now_ms, Draft, Participant, Role, SessionState};
+use confab::store::sqlite::{SqliteOptions, SqliteStore};
+use confab::store::{Append, SessionRecord, SessionStore};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -38,7 +38,11 @@ pub enum Scenario {
     Cassandra,
 }
 
-#[derive(Args, Debug, Clone)]
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "confab-bench",
+    about = "Load-generate against real confab processes"
+)]
 pub struct BenchArgs {
     /// What to measure.
     #[arg(long, value_enum, default_value_t = Scenario::Message)]
@@ -226,6 +230,7 @@ async fn raw_store_rate(
             epoch: 1,
             state: SessionState::Waiting,
             subject: None,
+            nickname: Some(participant.nickname.clone()),
             created_at_ms: now_ms(),
         };
         store.create_session(record, vec![]).await?;
@@ -287,16 +292,17 @@ struct ServerProcess {
     url: String,
 }
 
+/// A listening port, picked as the tests pick them: below the kernel's
+/// ephemeral range, each handed out once (a `bind(0)` port could be taken
+/// by an outgoing connection before the server binds it).
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(confab_e2e::free_port())
 }
 
 impl ServerProcess {
     /// Run `confab <args>` listening on `port`; wait for its /healthz.
     async fn spawn(args: &[String], port: u16) -> anyhow::Result<Self> {
-        let child = Command::new(std::env::current_exe()?)
+        let child = Command::new(confab_e2e::confab_bin())
             .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -318,18 +324,8 @@ impl ServerProcess {
     }
 
     async fn instance(db: &Path, synchronous: &str, id: &str, port: u16) -> anyhow::Result<Self> {
-        let args: Vec<String> = vec![
-            "server".into(),
-            "--instance-id".into(),
-            id.into(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--sqlite-path".into(),
-            db.display().to_string(),
-            "--set".into(),
-            format!("server.sqlite-synchronous={synchronous}"),
-        ];
-        Self::spawn(&args, port).await
+        let sets = [format!("server.sqlite-synchronous={synchronous}")];
+        Self::instance_with(db, id, port, &sets).await
     }
 
     async fn instance_with(
@@ -750,7 +746,7 @@ async fn restoration(dir: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         .await?;
     let failovers: f64 = metrics
         .lines()
-        .filter(|l| l.starts_with(crate::telemetry::metrics::GATEWAY_FAILOVERS))
+        .filter(|l| l.starts_with(confab::telemetry::metrics::GATEWAY_FAILOVERS))
         .filter_map(|l| l.rsplit(" ").next()?.parse::<f64>().ok())
         .sum();
     println!(
@@ -769,7 +765,7 @@ async fn restoration(dir: &Path, args: &BenchArgs) -> anyhow::Result<()> {
 /// Acknowledged messages/s and latency on the Cassandra store (the kassandra
 /// test node in this process) against the SQLite store, alternating rounds.
 async fn cassandra_vs_sqlite(dir: &Path, args: &BenchArgs, text: &str) -> anyhow::Result<()> {
-    let node = crate::store::test_node::TestNode::start().await;
+    let node = confab_e2e::cql_node::TestNode::start().await;
     let keyspace = "confab_bench";
     let sets = vec![
         "server.store=cassandra".to_string(),
@@ -778,10 +774,10 @@ async fn cassandra_vs_sqlite(dir: &Path, args: &BenchArgs, text: &str) -> anyhow
         "cassandra.local-dc=".into(),
         "cassandra.await-schema-agreement=false".into(),
     ];
-    let config = crate::config::Layers::default()
+    let config = confab::config::Layers::default()
         .with_overrides(sets.iter().map(String::as_str))?
         .resolve()?;
-    crate::store::cassandra::connect_and_init(&config.cassandra, false).await?;
+    confab::store::cassandra::connect_and_init(&config.cassandra, false).await?;
     let db = dir.join("cassandra-bench.db");
     let _ = std::fs::remove_file(&db);
     let on_cassandra =

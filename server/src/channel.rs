@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 /// The instance's route for the channel.
-pub const PATH: &str = "/internal/v1/rpc";
+pub const PATH: &str = "/internal/v1/channel";
 /// Largest answer frame (transcripts can be large).
 pub const MAX_FRAME: usize = 64 << 20;
 /// Largest request frame the instance reads: a body is at most 1 MiB.
@@ -226,7 +226,7 @@ fn error_answer(e: ApiError) -> (StatusCode, Bytes) {
 type Waiting = Mutex<Option<HashMap<u64, oneshot::Sender<(StatusCode, Bytes)>>>>;
 
 /// Gateway side: one open channel to an instance.
-pub struct Link {
+pub struct Channel {
     out: mpsc::UnboundedSender<Bytes>,
     /// Requests sent and not yet answered; None once the link is closed.
     waiting: Arc<Waiting>,
@@ -236,7 +236,7 @@ pub struct Link {
 
 /// Why a request on a link got no answer.
 #[derive(Debug)]
-pub struct LinkClosed;
+pub struct ChannelClosed;
 
 /// Why a link could not be opened.
 #[derive(Debug)]
@@ -246,9 +246,9 @@ pub enum ConnectError {
     Failed(String),
 }
 
-impl Link {
+impl Channel {
     /// Open a channel to the instance at `base` (`http://host:port`).
-    pub async fn connect(base: &str) -> Result<Arc<Link>, ConnectError> {
+    pub async fn connect(base: &str) -> Result<Arc<Channel>, ConnectError> {
         let url = format!(
             "{}{PATH}",
             base.replacen("http://", "ws://", 1)
@@ -273,7 +273,7 @@ impl Link {
         let (out, mut queue) = mpsc::unbounded_channel::<Bytes>();
         let waiting: Arc<Waiting> = Arc::new(Mutex::new(Some(HashMap::new())));
         let closed = CancellationToken::new();
-        let link = Arc::new(Link {
+        let link = Arc::new(Channel {
             out,
             waiting: waiting.clone(),
             next_id: AtomicU64::new(1),
@@ -342,12 +342,12 @@ impl Link {
         method: &Method,
         path: &str,
         body: &[u8],
-    ) -> Result<(StatusCode, Bytes), LinkClosed> {
+    ) -> Result<(StatusCode, Bytes), ChannelClosed> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         match self.waiting.lock().as_mut() {
             Some(w) => w.insert(id, tx),
-            None => return Err(LinkClosed),
+            None => return Err(ChannelClosed),
         };
         let forget = Forget {
             waiting: &self.waiting,
@@ -358,9 +358,9 @@ impl Link {
             .send(encode_request(id, method, path, body))
             .is_err()
         {
-            return Err(LinkClosed);
+            return Err(ChannelClosed);
         }
-        let answer = rx.await.map_err(|_| LinkClosed);
+        let answer = rx.await.map_err(|_| ChannelClosed);
         drop(forget);
         answer
     }
@@ -462,8 +462,8 @@ mod tests {
 
     /// A `/slow` request (300 ms) on `link`, given time to reach the server.
     async fn slow_call(
-        link: &Arc<Link>,
-    ) -> tokio::task::JoinHandle<Result<(StatusCode, Bytes), LinkClosed>> {
+        link: &Arc<Channel>,
+    ) -> tokio::task::JoinHandle<Result<(StatusCode, Bytes), ChannelClosed>> {
         let link = link.clone();
         let call = tokio::spawn(async move { link.call(&Method::GET, "/slow", b"").await });
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -473,7 +473,7 @@ mod tests {
     #[tokio::test]
     async fn requests_and_answers_cross_the_channel_concurrently() {
         let url = server(true, CancellationToken::new(), CancellationToken::new()).await;
-        let link = Link::connect(&url).await.expect("a channel");
+        let link = Channel::connect(&url).await.expect("a channel");
         let calls = (0..50).map(|i| {
             let link = link.clone();
             async move {
@@ -502,7 +502,7 @@ mod tests {
     async fn a_server_without_the_route_is_reached_over_http() {
         let url = server(false, CancellationToken::new(), CancellationToken::new()).await;
         assert!(matches!(
-            Link::connect(&url).await,
+            Channel::connect(&url).await,
             Err(ConnectError::Unsupported)
         ));
     }
@@ -513,7 +513,7 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
         assert!(matches!(
-            Link::connect(&url).await,
+            Channel::connect(&url).await,
             Err(ConnectError::Failed(_))
         ));
     }
@@ -522,7 +522,7 @@ mod tests {
     async fn a_stopping_server_answers_what_it_read_then_closes() {
         let stop = CancellationToken::new();
         let url = server(true, stop.clone(), CancellationToken::new()).await;
-        let link = Link::connect(&url).await.expect("a channel");
+        let link = Channel::connect(&url).await.expect("a channel");
         let slow = slow_call(&link).await;
         stop.cancel();
         let (status, body) = slow.await.unwrap().expect("answered before the close");
@@ -540,7 +540,7 @@ mod tests {
     #[tokio::test]
     async fn closing_a_link_fails_its_requests_and_the_next_ones() {
         let url = server(true, CancellationToken::new(), CancellationToken::new()).await;
-        let link = Link::connect(&url).await.expect("a channel");
+        let link = Channel::connect(&url).await.expect("a channel");
         let slow = slow_call(&link).await;
         // What the gateway does when it marks the instance down.
         link.close();
@@ -553,7 +553,7 @@ mod tests {
     async fn requests_in_flight_fail_when_the_server_goes() {
         let kill = CancellationToken::new();
         let url = server(true, CancellationToken::new(), kill.clone()).await;
-        let link = Link::connect(&url).await.expect("a channel");
+        let link = Channel::connect(&url).await.expect("a channel");
         let slow = slow_call(&link).await;
         // Its end of the channel goes, as with kill -9.
         kill.cancel();

@@ -1,0 +1,75 @@
+//! What both legs of a chat's WebSocket stream share (instance → gateway →
+//! participant): the close codes, closing with one, and the rule that
+//! forwards each stored event exactly once, in seq order, across
+//! reconnections (ephemeral notices have no seq of their own and always
+//! pass).
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+
+/// The chat closed: the stream is over.
+pub const CHAT_CLOSED: u16 = 1000;
+/// The server (instance or gateway) is shutting down.
+pub const GOING_AWAY: u16 = 1001;
+/// The client broke the rules (too many frames).
+pub const POLICY: u16 = 1008;
+/// No instance could serve the chat.
+pub const UNAVAILABLE: u16 = 1011;
+/// The chat moved to another instance: reconnect through the gateway.
+pub const MOVED: u16 = 1012;
+
+/// Send a close frame with `code` and `reason`; errors mean the peer is gone.
+pub async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+/// Forwards stored events after a seq exactly once.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqFilter {
+    last: u64,
+}
+
+impl SeqFilter {
+    /// Only events after `after` pass.
+    pub fn after(after: u64) -> Self {
+        SeqFilter { last: after }
+    }
+
+    /// Whether an event passes; a stored one moves the mark.
+    pub fn admit(&mut self, seq: u64, ephemeral: bool) -> bool {
+        if ephemeral {
+            return true;
+        }
+        if seq <= self.last {
+            return false;
+        }
+        self.last = seq;
+        true
+    }
+
+    /// The last stored seq that passed.
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_stored_event_passes_once_and_notices_always() {
+        let mut f = SeqFilter::after(2);
+        assert!(!f.admit(1, false));
+        assert!(!f.admit(2, false));
+        assert!(f.admit(3, false));
+        assert!(!f.admit(3, false));
+        assert!(f.admit(3, true), "an ephemeral notice repeats the last seq");
+        assert!(f.admit(4, false));
+        assert_eq!(f.last(), 4);
+    }
+}
