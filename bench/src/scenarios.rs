@@ -128,7 +128,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let db = dir.join("server.db");
     let _ = std::fs::remove_file(&db);
     let mut server = ServerProcess::instance(&db, &args.synchronous, "bench", free_port()?).await?;
-    let client = reqwest::Client::builder()
+    let client = client_builder()
         .pool_max_idle_per_host(args.concurrency * 2)
         .build()?;
     let chats = create_chats(&client, &server.url, args.sessions).await?;
@@ -292,6 +292,18 @@ struct ServerProcess {
     url: String,
 }
 
+/// The cluster secret of the benchmark's instances and gateways.
+const CLUSTER_SECRET: &str = "bench-cluster-secret";
+
+/// An HTTP client that presents the cluster secret (the direct-to-instance
+/// figures call the instances' internal API).
+fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().default_headers(reqwest::header::HeaderMap::from_iter([(
+        reqwest::header::HeaderName::from_static(confab::contract::CLUSTER_SECRET_HEADER),
+        reqwest::header::HeaderValue::from_static(CLUSTER_SECRET),
+    )]))
+}
+
 /// A listening port, picked as the tests pick them: below the kernel's
 /// ephemeral range, each handed out once (a `bind(0)` port could be taken
 /// by an outgoing connection before the server binds it).
@@ -305,6 +317,7 @@ impl ServerProcess {
         let child = Command::new(confab_e2e::confab_bin())
             .args(args)
             .env("RUST_LOG", "warn")
+            .env("CONFAB_CLUSTER_SECRET", CLUSTER_SECRET)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -609,7 +622,7 @@ async fn gateway_cost(dir: &Path, args: &BenchArgs, text: &str) -> anyhow::Resul
     let urls = std::slice::from_ref(&instance.url);
     let gateway = ServerProcess::gateway_with(urls, free_port()?, true).await?;
     let http_gateway = ServerProcess::gateway_with(urls, free_port()?, false).await?;
-    let client = reqwest::Client::builder()
+    let client = client_builder()
         .pool_max_idle_per_host(args.concurrency * 2)
         .build()?;
     let direct_chats = create_chats_at(&client, &instance.url, args.sessions, false).await?;
@@ -646,7 +659,7 @@ async fn restoration(dir: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let mut a = ServerProcess::instance(&db, &args.synchronous, "inst-a", port_a).await?;
     let urls = [a.url.clone(), format!("http://127.0.0.1:{port_b}")];
     let gateway = ServerProcess::gateway(&urls, free_port()?).await?;
-    let client = reqwest::Client::builder()
+    let client = client_builder()
         .pool_max_idle_per_host(args.concurrency * 2)
         .build()?;
     // Only A is up: every chat lands there.
@@ -789,7 +802,7 @@ async fn cassandra_vs_sqlite(dir: &Path, args: &BenchArgs, text: &str) -> anyhow
         free_port()?,
     )
     .await?;
-    let client = reqwest::Client::builder()
+    let client = client_builder()
         .pool_max_idle_per_host(args.concurrency * 2)
         .build()?;
     let cassandra_chats = create_chats_at(&client, &on_cassandra.url, args.sessions, false).await?;

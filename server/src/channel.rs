@@ -202,10 +202,14 @@ async fn answer(
         .header(axum::http::header::CONTENT_TYPE, "application/json")
         .header(axum::http::header::CONTENT_LENGTH, body.len())
         .body(Body::from(body));
-    let request = match request {
+    let mut request = match request {
         Ok(r) => r,
         Err(e) => return error_answer(ApiError::bad_request(e.to_string())),
     };
+    // The channel checked the cluster secret when it opened.
+    request
+        .extensions_mut()
+        .insert(crate::contract::ChannelAuthenticated);
     let Ok(response) = router.oneshot(request).await;
     let status = response.status();
     // Room for the answer frame's header within the gateway's limit.
@@ -248,16 +252,22 @@ pub enum ConnectError {
 
 impl Channel {
     /// Open a channel to the instance at `base` (`http://host:port`).
-    pub async fn connect(base: &str) -> Result<Arc<Channel>, ConnectError> {
+    pub async fn connect(
+        base: &str,
+        secret: &crate::contract::ClusterSecret,
+    ) -> Result<Arc<Channel>, ConnectError> {
         let url = format!(
             "{}{PATH}",
             base.replacen("http://", "ws://", 1)
                 .replacen("https://", "wss://", 1)
         );
+        let request = secret
+            .websocket_request(&url)
+            .map_err(|e| ConnectError::Failed(e.to_string()))?;
         let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
         config.max_message_size = Some(MAX_FRAME);
         config.max_frame_size = Some(MAX_FRAME);
-        let connect = tokio_tungstenite::connect_async_with_config(&url, Some(config), true);
+        let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
         let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| ConnectError::Failed("the channel handshake timed out".into()))?
@@ -266,6 +276,14 @@ impl Channel {
                     if r.status() == StatusCode::NOT_FOUND =>
                 {
                     ConnectError::Unsupported
+                }
+                tokio_tungstenite::tungstenite::Error::Http(r)
+                    if r.status() == StatusCode::UNAUTHORIZED =>
+                {
+                    ConnectError::Failed(
+                        "the instance refused the cluster secret (401): check cluster.secret"
+                            .into(),
+                    )
                 }
                 e => ConnectError::Failed(e.to_string()),
             })?;
@@ -473,7 +491,9 @@ mod tests {
     #[tokio::test]
     async fn requests_and_answers_cross_the_channel_concurrently() {
         let url = server(true, CancellationToken::new(), CancellationToken::new()).await;
-        let link = Channel::connect(&url).await.expect("a channel");
+        let link = Channel::connect(&url, &crate::contract::ClusterSecret::new("test"))
+            .await
+            .expect("a channel");
         let calls = (0..50).map(|i| {
             let link = link.clone();
             async move {
@@ -502,7 +522,7 @@ mod tests {
     async fn a_server_without_the_route_is_reached_over_http() {
         let url = server(false, CancellationToken::new(), CancellationToken::new()).await;
         assert!(matches!(
-            Channel::connect(&url).await,
+            Channel::connect(&url, &crate::contract::ClusterSecret::new("test")).await,
             Err(ConnectError::Unsupported)
         ));
     }
@@ -513,7 +533,7 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
         assert!(matches!(
-            Channel::connect(&url).await,
+            Channel::connect(&url, &crate::contract::ClusterSecret::new("test")).await,
             Err(ConnectError::Failed(_))
         ));
     }
@@ -522,7 +542,9 @@ mod tests {
     async fn a_stopping_server_answers_what_it_read_then_closes() {
         let stop = CancellationToken::new();
         let url = server(true, stop.clone(), CancellationToken::new()).await;
-        let link = Channel::connect(&url).await.expect("a channel");
+        let link = Channel::connect(&url, &crate::contract::ClusterSecret::new("test"))
+            .await
+            .expect("a channel");
         let slow = slow_call(&link).await;
         stop.cancel();
         let (status, body) = slow.await.unwrap().expect("answered before the close");
@@ -540,7 +562,9 @@ mod tests {
     #[tokio::test]
     async fn closing_a_link_fails_its_requests_and_the_next_ones() {
         let url = server(true, CancellationToken::new(), CancellationToken::new()).await;
-        let link = Channel::connect(&url).await.expect("a channel");
+        let link = Channel::connect(&url, &crate::contract::ClusterSecret::new("test"))
+            .await
+            .expect("a channel");
         let slow = slow_call(&link).await;
         // What the gateway does when it marks the instance down.
         link.close();
@@ -553,7 +577,9 @@ mod tests {
     async fn requests_in_flight_fail_when_the_server_goes() {
         let kill = CancellationToken::new();
         let url = server(true, CancellationToken::new(), kill.clone()).await;
-        let link = Channel::connect(&url).await.expect("a channel");
+        let link = Channel::connect(&url, &crate::contract::ClusterSecret::new("test"))
+            .await
+            .expect("a channel");
         let slow = slow_call(&link).await;
         // Its end of the channel goes, as with kill -9.
         kill.cancel();

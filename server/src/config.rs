@@ -188,6 +188,15 @@ pub struct Config {
     pub cassandra: CassandraConfig,
     pub server: ServerConfig,
     pub gateway: GatewayConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: what every instance and gateway of one cluster share.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// Authenticates every call on the instances' internal API and channel
+    /// (the gateways', the dashboard's); required by instances and gateways.
+    pub secret: Option<String>,
 }
 
 /// One option: its section and name, its default (a TOML literal) and what
@@ -431,6 +440,18 @@ pub const OPTIONS: &[OptionSpec] = &[
         "instance-channel",
         "true",
         "false: one HTTP/1.1 request per call to an instance",
+    ),
+    opt(
+        "cluster",
+        "secret",
+        r#""""#,
+        "or secret-file; required: shared by the cluster's instances and gateways",
+    ),
+    opt(
+        "cluster",
+        "secret-file",
+        r#""""#,
+        "a file holding the cluster secret (confab up makes one)",
     ),
 ];
 
@@ -813,11 +834,15 @@ impl Layers {
             health_interval: self.duration("gateway.health-interval")?,
             instance_channel: self.boolean("gateway.instance-channel")?,
         };
+        let cluster = ClusterConfig {
+            secret: self.secret("cluster.secret")?,
+        };
         Ok(Config {
             settings,
             cassandra,
             server,
             gateway,
+            cluster,
         })
     }
 }
@@ -883,6 +908,7 @@ pub enum Section {
     Cassandra,
     Server,
     Gateway,
+    Cluster,
 }
 
 impl Config {
@@ -897,6 +923,7 @@ impl Config {
                 Section::Cassandra => ("cassandra", self.cassandra_table()),
                 Section::Server => ("server", self.server_table()),
                 Section::Gateway => ("gateway", self.gateway_table()),
+                Section::Cluster => ("cluster", self.cluster_table()),
             };
             file.insert(name.into(), Value::Table(table));
         }
@@ -1028,6 +1055,28 @@ impl Config {
             Value::Boolean(g.instance_channel),
         );
         t
+    }
+}
+
+impl Config {
+    fn cluster_table(&self) -> toml::Table {
+        let mut t = toml::Table::new();
+        if let Some(secret) = &self.cluster.secret {
+            put(&mut t, "secret", text(secret));
+        }
+        t
+    }
+
+    /// The cluster secret, which instances and gateways cannot run without.
+    pub fn cluster_secret(&self) -> Result<&str> {
+        self.cluster
+            .secret
+            .as_deref()
+            .ok_or_else(|| ConfigError::Invalid {
+                option: "cluster.secret".into(),
+                value: "\"\"".into(),
+                expected: "a secret shared by every instance and gateway of the cluster (or cluster.secret-file; `confab up` makes one)".into(),
+            })
     }
 }
 
@@ -1260,6 +1309,8 @@ rate-limit-per-second = 5
 rate-limit-burst = 6
 health-interval = "1s"
 instance-channel = false
+[cluster]
+secret = "cs"
 "#,
         )
         .unwrap();
@@ -1268,6 +1319,7 @@ instance-channel = false
             Section::Cassandra,
             Section::Server,
             Section::Gateway,
+            Section::Cluster,
         ];
         let written = c.to_toml(&all);
         assert_eq!(resolve(&written).unwrap(), c, "{written}");

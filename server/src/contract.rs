@@ -70,3 +70,58 @@ pub fn check_client_msg_id(id: &Option<String>) -> Result<(), ApiError> {
         _ => Ok(()),
     }
 }
+
+/// The header that carries the cluster secret on every call to an
+/// instance's internal API and channel (`Authorization` is the admin's and
+/// the participants' on the same servers).
+pub const CLUSTER_SECRET_HEADER: &str = "confab-cluster-secret";
+
+/// Marks a request that arrived on an authenticated channel: the channel
+/// checked the secret once, at its upgrade.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelAuthenticated;
+
+/// The cluster secret, as a caller presents it and an instance checks it.
+#[derive(Clone)]
+pub struct ClusterSecret(std::sync::Arc<str>);
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(…)")
+    }
+}
+
+impl ClusterSecret {
+    pub fn new(secret: &str) -> Self {
+        ClusterSecret(secret.into())
+    }
+
+    /// The header value a caller sends.
+    pub fn header_value(&self) -> axum::http::HeaderValue {
+        axum::http::HeaderValue::from_str(&self.0)
+            .unwrap_or_else(|_| axum::http::HeaderValue::from_static(""))
+    }
+
+    /// A WebSocket handshake request for `url` carrying the secret.
+    pub fn websocket_request(
+        &self,
+        url: &str,
+    ) -> Result<
+        tokio_tungstenite::tungstenite::handshake::client::Request,
+        tokio_tungstenite::tungstenite::Error,
+    > {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.into_client_request()?;
+        request
+            .headers_mut()
+            .insert(CLUSTER_SECRET_HEADER, self.header_value());
+        Ok(request)
+    }
+
+    /// Whether `headers` carry this secret (compared in constant time).
+    pub fn admits(&self, headers: &axum::http::HeaderMap) -> bool {
+        headers
+            .get(CLUSTER_SECRET_HEADER)
+            .is_some_and(|given| crate::auth::constant_time_eq(given.as_bytes(), self.0.as_bytes()))
+    }
+}

@@ -198,3 +198,60 @@ pub async fn refuse_oversized(
     let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
     ApiError::too_large(format!("request body over {limit} bytes")).into_response()
 }
+
+fn has_body(headers: &axum::http::HeaderMap) -> bool {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    declared.is_some_and(|n| n > 0) || headers.contains_key(axum::http::header::TRANSFER_ENCODING)
+}
+
+/// Whether a request with a body declares JSON (a charset may follow).
+pub fn declares_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// 415 for a body that is not declared JSON.
+pub fn refuse_non_json(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    if has_body(headers) && !declares_json(headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "request bodies must be JSON (Content-Type: application/json)",
+        ));
+    }
+    Ok(())
+}
+
+/// Middleware: 415 for a request body that is not declared JSON (no
+/// cross-site form post reaches a handler without a CORS preflight).
+pub async fn json_only(req: Request, next: axum::middleware::Next) -> Response {
+    match refuse_non_json(req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The HTTP edge every listener shares, outermost first: request metrics
+/// (by route template), the body size limit (413 before the handler),
+/// JSON-only bodies (415).
+pub fn edge_layers<S: Clone + Send + Sync + 'static>(
+    router: axum::Router<S>,
+    component: &'static str,
+    max_body: usize,
+) -> axum::Router<S> {
+    router
+        .layer(axum::middleware::from_fn(json_only))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            refuse_oversized(max_body, req, next)
+        }))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            crate::telemetry::metrics::track_http(component, req, next)
+        }))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+}

@@ -26,7 +26,12 @@ impl TestCluster {
         let ports = UpPorts::free(instances);
         let sup = ports.supervisor;
         let mut cmd = ports.command(dir.path());
-        cmd.args(extra).stdin(Stdio::null());
+        cmd.args(extra)
+            .args([
+                "--set",
+                &format!("cluster.secret={}", crate::CLUSTER_SECRET),
+            ])
+            .stdin(Stdio::null());
         // Test clients share a few keep-alive connections among many chats;
         // only the rate-limit test keeps the per-connection default.
         if !extra.iter().any(|a| a.contains("rate-limit")) {

@@ -110,6 +110,11 @@ pub fn test_log() -> bool {
 }
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// The cluster secret of the tests' instances and gateways; the harness's
+/// HTTP and WebSocket clients present it (the attack tests use clients that
+/// do not).
+pub const CLUSTER_SECRET: &str = "test-cluster-secret";
+pub use confab::contract::CLUSTER_SECRET_HEADER;
 
 /// One `confab server` process.
 pub struct Server {
@@ -152,7 +157,9 @@ impl Server {
             .arg("--sqlite-path")
             .arg(&self.db)
             .arg("--admin-token")
-            .arg(ADMIN_TOKEN);
+            .arg(ADMIN_TOKEN)
+            .arg("--set")
+            .arg(format!("cluster.secret={CLUSTER_SECRET}"));
         for s in &self.sets {
             cmd.arg("--set").arg(s);
         }
@@ -326,6 +333,10 @@ impl Default for Http {
         Http {
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
+                .default_headers(reqwest::header::HeaderMap::from_iter([(
+                    reqwest::header::HeaderName::from_static(CLUSTER_SECRET_HEADER),
+                    reqwest::header::HeaderValue::from_static(CLUSTER_SECRET),
+                )]))
                 .build()
                 .expect("http client"),
         }
@@ -506,7 +517,9 @@ pub async fn paused_owner_writes_after_restore(
 /// Run `confab args…` to its end (start-up failures): exit code, stderr.
 pub fn run_confab(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut cmd = Command::new(confab_bin());
-    cmd.args(args).stdin(Stdio::null());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .env("CONFAB_CLUSTER_SECRET", CLUSTER_SECRET);
     for (k, v) in env {
         cmd.env(k, v);
     }

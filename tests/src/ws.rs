@@ -14,8 +14,13 @@ pub struct EventStream {
 }
 
 impl EventStream {
+    /// Connect to a chat's stream (an instance's or the gateway's), with
+    /// the harness's cluster secret.
     pub async fn connect(url: &str) -> Result<EventStream, String> {
-        let (socket, _) = tokio_tungstenite::connect_async(url)
+        let request = confab::contract::ClusterSecret::new(crate::CLUSTER_SECRET)
+            .websocket_request(url)
+            .map_err(|e| e.to_string())?;
+        let (socket, _) = tokio_tungstenite::connect_async(request)
             .await
             .map_err(|e| e.to_string())?;
         let (_, mut read) = socket.split();

@@ -272,6 +272,8 @@ async fn two_gateways_serve_the_same_chats_and_a_restarted_gateway_loses_nothing
             "gateway.token-secret-file={}",
             c.token_secret_file.display()
         ))
+        .arg("--set")
+        .arg(format!("cluster.secret={}", confab_e2e::CLUSTER_SECRET))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

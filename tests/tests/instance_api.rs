@@ -688,7 +688,7 @@ async fn management_endpoints_tell_the_truth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_channel_serves_the_internal_api_and_refuses_browsers() {
     use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error, Message};
+    use tokio_tungstenite::tungstenite::{Error, Message};
     let dir = data_dir();
     let db = dir.path().join("confab.db");
     let s = Server::start(dir.path(), "inst-a", &db, &[]).await;
@@ -697,7 +697,8 @@ async fn the_gateway_channel_serves_the_internal_api_and_refuses_browsers() {
         s.url.replacen("http://", "ws://", 1)
     );
 
-    let mut browser = url.as_str().into_client_request().unwrap();
+    let secret = confab::contract::ClusterSecret::new(confab_e2e::CLUSTER_SECRET);
+    let mut browser = secret.websocket_request(&url).unwrap();
     browser
         .headers_mut()
         .insert("origin", "http://evil.example".parse().unwrap());
@@ -706,7 +707,7 @@ async fn the_gateway_channel_serves_the_internal_api_and_refuses_browsers() {
         other => panic!("a browser opened the channel: {:?}", other.map(|_| ())),
     }
 
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+    let (mut ws, _) = tokio_tungstenite::connect_async(secret.websocket_request(&url).unwrap())
         .await
         .unwrap();
     let create = confab::channel::encode_request(

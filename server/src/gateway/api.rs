@@ -8,7 +8,7 @@ use crate::contract::{
 };
 use crate::error::{ApiError, JsonBody};
 use crate::session::Role;
-use axum::extract::{DefaultBodyLimit, Path, Query, State, WebSocketUpgrade};
+use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -192,7 +192,7 @@ pub fn router(
             limiter,
             ratelimit::limit,
         ));
-    Router::new()
+    let router = Router::new()
         .merge(api)
         .route(
             "/api/v1/openapi.json",
@@ -216,15 +216,8 @@ pub fn router(
         .route("/healthz", get(|| async { "ok" }))
         .route("/status", get(status))
         .route("/metrics", get(metrics_text))
-        .fallback(|| async { ApiError::not_found("no such route") })
-        .layer(axum::middleware::from_fn(|req, next| {
-            crate::error::refuse_oversized(MAX_BODY_BYTES, req, next)
-        }))
-        .layer(axum::middleware::from_fn(|req, next| {
-            crate::telemetry::metrics::track_http("gateway", req, next)
-        }))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .fallback(|| async { ApiError::not_found("no such route") });
+    crate::error::edge_layers(router, "gateway", MAX_BODY_BYTES).with_state(state)
 }
 
 async fn status(State(s): State<GwState>) -> Json<Value> {

@@ -45,6 +45,8 @@ pub struct Unreachable(pub String);
 
 pub struct Gateway {
     pub pool: Arc<Pool>,
+    /// Presented on every call to an instance's internal API.
+    pub secret: crate::contract::ClusterSecret,
     /// HTTP/1.1 to instances without the channel (crate::channel; older
     /// versions during a rolling upgrade): hyper's pooled client.
     upstream: hyper_util::client::legacy::Client<
@@ -114,6 +116,10 @@ impl Gateway {
             .method(method)
             .uri(format!("{}{path}", member.url))
             .header(axum::http::header::CONTENT_TYPE, "application/json")
+            .header(
+                crate::contract::CLUSTER_SECRET_HEADER,
+                self.secret.header_value(),
+            )
             .body(http_body_util::Full::new(payload))
             .map_err(|e| Unreachable(e.to_string()))?;
         let response = self
@@ -390,7 +396,8 @@ impl Application {
         m::describe();
         metrics::counter!(m::GATEWAY_FAILOVERS).absolute(0);
         metrics::gauge!(m::GATEWAY_INSTANCES_HEALTHY).set(0.0);
-        let pool = Pool::new(&g.instances, client, g.instance_channel);
+        let secret = crate::contract::ClusterSecret::new(config.cluster_secret()?);
+        let pool = Pool::new(&g.instances, client, g.instance_channel, &secret);
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(500)));
         connector.set_nodelay(true);
@@ -400,6 +407,7 @@ impl Application {
                 .build(connector);
         let gateway = Arc::new(Gateway {
             pool,
+            secret,
             upstream,
             tokens,
             agent_credential: g.agent_credential.clone(),

@@ -52,6 +52,8 @@ pub struct Member {
     connecting: tokio::sync::Mutex<()>,
     /// The instance has no channel route (an older version): plain HTTP.
     http_only: AtomicBool,
+    /// Presented on every internal call and channel.
+    secret: crate::contract::ClusterSecret,
 }
 
 /// How the gateway reaches an instance for a request.
@@ -96,7 +98,7 @@ impl Member {
         if let Some(link) = self.open_channel() {
             return Ok(Route::Channel(link));
         }
-        match crate::channel::Channel::connect(&self.url).await {
+        match crate::channel::Channel::connect(&self.url, &self.secret).await {
             Ok(link) => {
                 *self.channel.lock() = Some(link.clone());
                 Ok(Route::Channel(link))
@@ -143,7 +145,12 @@ pub struct Pool {
 impl Pool {
     /// `channel`: reach the instances over the channel (crate::channel), else
     /// over HTTP only.
-    pub fn new(urls: &[String], client: reqwest::Client, channel: bool) -> Arc<Self> {
+    pub fn new(
+        urls: &[String],
+        client: reqwest::Client,
+        channel: bool,
+        secret: &crate::contract::ClusterSecret,
+    ) -> Arc<Self> {
         let members = urls
             .iter()
             .map(|u| {
@@ -161,6 +168,7 @@ impl Pool {
                     channel: Mutex::new(None),
                     connecting: tokio::sync::Mutex::new(()),
                     http_only: AtomicBool::new(!channel),
+                    secret: secret.clone(),
                 })
             })
             .collect();

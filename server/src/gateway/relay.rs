@@ -58,7 +58,10 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
         );
         let down = member.down_token();
         let connected = tokio::select! {
-            r = tokio_tungstenite::connect_async(&url) => r.ok(),
+            r = async {
+                let request = gw.secret.websocket_request(&url).ok()?;
+                tokio_tungstenite::connect_async(request).await.ok()
+            } => r,
             _ = down.cancelled() => None,
         };
         let Some((upstream, _)) = connected else {

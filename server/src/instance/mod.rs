@@ -10,6 +10,7 @@ mod restoration;
 pub mod routes;
 pub mod stats;
 mod stream;
+pub mod wall;
 pub mod wire;
 
 use crate::config::{Config, StoreBackend};
@@ -107,6 +108,9 @@ impl Application {
             admin_kill_enabled: server.admin_kill_enabled,
             stop: stop.clone(),
             channels: channels.clone(),
+            wall: wall::Wall::new(crate::contract::ClusterSecret::new(
+                config.cluster_secret()?,
+            )),
         });
         Ok(Application {
             listener,

@@ -33,7 +33,7 @@ use crate::contract::{
 };
 use crate::error::{ApiError, JsonBody};
 use crate::session::SessionState;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -54,6 +54,8 @@ pub struct AppState {
     pub stop: CancellationToken,
     /// The gateways' channels (crate::channel), awaited on shutdown.
     pub channels: tokio_util::task::TaskTracker,
+    /// The cluster secret every internal call must carry.
+    pub wall: super::wall::Wall,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -80,14 +82,11 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/kill", post(kill))
         .merge(internal)
         .fallback(|| async { ApiError::not_found("no such route") })
-        .layer(axum::middleware::from_fn(|req, next| {
-            crate::error::refuse_oversized(MAX_BODY_BYTES, req, next)
-        }))
-        .layer(axum::middleware::from_fn(|req, next| {
-            crate::telemetry::metrics::track_http("instance", req, next)
-        }))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state.clone());
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::wall::guard,
+        ));
+    let app = crate::error::edge_layers(app, "instance", MAX_BODY_BYTES).with_state(state.clone());
     // The gateways' channel runs each request through the routes above.
     let routes = app.clone();
     app.route(
@@ -113,6 +112,9 @@ async fn channel(
     if headers.contains_key(axum::http::header::ORIGIN) {
         return ApiError::forbidden("the gateway channel takes no browser connections")
             .into_response();
+    }
+    if let Err(e) = state.wall.check(&headers, crate::channel::PATH) {
+        return e.into_response();
     }
     let (stop, channels) = (state.stop, state.channels);
     ws.max_message_size(crate::channel::MAX_REQUEST_FRAME)

@@ -345,6 +345,7 @@ impl Supervisor {
             "supervisor": format!("http://{}", plan.supervisor_addr),
             "admin_token": plan.admin_token,
             "token_secret_file": plan.token_secret_file,
+            "cluster_secret_file": plan.cluster_secret_file,
             "agent_credential": plan.agent_credential,
             "store": plan.store().name(),
             "instances": instances,

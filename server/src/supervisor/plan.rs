@@ -94,6 +94,7 @@ pub struct Plan {
     pub admin_token: String,
     pub agent_credential: String,
     pub token_secret_file: PathBuf,
+    pub cluster_secret_file: PathBuf,
     pub gateway_url: String,
     pub dashboard_url: String,
     pub supervisor_addr: SocketAddr,
@@ -133,7 +134,7 @@ impl Plan {
         }
         let contact_points = (!args.cassandra_contact_points.is_empty())
             .then(|| args.cassandra_contact_points.join(","));
-        let config = args.config.load(&[
+        let mut config = args.config.load(&[
             ("server.store", args.store.clone()),
             ("cassandra.contact-points", contact_points),
         ])?;
@@ -146,14 +147,15 @@ impl Plan {
         // valid after a restart, and so that a second gateway started by
         // hand (`--set gateway.token-secret-file=…`) serves the same chats.
         let token_secret_file = data_dir.join("token-secret");
-        let token_secret = match std::fs::read_to_string(&token_secret_file) {
-            Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
-            _ => {
-                let s = random_token();
-                data_dir::write_private(&token_secret_file, &s)?;
-                s
-            }
-        };
+        let token_secret = kept_secret(&token_secret_file)?;
+        // The secret of the instances' internal API, shared by everything
+        // of this cluster (a gateway or dashboard started by hand takes
+        // `--set cluster.secret-file=…`) unless the configuration gives one.
+        let cluster_secret_file = data_dir.join("cluster-secret");
+        match &config.cluster.secret {
+            Some(given) => data_dir::write_private(&cluster_secret_file, given)?,
+            None => config.cluster.secret = Some(kept_secret(&cluster_secret_file)?),
+        }
         let layout = Layout {
             data_dir: &data_dir,
             logs: &logs,
@@ -183,6 +185,7 @@ impl Plan {
             admin_token,
             agent_credential,
             token_secret_file,
+            cluster_secret_file,
             components,
         })
     }
@@ -253,7 +256,12 @@ impl Layout<'_> {
         write_config(
             &config_file,
             &c,
-            &[Section::Settings, Section::Cassandra, Section::Server],
+            &[
+                Section::Settings,
+                Section::Cassandra,
+                Section::Server,
+                Section::Cluster,
+            ],
         )?;
         Ok(ComponentSpec {
             kind: Kind::Instance,
@@ -271,7 +279,7 @@ impl Layout<'_> {
     /// The gateway, with only the `[gateway]` section (no instance secrets).
     fn gateway(&self, port: u16, config: &Config) -> anyhow::Result<ComponentSpec> {
         let config_file = self.run.join("gateway.toml");
-        write_config(&config_file, config, &[Section::Gateway])?;
+        write_config(&config_file, config, &[Section::Gateway, Section::Cluster])?;
         Ok(ComponentSpec {
             id: "gateway".into(),
             kind: Kind::Gateway,
@@ -308,6 +316,18 @@ impl Layout<'_> {
             },
             log: self.logs.join("prometheus.log"),
         })
+    }
+}
+
+/// A secret kept in `path` across runs (made on the first).
+fn kept_secret(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        _ => {
+            let s = random_token();
+            data_dir::write_private(path, &s)?;
+            Ok(s)
+        }
     }
 }
 

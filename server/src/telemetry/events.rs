@@ -44,6 +44,9 @@ pub const CLOSING_REFUSED: u32 = 59614;
 /// The closing of a chat closed after save errors could not be stored: this
 /// instance keeps answering 409 for it while it runs.
 pub const CLOSING_ABANDONED: u32 = 59615;
+/// A call on the internal API or channel without the cluster secret (or
+/// with a wrong one) was refused (logged at most once a second).
+pub const INTERNAL_AUTH_REFUSED: u32 = 59616;
 
 /// Gateway: an instance failed its health check or a request.
 pub const GATEWAY_INSTANCE_DOWN: u32 = 59700;

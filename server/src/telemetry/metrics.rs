@@ -23,6 +23,7 @@ pub const GATEWAY_FAILOVERS: &str = "confab_gateway_failovers_total";
 pub const GATEWAY_INSTANCES_HEALTHY: &str = "confab_gateway_instances_healthy";
 pub const HTTP_REQUESTS: &str = "confab_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "confab_http_request_duration_seconds";
+pub const INTERNAL_AUTH_FAILURES: &str = "confab_internal_auth_failures_total";
 
 /// Save latency buckets; 0.02 s is the save objective.
 const SAVE_BUCKETS: &[f64] = &[
@@ -112,6 +113,10 @@ pub fn describe() {
         "Instances the gateway considers healthy and enabled."
     );
     describe_counter!(
+        INTERNAL_AUTH_FAILURES,
+        "Calls on the internal API or channel refused for a missing or wrong cluster secret."
+    );
+    describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests by component, route template, method and status."
     );
@@ -185,6 +190,23 @@ fn with_series(
     }
 }
 
+/// The method as a label: the standard ones by name, anything else `other`.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 /// Axum middleware recording request counts and durations by route template.
 pub async fn track_http(
     component: &'static str,
@@ -195,20 +217,16 @@ pub async fn track_http(
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .cloned();
-    let method = req.method().clone();
+    // Labels come from closed sets only: a made-up method or path must not
+    // become a series of its own.
+    let method = method_label(req.method());
     let start = std::time::Instant::now();
     let response = next.run(req).await;
     let route = route.as_ref().map(|r| r.as_str()).unwrap_or("unmatched");
     let elapsed = start.elapsed().as_secs_f64();
-    with_series(
-        component,
-        route,
-        method.as_str(),
-        response.status().as_u16(),
-        |s| {
-            s.requests.increment(1);
-            s.duration.record(elapsed);
-        },
-    );
+    with_series(component, route, method, response.status().as_u16(), |s| {
+        s.requests.increment(1);
+        s.duration.record(elapsed);
+    });
     response
 }
