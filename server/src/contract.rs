@@ -44,7 +44,19 @@ pub fn check_nickname(nickname: &str) -> Result<String, ApiError> {
             "`nickname` is longer than {MAX_NICKNAME_BYTES} bytes"
         )));
     }
+    if let Some(c) = n.chars().find(|&c| c.is_control() || is_bidi_control(c)) {
+        return Err(ApiError::bad_request(format!(
+            "`nickname` may not contain control or text-direction characters (found U+{:04X})",
+            u32::from(c)
+        )));
+    }
     Ok(n.to_owned())
+}
+
+/// The characters that reorder how text around them is displayed (they
+/// can make a nickname read as someone else's).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 pub fn check_text(text: &str) -> Result<(), ApiError> {
@@ -56,6 +68,16 @@ pub fn check_text(text: &str) -> Result<(), ApiError> {
     }
     if text.trim().is_empty() {
         return Err(ApiError::bad_request("`text` must not be empty"));
+    }
+    // Newlines and tabs are text; NUL, ESC, BEL and the rest are not.
+    if let Some(c) = text
+        .chars()
+        .find(|&c| c.is_control() && !matches!(c, '\n' | '\t' | '\r'))
+    {
+        return Err(ApiError::bad_request(format!(
+            "`text` may not contain control characters other than newline and tab (found U+{:04X})",
+            u32::from(c)
+        )));
     }
     Ok(())
 }
@@ -69,6 +91,38 @@ pub fn check_client_msg_id(id: &Option<String>) -> Result<(), ApiError> {
         }
         _ => Ok(()),
     }
+}
+
+/// Every error code an instance or a gateway answers with
+/// (`{"error": {"code", "message"}}`): a gateway passes an instance's code
+/// on only if it is one of these, so both sides speak one vocabulary.
+pub const ERROR_CODES: &[&str] = &[
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "method_not_allowed",
+    "chat_closed",
+    "conflict",
+    "client_msg_id_reused",
+    "restoration_disabled",
+    "too_large",
+    "unsupported_media_type",
+    "upgrade_required",
+    "not_owner",
+    "rate_limited",
+    "internal",
+    "instance_disabled",
+    "store_unavailable",
+    "save_failed",
+    "no_instance",
+    "upstream_timeout",
+    "upstream_error",
+];
+
+/// `code` as one of [`ERROR_CODES`], if it is one.
+pub fn error_code(code: &str) -> Option<&'static str> {
+    ERROR_CODES.iter().find(|c| **c == code).copied()
 }
 
 /// The header that carries the cluster secret on every call to an
@@ -123,5 +177,23 @@ impl ClusterSecret {
         headers
             .get(CLUSTER_SECRET_HEADER)
             .is_some_and(|given| crate::auth::constant_time_eq(given.as_bytes(), self.0.as_bytes()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_and_direction_characters_are_refused() {
+        assert!(check_text("two\nlines\tand a tab\r\n").is_ok());
+        for bad in ["nul\0", "esc\u{1b}[31m", "bell\u{7}", "del\u{7f}"] {
+            assert_eq!(check_text(bad).unwrap_err().status, 400, "{bad:?}");
+        }
+        assert!(check_nickname("Ann-Marie O'Neil").is_ok());
+        assert!(check_nickname("Zoë 李").is_ok());
+        for bad in ["evil\u{202E}gnp.exe", "a\u{2066}b", "tab\tname", "nl\nname"] {
+            assert_eq!(check_nickname(bad).unwrap_err().status, 400, "{bad:?}");
+        }
     }
 }

@@ -158,7 +158,7 @@ where
         }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {}", plain_serde(&e))))
     }
 }
 
@@ -239,13 +239,14 @@ pub async fn json_only(req: Request, next: axum::middleware::Next) -> Response {
 
 /// The HTTP edge every listener shares, outermost first: request metrics
 /// (by route template), the body size limit (413 before the handler),
-/// JSON-only bodies (415).
+/// JSON-only bodies (415), every error answered in JSON.
 pub fn edge_layers<S: Clone + Send + Sync + 'static>(
     router: axum::Router<S>,
     component: &'static str,
     max_body: usize,
 ) -> axum::Router<S> {
     router
+        .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn(json_only))
         .layer(axum::middleware::from_fn(move |req, next| {
             refuse_oversized(max_body, req, next)
@@ -254,4 +255,89 @@ pub fn edge_layers<S: Clone + Send + Sync + 'static>(
             crate::telemetry::metrics::track_http(component, req, next)
         }))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+}
+
+/// A serde error as a client should read it: without the names of our
+/// types (`expected struct CreateBody` becomes `expected a JSON object`).
+fn plain_serde(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(i) = rest
+        .find("expected struct ")
+        .or_else(|| rest.find("expected enum "))
+    {
+        out.push_str(&rest[..i]);
+        out.push_str("expected a JSON object");
+        let after = &rest[i..];
+        let name_start = after.find(' ').map(|k| k + 1).unwrap_or(0);
+        let name_start = name_start + after[name_start..].find(' ').map(|k| k + 1).unwrap_or(0);
+        let name_len = after[name_start..]
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(after.len() - name_start);
+        rest = &after[name_start + name_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Middleware: every error answer is JSON `{"error": {"code", "message"}}`,
+/// including those axum makes itself (405 method not allowed, a path
+/// segment that does not parse, a refused WebSocket upgrade), which come
+/// as plain text or empty.
+pub async fn json_errors(req: Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        t => t.to_owned(),
+    };
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+        _ if status.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    let json = ApiError::new(status, code, message).into_response();
+    let (json_parts, json_body) = json.into_parts();
+    parts.headers.extend(json_parts.headers);
+    Response::from_parts(parts, json_body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serde_messages_do_not_name_our_types() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct CreateBody {
+            nickname: String,
+        }
+        let e = serde_json::from_str::<CreateBody>("\"text\"").unwrap_err();
+        let plain = plain_serde(&e);
+        assert!(!plain.contains("CreateBody"), "{plain}");
+        assert!(plain.contains("expected a JSON object"), "{plain}");
+        let e = serde_json::from_str::<CreateBody>("{}").unwrap_err();
+        assert_eq!(plain_serde(&e), e.to_string(), "other messages are kept");
+    }
 }

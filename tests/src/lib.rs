@@ -16,10 +16,15 @@ pub mod kassandra;
 pub mod ws;
 
 /// The `confab` binary, built once per process with the same profile as
-/// the calling test (or tool).
+/// the calling test (or tool), or the one named by `CONFAB_E2E_BIN`
+/// (`cargo xtask test` builds it once and sets it, so that every test
+/// binary runs the same build, whatever is edited meanwhile).
 pub fn confab_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("CONFAB_E2E_BIN") {
+            return PathBuf::from(bin);
+        }
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test> for tests, target/<profile>/<tool>
         // for the tools built from this crate's users (confab-bench).

@@ -194,3 +194,143 @@ async fn made_up_methods_and_paths_do_not_grow_the_metrics() {
         );
     }
 }
+
+#[tokio::test]
+async fn every_error_is_json_and_the_pages_cannot_be_framed_or_injected() {
+    let c = TestCluster::start(1, &[]).await;
+    let gw = &c.gateway;
+    let instance = c.instance_url("inst-1").await;
+    let client = outsider();
+
+    let page = client.get(format!("{gw}/")).send().await.unwrap();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    assert_eq!(page.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(page.headers()["referrer-policy"], "no-referrer");
+    let html = page.text().await.unwrap();
+    assert!(
+        !html.contains("<script>") && !html.contains("<style>"),
+        "no inline code:\n{html}"
+    );
+    for asset in ["chat-common.js", "chat.js", "agent.js", "pages.css"] {
+        let r = client
+            .get(format!("{gw}/assets/{asset}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{asset}");
+    }
+
+    let chat = c.create_chat("Ann").await;
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (
+            client.delete(format!("{gw}/api/v1/chats")),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            client.delete(format!("{instance}/status")),
+            405,
+            "method_not_allowed",
+        ),
+        (client.get(format!("{gw}/assets/nope.js")), 404, "not_found"),
+        (
+            client.get(format!(
+                "{gw}/api/v1/chats/{}/ws?token={}",
+                chat.id, chat.token
+            )),
+            400,
+            "",
+        ),
+        (
+            client.get(format!("{gw}/api/v1/chats/%FF%FE/transcript")),
+            0,
+            "",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let r = request.send().await.unwrap();
+        let got = r.status().as_u16();
+        let content_type = r
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert!(
+            content_type
+                .as_deref()
+                .is_some_and(|t| t.starts_with("application/json")),
+            "{got} without JSON: {content_type:?}"
+        );
+        assert!(body["error"]["message"].is_string(), "{got}: {body}");
+        if status != 0 {
+            assert_eq!(got, status, "{body}");
+        } else {
+            assert!((400..500).contains(&got), "{got}: {body}");
+        }
+        if !code.is_empty() {
+            assert_eq!(body["error"]["code"], code, "{body}");
+        }
+    }
+
+    // A serde message names no type of ours.
+    let r = client
+        .post(format!("{gw}/api/v1/chats"))
+        .json(&json!("text"))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_body(r).await;
+    assert_eq!(status, 400);
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(!message.contains("struct"), "{message}");
+}
+
+#[tokio::test]
+async fn control_characters_and_a_reused_client_msg_id_are_refused() {
+    let c = TestCluster::start(1, &[]).await;
+    let gw = &c.gateway;
+    for nickname in ["evil\u{202E}gnp.exe", "bell\u{7}", "esc\u{1b}[2J"] {
+        let a = c
+            .http
+            .post(
+                &format!("{gw}/api/v1/chats"),
+                &json!({"nickname": nickname}),
+                None,
+            )
+            .await;
+        assert_eq!(a.status, 400, "{nickname:?}: {:?}", a.body);
+    }
+    let chat = c.create_chat("Ann").await;
+    let agent = c.join(&chat, "Bob").await;
+    for text in ["nul\u{0}", "esc\u{1b}[31mred"] {
+        let a = c.send(&chat, text, None).await;
+        assert_eq!(a.status, 400, "{text:?}: {:?}", a.body);
+    }
+    assert_eq!(
+        c.send(&chat, "two\nlines\tand a tab", None).await.status,
+        200
+    );
+
+    // The customer's message with id "1"; the agent's own "1" is another
+    // message: refused with 409, never taken as a retry and dropped.
+    let first = c.send(&chat, "my order is late", Some("1")).await.ok();
+    let again = c.send(&chat, "my order is late", Some("1")).await.ok();
+    assert_eq!(again["seq"], first["seq"]);
+    assert_eq!(again["duplicate"], true);
+    let agents = c.send(&agent, "refund approved", Some("1")).await;
+    assert_eq!(agents.status, 409, "{:?}", agents.body);
+    assert_eq!(agents.body["error"]["code"], "client_msg_id_reused");
+    let other_text = c.send(&chat, "something else", Some("1")).await;
+    assert_eq!(other_text.status, 409, "{:?}", other_text.body);
+    let texts = confab_e2e::texts(c.transcript(&chat).await["events"].as_array().unwrap());
+    assert_eq!(texts, vec!["two\nlines\tand a tab", "my order is late"]);
+}

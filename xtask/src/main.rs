@@ -117,11 +117,41 @@ fn is_root() -> bool {
         .is_ok_and(|out| out.stdout.trim_ascii() == b"0")
 }
 
+/// `cargo test --workspace`, with the `confab` binary the end-to-end tests
+/// run built first and copied aside (`CONFAB_E2E_BIN`): every test binary
+/// runs that one build, and none of them runs cargo itself.
 fn cargo_test(extra: &[String]) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let release = extra.iter().any(|a| a == "--release");
+    let mut build = Command::new(&cargo);
+    build.args(["build", "-p", "confab-server", "--bin", "confab"]);
+    if release {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("no workspace root")?
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let built = target
+        .join(if release { "release" } else { "debug" })
+        .join("confab");
+    let under_test = target.join("e2e").join("confab");
+    std::fs::create_dir_all(target.join("e2e")).map_err(|e| e.to_string())?;
+    std::fs::copy(&built, &under_test).map_err(|e| {
+        format!(
+            "copying {} to {}: {e}",
+            built.display(),
+            under_test.display()
+        )
+    })?;
     run(Command::new(cargo)
         .args(["test", "--workspace"])
-        .args(extra))
+        .args(extra)
+        .env("CONFAB_E2E_BIN", &under_test))
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {

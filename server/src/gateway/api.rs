@@ -10,7 +10,7 @@ use crate::error::{ApiError, JsonBody};
 use crate::session::Role;
 use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, Method, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -198,26 +198,14 @@ pub fn router(
             "/api/v1/openapi.json",
             get(|| async { Json(ApiDoc::openapi()) }),
         )
-        .route("/", get(|| async { Html(include_str!("pages/chat.html")) }))
-        .route(
-            "/agent",
-            get(|| async { Html(include_str!("pages/agent.html")) }),
-        )
-        .route(
-            "/assets/chat-common.js",
-            get(|| async {
-                (
-                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-                    include_str!("pages/chat-common.js"),
-                )
-            }),
-        )
-        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .merge(super::pages::router())
         .route("/healthz", get(|| async { "ok" }))
         .route("/status", get(status))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::not_found("no such route") });
-    crate::error::edge_layers(router, "gateway", MAX_BODY_BYTES).with_state(state)
+    crate::error::edge_layers(router, "gateway", MAX_BODY_BYTES)
+        .layer(axum::middleware::from_fn(super::pages::security_headers))
+        .with_state(state)
 }
 
 async fn status(State(s): State<GwState>) -> Json<Value> {

@@ -10,6 +10,7 @@
 //! serve the same chats.
 
 pub mod api;
+mod pages;
 pub mod pool;
 pub mod ratelimit;
 pub mod relay;
@@ -348,20 +349,20 @@ pub fn no_instance() -> ApiError {
 
 /// An instance's JSON error, passed on with its status.
 pub fn passthrough(status: StatusCode, body: &Value) -> ApiError {
-    let code = match body["error"]["code"].as_str() {
-        Some("not_found") => "not_found",
-        Some("chat_closed") => "chat_closed",
-        Some("bad_request") => "bad_request",
-        Some("too_large") => "too_large",
-        Some("forbidden") => "forbidden",
-        Some("restoration_disabled") => "restoration_disabled",
-        Some("store_unavailable") => "store_unavailable",
-        Some("save_failed") => "save_failed",
-        Some("instance_disabled") => "instance_disabled",
-        Some("conflict") => "conflict",
-        Some("upstream_timeout") => "upstream_timeout",
-        _ => "upstream_error",
-    };
+    let code = body["error"]["code"]
+        .as_str()
+        .and_then(crate::contract::error_code)
+        .unwrap_or("upstream_error");
+    if status == StatusCode::UNAUTHORIZED {
+        // The instance refused this gateway (its cluster secret), not the
+        // participant: say so, without blaming the client's credentials.
+        tracing::error!("an instance refused this gateway's cluster secret: check cluster.secret");
+        return ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "the chat server refused this gateway; the operator has been told",
+        );
+    }
     let message = body["error"]["message"]
         .as_str()
         .unwrap_or("the chat server refused the request");

@@ -30,6 +30,10 @@ pub enum EngineError {
     SaveFailed,
     #[error("session restoration is off on this instance (session-restoration-mode = none or transcript-auto-save = 0)")]
     RestorationDisabled,
+    /// A `client_msg_id` already taken by another message (another sender
+    /// or another text): not a retry, and not accepted.
+    #[error("client_msg_id {0:?} belongs to another message in this chat; use a new id for a new message")]
+    ClientMsgIdReused(String),
     /// The store refused in a way none of the above describes.
     #[error("{0}")]
     Conflict(String),

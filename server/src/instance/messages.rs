@@ -113,6 +113,18 @@ impl Instance {
             .as_ref()
             .and_then(|c| live.transcript.client_ids.get(c))
         {
+            // A retry: the same sender and text. Anything else reusing the
+            // id is refused, never silently taken for a retry.
+            let original = live.transcript.after(seq - 1).first();
+            let same = original.is_some_and(|e| {
+                e.participant_id.as_deref() == Some(participant_id)
+                    && e.text.as_deref() == Some(text.as_str())
+            });
+            if !same {
+                return Err(EngineError::ClientMsgIdReused(
+                    client_msg_id.unwrap_or_default(),
+                ));
+            }
             return Ok(Posted {
                 seq: *seq,
                 duplicate: true,

@@ -231,6 +231,7 @@ impl From<EngineError> for ApiError {
             EngineError::SaveFailed => (StatusCode::SERVICE_UNAVAILABLE, "save_failed"),
             EngineError::RestorationDisabled => (StatusCode::CONFLICT, "restoration_disabled"),
             EngineError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            EngineError::ClientMsgIdReused(_) => (StatusCode::CONFLICT, "client_msg_id_reused"),
         };
         ApiError::new(status, code, message)
     }
