@@ -7,7 +7,7 @@
 //! `[cassandra]`) so that its operators recognise them.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Value;
@@ -164,6 +164,68 @@ pub struct ServerConfig {
     pub admin_kill_enabled: bool,
     /// Most group-committed operations in one store transaction.
     pub max_batch: usize,
+    /// A chat's cap: events, and bytes of message text.
+    pub max_transcript_events: usize,
+    pub max_transcript_bytes: usize,
+}
+
+/// An address or a network (`10.0.0.0/8`, `::1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix must be 0 to {max}"))?,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn bits(ip: IpAddr) -> (u128, u8) {
+            match ip {
+                IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+                IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                    Some(v4) => (u128::from(u32::from(v4)), 32),
+                    None => (u128::from(v6), 128),
+                },
+            }
+        }
+        let ((net, width), (ip, ip_width)) = (bits(self.addr), bits(ip));
+        if width != ip_width {
+            return false;
+        }
+        let shift = u32::from(width - self.prefix.min(width));
+        shift >= 128 || (net >> shift) == (ip >> shift)
+    }
 }
 
 /// `[gateway]`: the public chat API.
@@ -180,6 +242,9 @@ pub struct GatewayConfig {
     /// Reach the instances over one multiplexed channel each (crate::channel);
     /// false: one HTTP/1.1 request per call.
     pub instance_channel: bool,
+    pub max_sockets_per_participant: usize,
+    /// Proxies whose `X-Forwarded-For` / `Forwarded` name the client.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -382,6 +447,18 @@ pub const OPTIONS: &[OptionSpec] = &[
         "most saves group-committed in one transaction (1-100000)",
     ),
     opt(
+        "server",
+        "max-transcript-events",
+        "10000",
+        "events a chat may hold; over it a new message gets 409 transcript_full",
+    ),
+    opt(
+        "server",
+        "max-transcript-bytes",
+        "8388608",
+        "bytes of message text a chat may hold (8 MiB); likewise",
+    ),
+    opt(
         "gateway",
         "listen",
         r#""127.0.0.1:8080""#,
@@ -421,7 +498,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         "gateway",
         "rate-limit-per-second",
         "20",
-        "requests per connection and second",
+        "requests per second and participant (or client address)",
     ),
     opt(
         "gateway",
@@ -440,6 +517,18 @@ pub const OPTIONS: &[OptionSpec] = &[
         "instance-channel",
         "true",
         "false: one HTTP/1.1 request per call to an instance",
+    ),
+    opt(
+        "gateway",
+        "trusted-proxies",
+        "[]",
+        "reverse proxies whose X-Forwarded-For names the client, e.g. [\"10.0.0.0/8\"]",
+    ),
+    opt(
+        "gateway",
+        "max-sockets-per-participant",
+        "8",
+        "WebSockets one participant may hold open at once (tabs, devices)",
     ),
     opt(
         "cluster",
@@ -809,6 +898,10 @@ impl Layers {
             admin_token: self.secret("server.admin-token")?,
             admin_kill_enabled: self.boolean("server.admin-kill-enabled")?,
             max_batch: self.integer("server.max-batch", 1, 100_000)? as usize,
+            max_transcript_events: self.integer("server.max-transcript-events", 100, 10_000_000)?
+                as usize,
+            max_transcript_bytes: self.integer("server.max-transcript-bytes", 65_536, 1 << 30)?
+                as usize,
         };
         if server.instance_id.is_empty()
             || !server
@@ -833,6 +926,24 @@ impl Layers {
             rate_limit_burst: self.integer("gateway.rate-limit-burst", 1, 1_000_000)? as u32,
             health_interval: self.duration("gateway.health-interval")?,
             instance_channel: self.boolean("gateway.instance-channel")?,
+            max_sockets_per_participant: self.integer(
+                "gateway.max-sockets-per-participant",
+                1,
+                1000,
+            )? as usize,
+            trusted_proxies: self
+                .list("gateway.trusted-proxies")?
+                .iter()
+                .map(|n| {
+                    n.parse().map_err(|_| {
+                        Self::invalid(
+                            "gateway.trusted-proxies",
+                            &Value::String(n.clone()),
+                            "addresses or networks such as 10.0.0.0/8",
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?,
         };
         let cluster = ClusterConfig {
             secret: self.secret("cluster.secret")?,
@@ -1023,6 +1134,16 @@ impl Config {
             Value::Boolean(s.admin_kill_enabled),
         );
         put(&mut t, "max-batch", Value::Integer(s.max_batch as i64));
+        put(
+            &mut t,
+            "max-transcript-events",
+            Value::Integer(s.max_transcript_events as i64),
+        );
+        put(
+            &mut t,
+            "max-transcript-bytes",
+            Value::Integer(s.max_transcript_bytes as i64),
+        );
         t
     }
 
@@ -1054,6 +1175,13 @@ impl Config {
             "instance-channel",
             Value::Boolean(g.instance_channel),
         );
+        put(
+            &mut t,
+            "max-sockets-per-participant",
+            Value::Integer(g.max_sockets_per_participant as i64),
+        );
+        let proxies: Vec<String> = g.trusted_proxies.iter().map(IpNet::to_string).collect();
+        put(&mut t, "trusted-proxies", list(&proxies));
         t
     }
 }
@@ -1299,6 +1427,8 @@ contact-store-path = "/var/lib/confab/contacts.db"
 admin-token = "adm"
 admin-kill-enabled = true
 max-batch = 64
+max-transcript-events = 500
+max-transcript-bytes = 100000
 [gateway]
 listen = "0.0.0.0:8443"
 instances = ["http://a:7001"]
@@ -1309,6 +1439,8 @@ rate-limit-per-second = 5
 rate-limit-burst = 6
 health-interval = "1s"
 instance-channel = false
+max-sockets-per-participant = 3
+trusted-proxies = ["10.0.0.0/8", "::1/128"]
 [cluster]
 secret = "cs"
 "#,

@@ -24,6 +24,29 @@ pub fn check_chat_id(id: &str) -> Result<&str, ApiError> {
     }
 }
 
+/// Transcript reads answer at most this many events by default…
+pub const PAGE_EVENTS: usize = 500;
+/// …and at most this many when asked (`limit`).
+pub const MAX_PAGE_EVENTS: usize = 1000;
+/// A page also ends once its texts reach this many bytes, so that an answer
+/// stays within a few MiB however large the messages.
+pub const PAGE_TEXT_BYTES: usize = 1 << 20;
+
+/// The `limit` query parameter: 1 to [`MAX_PAGE_EVENTS`], default
+/// [`PAGE_EVENTS`].
+pub fn limit_param(q: &HashMap<String, String>) -> Result<usize, ApiError> {
+    match q.get("limit") {
+        None => Ok(PAGE_EVENTS),
+        Some(v) => v
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE_EVENTS).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("`limit` must be 1 to {MAX_PAGE_EVENTS}, got {v:?}"))
+            }),
+    }
+}
+
 /// The `after` query parameter: a sequence number, 0 when absent.
 pub fn after_param(q: &HashMap<String, String>) -> Result<u64, ApiError> {
     match q.get("after") {
@@ -105,6 +128,7 @@ pub const ERROR_CODES: &[&str] = &[
     "chat_closed",
     "conflict",
     "client_msg_id_reused",
+    "transcript_full",
     "restoration_disabled",
     "too_large",
     "unsupported_media_type",

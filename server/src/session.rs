@@ -281,6 +281,9 @@ pub struct Transcript {
     pub known: BTreeMap<String, Participant>,
     /// client_msg_id → seq of the message it created.
     pub client_ids: std::collections::HashMap<String, u64>,
+    /// Bytes of message text in the transcript (its cap is checked
+    /// against this).
+    pub text_bytes: usize,
 }
 
 impl Transcript {
@@ -291,6 +294,7 @@ impl Transcript {
             present: BTreeMap::new(),
             known: BTreeMap::new(),
             client_ids: Default::default(),
+            text_bytes: 0,
         }
     }
 
@@ -367,6 +371,7 @@ impl Transcript {
                 if let Some(cid) = &e.client_msg_id {
                     self.client_ids.insert(cid.clone(), e.seq);
                 }
+                self.text_bytes += e.text.as_ref().map_or(0, String::len);
             }
             EventKind::Notice | EventKind::Closed => {}
         }
@@ -376,6 +381,23 @@ impl Transcript {
     pub fn after(&self, after: u64) -> &[Event] {
         let idx = self.events.partition_point(|e| e.seq <= after);
         &self.events[idx..]
+    }
+
+    /// A page of the events after `after`: at most `limit` events, ending
+    /// once their texts reach `max_bytes` (one event at least, so a page
+    /// always moves on); and whether more follow.
+    pub fn page(&self, after: u64, limit: usize, max_bytes: usize) -> (&[Event], bool) {
+        let rest = self.after(after);
+        let mut bytes = 0;
+        let mut n = 0;
+        for e in rest.iter().take(limit.max(1)) {
+            if n > 0 && bytes >= max_bytes {
+                break;
+            }
+            bytes += e.text.as_ref().map_or(0, String::len);
+            n += 1;
+        }
+        (&rest[..n], n < rest.len())
     }
 
     /// Drafts a restoring owner appends: for each present participant a
@@ -525,5 +547,25 @@ mod tests {
             serde_json::to_value(&v).unwrap()["kind"],
             serde_json::json!("message")
         );
+    }
+
+    #[test]
+    fn pages_are_bounded_by_count_and_bytes_and_always_move_on() {
+        let mut t = Transcript::new();
+        let c = customer();
+        push(&mut t, Draft::joined(&c, None));
+        for i in 0..10 {
+            push(&mut t, Draft::message(&c, "x".repeat(100 * (i + 1)), None));
+        }
+        assert_eq!(t.text_bytes, (1..=10).map(|i| 100 * i).sum::<usize>());
+        let (page, more) = t.page(0, 4, usize::MAX);
+        assert_eq!((page.len(), more), (4, true));
+        let (page, more) = t.page(0, 100, 250);
+        // joined (0 bytes), 100, 200: 300 >= 250, stop.
+        assert_eq!((page.len(), more), (3, true));
+        let (page, more) = t.page(10, 100, 1);
+        assert_eq!((page.len(), more), (1, false), "one event at least");
+        let (page, more) = t.page(11, 100, 1);
+        assert_eq!((page.len(), more), (0, false));
     }
 }

@@ -244,14 +244,14 @@ impl TestCluster {
             .await
     }
 
+    /// The whole transcript, read page by page.
     pub async fn transcript(&self, chat: &Chat) -> Value {
         self.http
-            .get(
+            .all_pages(
                 &format!("{}/api/v1/chats/{}/transcript", self.gateway, chat.id),
                 Some(&chat.token),
             )
             .await
-            .ok()
     }
 
     pub fn ws_url(&self, chat: &Chat, after: u64) -> String {

@@ -470,11 +470,30 @@ impl Http {
             .await
     }
 
+    /// Every event of a chat's transcript, read page by page.
     pub async fn events(&self, s: &Server, chat: &str) -> Vec<Value> {
-        self.transcript(s, chat).await.ok()["events"]
+        self.all_pages(&s.internal(&format!("/sessions/{chat}/transcript")), None)
+            .await["events"]
             .as_array()
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// A transcript read to its last page (`more` false): the last page's
+    /// answer with every page's events.
+    pub async fn all_pages(&self, url: &str, token: Option<&str>) -> Value {
+        let mut events = Vec::new();
+        let mut after = 0;
+        loop {
+            let mut page = self.get(&format!("{url}?after={after}"), token).await.ok();
+            let got = page["events"].as_array().cloned().unwrap_or_default();
+            after = got.last().and_then(|e| e["seq"].as_u64()).unwrap_or(after);
+            events.extend(got);
+            if page["more"] != true {
+                page["events"] = Value::Array(events);
+                return page;
+            }
+        }
     }
 
     pub async fn kpi(&self, s: &Server) -> Value {

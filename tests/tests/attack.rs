@@ -334,3 +334,175 @@ async fn control_characters_and_a_reused_client_msg_id_are_refused() {
     let texts = confab_e2e::texts(c.transcript(&chat).await["events"].as_array().unwrap());
     assert_eq!(texts, vec!["two\nlines\tand a tab", "my order is late"]);
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_chat_refuses_more_and_its_reads_come_in_bounded_pages() {
+    let dir = data_dir();
+    let s = Server::start(
+        dir.path(),
+        "inst-a",
+        &dir.path().join("c.db"),
+        &[
+            "server.max-transcript-bytes=2200000",
+            "server.max-transcript-events=200",
+        ],
+    )
+    .await;
+    let http = Http::default();
+    let (chat, customer) = http.create_session(&s, "Ann").await;
+    let big = "x".repeat(64 * 1024);
+    let mut accepted = 0;
+    let refused = loop {
+        let a = http.send(&s, &chat, &customer, &big, None).await;
+        if a.status != 200 {
+            break a;
+        }
+        accepted += 1;
+        assert!(accepted < 100, "no cap");
+    };
+    assert_eq!(accepted, 33, "2,200,000 bytes hold 33 texts of 64 KiB");
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (409, "transcript_full"),
+        "{:?}",
+        refused.body
+    );
+    // Small messages still fit under the byte cap, up to the event cap.
+    let mut small = 0;
+    loop {
+        let a = http.send(&s, &chat, &customer, "hi", None).await;
+        if a.status != 200 {
+            assert_eq!(a.error_code(), "transcript_full");
+            break;
+        }
+        small += 1;
+    }
+    assert_eq!(
+        1 + accepted + small,
+        200,
+        "the event cap counts every event"
+    );
+
+    // A read answers a bounded page; following `more` gets everything once.
+    let url = s.internal(&format!("/sessions/{chat}/transcript"));
+    let first = reqwest::Client::new()
+        .get(&url)
+        .header(CLUSTER_SECRET_HEADER, CLUSTER_SECRET)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(first.len() < 1_300_000, "a page of {} bytes", first.len());
+    let first: Value = serde_json::from_slice(&first).unwrap();
+    assert_eq!(first["more"], true);
+    let all = http.events(&s, &chat).await;
+    assert_eq!(all.len(), 200);
+    let seqs: Vec<u64> = all.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=200).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+    let limited = http.get(&format!("{url}?after=0&limit=2"), None).await.ok();
+    assert_eq!(limited["events"].as_array().unwrap().len(), 2);
+    let bad = http.get(&format!("{url}?limit=5000"), None).await;
+    assert_eq!(bad.status, 400);
+
+    // Nothing breaks for the others, nor for this chat's closing.
+    let (other, other_customer) = http.create_session(&s, "Bea").await;
+    http.send(&s, &other, &other_customer, "fine here", None)
+        .await
+        .ok();
+    let left = http
+        .post(
+            &s.internal(&format!("/sessions/{chat}/leave")),
+            &json!({"participant_id": customer}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        left.status, 200,
+        "a full chat still closes: {:?}",
+        left.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_that_never_read_cost_an_instance_little() {
+    let dir = data_dir();
+    let s = Server::start(dir.path(), "inst-a", &dir.path().join("c.db"), &[]).await;
+    let http = Http::default();
+    let (chat, customer) = http.create_session(&s, "Ann").await;
+    let big = "x".repeat(64 * 1024);
+    // 8 MiB of text, the default cap.
+    for _ in 0..127 {
+        http.send(&s, &chat, &customer, &big, None).await.ok();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let before = rss_kib(s.pid());
+    let secret = confab::contract::ClusterSecret::new(CLUSTER_SECRET);
+    let url = format!(
+        "{}/internal/v1/sessions/{chat}/ws",
+        s.url.replacen("http://", "ws://", 1)
+    );
+    let mut sockets = Vec::new();
+    for _ in 0..30 {
+        let (socket, _) = tokio_tungstenite::connect_async(secret.websocket_request(&url).unwrap())
+            .await
+            .unwrap();
+        sockets.push(socket); // never read
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let after = rss_kib(s.pid());
+    let grown = after.saturating_sub(before) / 1024;
+    println!("30 non-reading sockets on an 8 MiB chat: instance RSS {before} -> {after} KiB");
+    // Each reader holds at most a page of the backlog (~256 KiB of text)
+    // while its socket is full; a copy of the whole backlog each would be
+    // 30 x 8 MiB and more.
+    assert!(
+        grown < 64,
+        "30 non-reading sockets grew the instance by {grown} MiB ({before} -> {after} KiB)"
+    );
+    drop(sockets);
+}
+
+#[tokio::test]
+async fn one_participant_holds_a_bounded_number_of_sockets() {
+    let c = TestCluster::start(1, &["--set", "gateway.max-sockets-per-participant=3"]).await;
+    let chat = c.create_chat("Ann").await;
+    let url = c.ws_url(&chat, 0);
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(tokio_tungstenite::connect_async(&url).await.unwrap().0);
+    }
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 429),
+        other => panic!("a fourth socket: {:?}", other.map(|_| "opened")),
+    }
+    let mut one = open.pop().unwrap();
+    one.close(None).await.unwrap();
+    let mut reopened = false;
+    for _ in 0..50 {
+        // The relay notices the close on its next read.
+        if tokio_tungstenite::connect_async(&url).await.is_ok() {
+            reopened = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(reopened, "a closed socket frees its place");
+}

@@ -156,8 +156,8 @@ async fn bad_input_and_limits_through_the_gateway() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_rate_limit_answers_429_per_connection() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_follows_the_participant_and_the_client_address() {
     // A slow refill, so that the result does not depend on how fast this
     // machine answers: a burst of 5, then one request a second.
     let c = TestCluster::start(
@@ -167,19 +167,42 @@ async fn the_rate_limit_answers_429_per_connection() {
             "gateway.rate-limit-per-second=1",
             "--set",
             "gateway.rate-limit-burst=5",
+            "--set",
+            "gateway.trusted-proxies=127.0.0.1",
         ],
     )
     .await;
-    let chat = c.create_chat("Ann").await;
-    // One keep-alive connection, requests back to back. (A pooling client
-    // may open a second connection when the first is not back in its pool
-    // yet, which resets the budget: seen under CPU load.)
+    // Chat creation spends the client address's budget; each customer comes
+    // through the trusted proxy (127.0.0.1) with an address of their own
+    // (127.0.0.1's own budget went on the harness's start-up polling).
+    let create = |nickname: &'static str, client: &'static str| {
+        let url = format!("{}/api/v1/chats", c.gateway);
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .header("x-forwarded-for", client)
+                .json(&serde_json::json!({"nickname": nickname}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+            let b: serde_json::Value = r.json().await.unwrap();
+            (
+                b["chat_id"].as_str().unwrap().to_owned(),
+                b["token"].as_str().unwrap().to_owned(),
+            )
+        }
+    };
+    let (ann_id, ann_token) = create("Ann", "198.51.100.1").await;
+    let (bea_id, bea_token) = create("Bea", "198.51.100.2").await;
     let addr = c.gateway.trim_start_matches("http://").to_owned();
-    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let path = format!("/api/v1/chats/{}/transcript", chat.id);
+    let path = format!("/api/v1/chats/{ann_id}/transcript");
     let mut statuses = Vec::new();
     for _ in 0..12 {
-        let (status, headers, body) = keep_alive_get(&mut conn, &addr, &path, &chat.token).await;
+        // A new connection each time: the budget is the participant's, not
+        // the connection's.
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (status, headers, body) = keep_alive_get(&mut conn, &addr, &path, &ann_token).await;
         if status == 429 {
             assert!(headers.contains("\r\nretry-after: "), "{headers}");
             let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -192,10 +215,47 @@ async fn the_rate_limit_answers_429_per_connection() {
         statuses[5..].contains(&429),
         "no 429 after the burst: {statuses:?}"
     );
-    // Another connection has its own budget.
-    let mut fresh = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let (status, _, _) = keep_alive_get(&mut fresh, &addr, &path, &chat.token).await;
+    // Another participant has a budget of their own.
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let bea_path = format!("/api/v1/chats/{bea_id}/transcript");
+    let (status, _, _) = keep_alive_get(&mut conn, &addr, &bea_path, &bea_token).await;
     assert_eq!(status, 200);
+
+    // Without a token, the address pays, on every route (unknown ones too).
+    let client = reqwest::Client::new();
+    let mut unknown = Vec::new();
+    for _ in 0..6 {
+        unknown.push(
+            client
+                .get(format!("{}/no/such/route", c.gateway))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert!(
+        unknown.contains(&429),
+        "the address's budget ran out: {unknown:?}"
+    );
+    // A trusted proxy (here: 127.0.0.1) names other clients, each with its
+    // own budget.
+    let forwarded = client
+        .get(format!("{}/no/such/route", c.gateway))
+        .header("x-forwarded-for", "203.0.113.7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forwarded.status(), 404, "another client behind the proxy");
+    // Agents (the agent credential) are not held to one address's budget.
+    let queue = client
+        .get(format!("{}/api/v1/queue", c.gateway))
+        .bearer_auth(&c.agent_credential)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queue.status(), 200);
 }
 
 /// One HTTP/1.1 GET on an open connection, leaving it open: status, the

@@ -4,7 +4,8 @@
 use super::{no_instance, passthrough, ratelimit, relay, tokens::Claims, Gateway, Unreachable};
 use crate::auth::{bearer, constant_time_eq};
 use crate::contract::{
-    after_param, check_chat_id, check_client_msg_id, check_nickname, check_text, MAX_BODY_BYTES,
+    after_param, check_chat_id, check_client_msg_id, check_nickname, check_text, limit_param,
+    MAX_BODY_BYTES,
 };
 use crate::error::{ApiError, JsonBody};
 use crate::session::Role;
@@ -113,6 +114,8 @@ pub struct TranscriptBody {
     /// waiting, active or closed
     pub state: String,
     pub events: Vec<EventBody>,
+    /// Another page follows: ask again with `after` = the last seq here.
+    pub more: bool,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -187,11 +190,7 @@ pub fn router(
         .route("/api/v1/chats/{chat_id}/ws", get(stream))
         .route("/api/v1/chats/{chat_id}/join", post(join))
         .route("/api/v1/chats/{chat_id}/leave", post(leave))
-        .route("/api/v1/queue", get(queue))
-        .layer(axum::middleware::from_fn_with_state(
-            limiter,
-            ratelimit::limit,
-        ));
+        .route("/api/v1/queue", get(queue));
     let router = Router::new()
         .merge(api)
         .route(
@@ -202,7 +201,11 @@ pub fn router(
         .route("/healthz", get(|| async { "ok" }))
         .route("/status", get(status))
         .route("/metrics", get(metrics_text))
-        .fallback(|| async { ApiError::not_found("no such route") });
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(axum::middleware::from_fn_with_state(
+            limiter,
+            ratelimit::limit,
+        ));
     crate::error::edge_layers(router, "gateway", MAX_BODY_BYTES)
         .layer(axum::middleware::from_fn(super::pages::security_headers))
         .with_state(state)
@@ -369,7 +372,7 @@ async fn post_message(
 
 /// The transcript after a seq.
 #[utoipa::path(get, path = "/api/v1/chats/{chat_id}/transcript",
-    params(("chat_id" = String, Path), ("after" = Option<u64>, Query, description = "only events after this seq")), security(("participant_token" = [])),
+    params(("chat_id" = String, Path), ("after" = Option<u64>, Query, description = "only events after this seq"), ("limit" = Option<usize>, Query, description = "at most this many events (1-1000, default 500); a page also ends after about 1 MiB of text")), security(("participant_token" = [])),
     responses((status = 200, body = TranscriptBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 #[tracing::instrument(level = "debug", name = "gateway", skip_all, fields(route = "transcript", chat_id = %chat_id))]
 async fn transcript(
@@ -380,12 +383,12 @@ async fn transcript(
 ) -> Result<Response, ApiError> {
     check_chat_id(&chat_id)?;
     participant(&s.gw, token.as_deref(), &chat_id)?;
-    let after = after_param(&q)?;
+    let (after, limit) = (after_param(&q)?, limit_param(&q)?);
     let (status, body, _) =
         s.gw.on_chat_raw(
             &chat_id,
             Method::GET,
-            &format!("/internal/v1/sessions/{chat_id}/transcript?after={after}"),
+            &format!("/internal/v1/sessions/{chat_id}/transcript?after={after}&limit={limit}"),
             None,
         )
         .await?;
@@ -423,6 +426,16 @@ async fn stream(
         }
     }
     let after = after_param(&q)?;
+    let held = s.gw.sockets.hold(&who.participant_id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "this participant has {} WebSockets open already; close one first",
+                s.gw.sockets.max()
+            ),
+        )
+    })?;
     // Resolve the chat before upgrading, so unknown or closed chats get a
     // plain HTTP error.
     s.gw.locate(&chat_id).await?;
@@ -430,7 +443,10 @@ async fn stream(
     Ok(ws
         .max_message_size(64 * 1024)
         .max_frame_size(64 * 1024)
-        .on_upgrade(move |socket| relay::relay(gw, socket, chat_id, who, after)))
+        .on_upgrade(move |socket| async move {
+            relay::relay(gw, socket, chat_id, who, after).await;
+            drop(held);
+        }))
 }
 
 /// An agent joins a chat.

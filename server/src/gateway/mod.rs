@@ -14,6 +14,7 @@ mod pages;
 pub mod pool;
 pub mod ratelimit;
 pub mod relay;
+pub mod sockets;
 pub mod tokens;
 
 use crate::config::Config;
@@ -46,6 +47,8 @@ pub struct Unreachable(pub String);
 
 pub struct Gateway {
     pub pool: Arc<Pool>,
+    /// WebSockets open per participant (capped).
+    pub sockets: sockets::SocketCount,
     /// Presented on every call to an instance's internal API.
     pub secret: crate::contract::ClusterSecret,
     /// HTTP/1.1 to instances without the channel (crate::channel; older
@@ -408,6 +411,7 @@ impl Application {
                 .build(connector);
         let gateway = Arc::new(Gateway {
             pool,
+            sockets: sockets::SocketCount::new(g.max_sockets_per_participant),
             secret,
             upstream,
             tokens,
@@ -417,7 +421,13 @@ impl Application {
             relocating: Default::default(),
             stop: CancellationToken::new(),
         });
-        let limiter = ratelimit::RateLimiter::new(g.rate_limit_per_second, g.rate_limit_burst);
+        let limiter = ratelimit::RateLimiter::new(
+            g.rate_limit_per_second,
+            g.rate_limit_burst,
+            g.trusted_proxies.clone(),
+            gateway.tokens.clone(),
+            g.agent_credential.as_deref(),
+        );
         let router = api::router(gateway.clone(), limiter, handle);
         let listener = TcpListener::bind(g.listen)
             .await

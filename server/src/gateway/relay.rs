@@ -18,6 +18,8 @@ use tokio_tungstenite::tungstenite;
 
 /// Relocations in a row without a working upstream before giving up.
 const MAX_FAILOVERS: u32 = 10;
+/// How long a participant's socket may take a frame before it is dropped.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames a client may send per second (they carry nothing we need).
 const CLIENT_FRAMES_PER_SECOND: u32 = 20;
 
@@ -88,7 +90,10 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                                 continue;
                             }
                         }
-                        if client.send(Message::Text(text.as_str().into())).await.is_err() {
+                        // A participant who stops reading is dropped, not
+                        // buffered for.
+                        let send = client.send(Message::Text(text.as_str().into()));
+                        if !matches!(tokio::time::timeout(SEND_TIMEOUT, send).await, Ok(Ok(()))) {
                             break Upstream::ClientGone;
                         }
                     }

@@ -16,9 +16,18 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// What one chat may hold: a customer cannot make a chat (and the instance
+/// that hosts it) grow without bound.
+#[derive(Debug, Clone, Copy)]
+pub struct TranscriptLimits {
+    pub max_events: usize,
+    pub max_text_bytes: usize,
+}
+
 pub struct Instance {
     pub id: String,
     pub settings: Settings,
+    pub limits: TranscriptLimits,
     pub(super) store: Arc<dyn SessionStore>,
     pub(super) contacts: Arc<dyn ContactStore>,
     pub monitor: Arc<StoreMonitor>,
@@ -37,6 +46,7 @@ impl Instance {
     pub fn new(
         id: String,
         settings: Settings,
+        limits: TranscriptLimits,
         store: Arc<dyn SessionStore>,
         contacts: Arc<dyn ContactStore>,
         monitor: Arc<StoreMonitor>,
@@ -44,6 +54,7 @@ impl Instance {
         Arc::new(Instance {
             id,
             settings,
+            limits,
             store,
             contacts,
             monitor,

@@ -34,6 +34,13 @@ pub enum EngineError {
     /// or another text): not a retry, and not accepted.
     #[error("client_msg_id {0:?} belongs to another message in this chat; use a new id for a new message")]
     ClientMsgIdReused(String),
+    /// The chat holds as many events or as much text as it may.
+    #[error("chat {chat} is full ({events} events, {bytes} bytes of text); start a new chat")]
+    TranscriptFull {
+        chat: String,
+        events: usize,
+        bytes: usize,
+    },
     /// The store refused in a way none of the above describes.
     #[error("{0}")]
     Conflict(String),

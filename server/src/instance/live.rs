@@ -51,22 +51,25 @@ impl LiveSession {
         })
     }
 
-    /// Events after `after` and a receiver for everything pushed later,
-    /// taken under one lock so that nothing falls between them.
-    pub async fn subscribe(
-        &self,
-        after: u64,
-    ) -> (Vec<EventView>, broadcast::Receiver<Arc<EventView>>, bool) {
+    /// A receiver for everything pushed from now on, and whether the chat
+    /// is closed already. A reader sends the stored events page by page
+    /// ([`LiveSession::page`]) while the receiver holds what comes meanwhile,
+    /// so it never holds more than a page of the backlog.
+    pub async fn subscribe(&self) -> (broadcast::Receiver<Arc<EventView>>, bool) {
         let live = self.inner.lock().await;
         (
-            views(&live.transcript, after),
             self.push.subscribe(),
             live.transcript.state == SessionState::Closed,
         )
     }
 
-    pub async fn events_after(&self, after: u64) -> Vec<EventView> {
-        views(&self.inner.lock().await.transcript, after)
+    /// Up to `limit` stored events after `after`, ending after about
+    /// `max_bytes` of text (see [`Transcript::page`]); and whether more
+    /// follow.
+    pub async fn page(&self, after: u64, limit: usize, max_bytes: usize) -> (Vec<EventView>, bool) {
+        let live = self.inner.lock().await;
+        let (page, more) = live.transcript.page(after, limit, max_bytes);
+        (page.iter().map(EventView::from).collect(), more)
     }
 
     pub(super) async fn epoch(&self) -> u64 {
@@ -86,15 +89,6 @@ impl LiveSession {
             let _ = self.push.send(Arc::new(v));
         }
     }
-}
-
-/// The transcript's events after `after`, as clients see them.
-pub(super) fn views(transcript: &Transcript, after: u64) -> Vec<EventView> {
-    transcript
-        .after(after)
-        .iter()
-        .map(EventView::from)
-        .collect()
 }
 
 /// Chat id → the session hosted here.

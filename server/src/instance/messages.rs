@@ -5,7 +5,7 @@
 
 use super::engine::{participant, state_error, Instance};
 use super::error::{EngineError, EngineResult};
-use super::live::{views, Live, LiveSession};
+use super::live::{Live, LiveSession};
 use super::wire::{Created, Posted, TranscriptView};
 use crate::config::{AutoSave, SaveOnError};
 use crate::session::{
@@ -130,6 +130,16 @@ impl Instance {
                 duplicate: true,
             });
         }
+        let t = &live.transcript;
+        if t.events.len() >= self.limits.max_events
+            || t.text_bytes + text.len() > self.limits.max_text_bytes
+        {
+            return Err(EngineError::TranscriptFull {
+                chat: session_id.to_owned(),
+                events: t.events.len(),
+                bytes: t.text_bytes,
+            });
+        }
         let events = self
             .append(
                 &session,
@@ -145,14 +155,26 @@ impl Instance {
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(chat_id = %session_id))]
-    pub async fn transcript(&self, session_id: &str, after: u64) -> EngineResult<TranscriptView> {
+    /// A page of the transcript after `after` (at most `limit` events and
+    /// about [`crate::contract::PAGE_TEXT_BYTES`] of text); `more` says
+    /// whether another page follows.
+    pub async fn transcript(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> EngineResult<TranscriptView> {
         let session = self.live(session_id).await?;
         let live = session.inner.lock().await;
+        let (page, more) = live
+            .transcript
+            .page(after, limit, crate::contract::PAGE_TEXT_BYTES);
         Ok(TranscriptView {
             chat_id: session_id.to_owned(),
             instance_id: self.id.clone(),
             state: live.transcript.state,
-            events: views(&live.transcript, after),
+            events: page.iter().map(EventView::from).collect(),
+            more,
         })
     }
 

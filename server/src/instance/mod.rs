@@ -92,6 +92,10 @@ impl Application {
         let instance = Instance::new(
             server.instance_id.clone(),
             config.settings.clone(),
+            engine::TranscriptLimits {
+                max_events: server.max_transcript_events,
+                max_text_bytes: server.max_transcript_bytes,
+            },
             store,
             contacts,
             monitor,

@@ -29,7 +29,8 @@ use super::error::EngineError;
 use super::Instance;
 use crate::auth::check_admin;
 use crate::contract::{
-    after_param, check_chat_id, check_client_msg_id, check_nickname, check_text, MAX_BODY_BYTES,
+    after_param, check_chat_id, check_client_msg_id, check_nickname, check_text, limit_param,
+    MAX_BODY_BYTES,
 };
 use crate::error::{ApiError, JsonBody};
 use crate::session::SessionState;
@@ -232,6 +233,7 @@ impl From<EngineError> for ApiError {
             EngineError::RestorationDisabled => (StatusCode::CONFLICT, "restoration_disabled"),
             EngineError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             EngineError::ClientMsgIdReused(_) => (StatusCode::CONFLICT, "client_msg_id_reused"),
+            EngineError::TranscriptFull { .. } => (StatusCode::CONFLICT, "transcript_full"),
         };
         ApiError::new(status, code, message)
     }
@@ -325,9 +327,11 @@ async fn transcript(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<super::wire::TranscriptView>, ApiError> {
-    let after = after_param(&q)?;
+    let (after, limit) = (after_param(&q)?, limit_param(&q)?);
     Ok(Json(
-        s.instance.transcript(check_chat_id(&id)?, after).await?,
+        s.instance
+            .transcript(check_chat_id(&id)?, after, limit)
+            .await?,
     ))
 }
 

@@ -15,6 +15,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
@@ -38,13 +39,12 @@ async fn push_events(
     after: u64,
     stop: CancellationToken,
 ) {
-    let (backlog, mut rx, closed) = session.subscribe(after).await;
+    let (mut rx, closed) = session.subscribe().await;
     let mut seen = SeqFilter::after(after);
-    for v in backlog {
-        seen.admit(v.seq, false);
-        if send_event(&mut socket, &v).await.is_err() {
-            return;
-        }
+    match send_stored(&mut socket, &session, &mut seen).await {
+        Sent::All => {}
+        Sent::Closed => return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await,
+        Sent::Gone => return,
     }
     if closed {
         return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await;
@@ -64,17 +64,11 @@ async fn push_events(
                         return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await;
                     }
                 }
-                Err(RecvError::Lagged(_)) => {
-                    for v in session.events_after(seen.last()).await {
-                        seen.admit(v.seq, false);
-                        if send_event(&mut socket, &v).await.is_err() {
-                            return;
-                        }
-                        if v.kind == EventKind::Closed {
-                            return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await;
-                        }
-                    }
-                }
+                Err(RecvError::Lagged(_)) => match send_stored(&mut socket, &session, &mut seen).await {
+                    Sent::All => {}
+                    Sent::Closed => return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await,
+                    Sent::Gone => return,
+                },
                 Err(RecvError::Closed) => return ws::close(socket, ws::MOVED, "session moved").await,
             },
             _ = session.gone.cancelled() => return ws::close(socket, ws::MOVED, "session moved").await,
@@ -87,7 +81,49 @@ async fn push_events(
     }
 }
 
-async fn send_event(socket: &mut WebSocket, v: &EventView) -> Result<(), axum::Error> {
+/// Stored events a reader is sent at a time (catching up at connection or
+/// after falling behind): what one reader holds of the backlog at most.
+const BACKLOG_PAGE: usize = 100;
+/// …and at most about this much text.
+const BACKLOG_PAGE_BYTES: usize = 256 << 10;
+
+/// A reader that takes no frame for this long is dropped, not buffered for.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+enum Sent {
+    /// Every stored event after the mark went out.
+    All,
+    /// The chat's closing went out.
+    Closed,
+    /// The reader is gone (or stopped reading).
+    Gone,
+}
+
+/// Send the stored events after `seen`, a page at a time.
+async fn send_stored(socket: &mut WebSocket, session: &LiveSession, seen: &mut SeqFilter) -> Sent {
+    loop {
+        let (page, more) = session
+            .page(seen.last(), BACKLOG_PAGE, BACKLOG_PAGE_BYTES)
+            .await;
+        for v in &page {
+            seen.admit(v.seq, false);
+            if send_event(socket, v).await.is_err() {
+                return Sent::Gone;
+            }
+            if v.kind == EventKind::Closed {
+                return Sent::Closed;
+            }
+        }
+        if !more {
+            return Sent::All;
+        }
+    }
+}
+
+async fn send_event(socket: &mut WebSocket, v: &EventView) -> Result<(), ()> {
     let text = serde_json::to_string(v).unwrap_or_default();
-    socket.send(Message::Text(text.into())).await
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
 }

@@ -35,4 +35,6 @@ pub struct TranscriptView {
     pub instance_id: String,
     pub state: SessionState,
     pub events: Vec<EventView>,
+    /// Another page follows: ask again with `after` = the last seq here.
+    pub more: bool,
 }

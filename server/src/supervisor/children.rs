@@ -269,8 +269,12 @@ impl Supervisor {
                     .send()
                     .await
                     .ok()?;
+                if !answer.status().is_success() {
+                    return None; // not serving (or refusing) yet: ask again
+                }
                 let status: Value = answer.json().await.ok()?;
-                Some(status["pid"].as_u64())
+                // Ours names its pid; an answer without one is not ours.
+                Some(Some(status["pid"].as_u64().unwrap_or(0)))
             }
             Kind::Prometheus => {
                 let answer = self

@@ -169,11 +169,15 @@ function create(opts) {
 
   // ---------- transcript + websocket ----------
   async function resync() {
-    if (!S) return;
-    const d = await api('GET', chatPath('/transcript?after=' + lastSeq), undefined, S.token);
-    if (d && d.instance_id) setInstance(d.instance_id);
-    ((d && d.events) || []).forEach((ev) => handle(ev, false));
-    if (d && d.state === 'closed') markClosed();
+    // The transcript comes in pages; read until the last one.
+    for (let page = 0; S && page < 10000; page++) {
+      const before = lastSeq;
+      const d = await api('GET', chatPath('/transcript?after=' + lastSeq), undefined, S.token);
+      if (d && d.instance_id) setInstance(d.instance_id);
+      ((d && d.events) || []).forEach((ev) => handle(ev, false));
+      if (d && d.state === 'closed') markClosed();
+      if (!(d && d.more) || lastSeq === before) break;
+    }
   }
   function connect() {
     const my = ++gen;
