@@ -82,6 +82,27 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Run `tick` every `interval` (the first at once; a slow tick delays the
+/// next instead of bunching them) until `stop` is cancelled: the store
+/// probe, the ownership sweep and the gateway's health checks.
+pub fn every<F, Fut>(interval: Duration, stop: tokio_util::sync::CancellationToken, mut tick: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            tick().await;
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

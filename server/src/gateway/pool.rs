@@ -312,16 +312,9 @@ impl Pool {
         let timeout = (interval * 2).max(Duration::from_millis(500));
         for member in self.members.clone() {
             let pool = self.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut ticker = tokio::time::interval(interval);
-                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = ticker.tick() => pool.check(&member, timeout).await,
-                    }
-                }
+            crate::process::every(interval, stop.clone(), move || {
+                let (pool, member) = (pool.clone(), member.clone());
+                async move { pool.check(&member, timeout).await }
             });
         }
     }

@@ -98,14 +98,9 @@ impl StoreMonitor {
         stop: CancellationToken,
     ) {
         let monitor = self.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = ticker.tick() => {}
-                }
+        crate::process::every(interval, stop, move || {
+            let (monitor, store) = (monitor.clone(), store.clone());
+            async move {
                 match tokio::time::timeout(timeout, store.ping()).await {
                     Ok(Ok(())) => monitor.report_success(),
                     Ok(Err(e)) => monitor.report_failure(&e),

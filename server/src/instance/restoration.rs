@@ -116,27 +116,24 @@ impl Instance {
         stop: CancellationToken,
     ) {
         let instance = self.clone();
-        tokio::spawn(async move {
-            let mut offset = 0usize;
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(interval) => {}
-                }
+        let offset = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        crate::process::every(interval, stop, move || {
+            let (instance, offset) = (instance.clone(), offset.clone());
+            async move {
                 let mut ids = instance.sessions.ids();
                 if ids.is_empty() {
-                    continue;
+                    return;
                 }
                 ids.sort_unstable();
-                offset %= ids.len();
+                let start = offset.load(std::sync::atomic::Ordering::Relaxed) % ids.len();
                 let window: Vec<String> = ids
                     .iter()
                     .cycle()
-                    .skip(offset)
+                    .skip(start)
                     .take(batch.min(ids.len()))
                     .cloned()
                     .collect();
-                offset += window.len();
+                offset.store(start + window.len(), std::sync::atomic::Ordering::Relaxed);
                 instance.sweep(window).await;
             }
         });

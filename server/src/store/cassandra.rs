@@ -603,6 +603,7 @@ impl SessionStore for CassandraStore {
         "cassandra"
     }
 
+    #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "cassandra", op = "create_session", chat_id = %record.session_id))]
     async fn create_session(&self, record: SessionRecord, events: Vec<Event>) -> StoreResult<()> {
         if self.header(&record.session_id).await?.is_some() {
             return Err(StoreError::AlreadyExists(record.session_id));
@@ -638,6 +639,7 @@ impl SessionStore for CassandraStore {
         self.write_events(id, record.epoch as i64, &events).await
     }
 
+    #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "cassandra", op = "append_events", chat_id = %a.session_id))]
     async fn append_events(&self, a: Append) -> StoreResult<()> {
         let id = a.session_id.as_str();
         let epoch = a.epoch as i64;
@@ -669,6 +671,7 @@ impl SessionStore for CassandraStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "cassandra", op = "claim", chat_id = %session_id))]
     async fn claim(
         &self,
         session_id: &str,
@@ -710,10 +713,12 @@ impl SessionStore for CassandraStore {
         ))
     }
 
+    #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "cassandra", op = "locate", chat_id = %session_id))]
     async fn locate(&self, session_id: &str) -> StoreResult<Option<SessionRecord>> {
         Ok(self.record(session_id).await?.map(|(r, _)| r))
     }
 
+    #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "cassandra", op = "load", chat_id = %session_id))]
     async fn load(&self, session_id: &str) -> StoreResult<Option<(SessionRecord, Vec<Event>)>> {
         let Some((record, claims)) = self.record(session_id).await? else {
             return Ok(None);
@@ -722,6 +727,12 @@ impl SessionStore for CassandraStore {
         Ok(Some((record, events)))
     }
 
+    #[tracing::instrument(
+        level = "debug",
+        name = "store",
+        skip_all,
+        fields(backend = "cassandra", op = "list_sessions")
+    )]
     async fn list_sessions(
         &self,
         state: Option<SessionState>,
@@ -743,6 +754,7 @@ impl SessionStore for CassandraStore {
         Ok(out)
     }
 
+    #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "cassandra", op = "delete_session", chat_id = %session_id))]
     async fn delete_session(&self, session_id: &str, epoch: u64) -> StoreResult<()> {
         let claims = self.claims(session_id).await?;
         let Some((current, _)) = claims.last() else {

@@ -547,16 +547,19 @@ impl SessionStore for SqliteStore {
         "sqlite"
     }
 
+    #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "sqlite", op = "create_session", chat_id = %record.session_id))]
     async fn create_session(&self, record: SessionRecord, events: Vec<Event>) -> StoreResult<()> {
         self.write(WriteOp::Create(record, events))
             .await
             .map(|_| ())
     }
 
+    #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "sqlite", op = "append_events", chat_id = %append.session_id))]
     async fn append_events(&self, append: Append) -> StoreResult<()> {
         self.write(WriteOp::Append(append)).await.map(|_| ())
     }
 
+    #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "sqlite", op = "claim", chat_id = %session_id))]
     async fn claim(
         &self,
         session_id: &str,
@@ -574,11 +577,13 @@ impl SessionStore for SqliteStore {
         }
     }
 
+    #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "sqlite", op = "locate", chat_id = %session_id))]
     async fn locate(&self, session_id: &str) -> StoreResult<Option<SessionRecord>> {
         let id = session_id.to_owned();
         self.read(move |c| select_session(c, &id)).await
     }
 
+    #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "sqlite", op = "load", chat_id = %session_id))]
     async fn load(&self, session_id: &str) -> StoreResult<Option<(SessionRecord, Vec<Event>)>> {
         let id = session_id.to_owned();
         self.read(move |c| {
@@ -596,6 +601,12 @@ impl SessionStore for SqliteStore {
         .await
     }
 
+    #[tracing::instrument(
+        level = "debug",
+        name = "store",
+        skip_all,
+        fields(backend = "sqlite", op = "list_sessions")
+    )]
     async fn list_sessions(
         &self,
         state: Option<SessionState>,
@@ -611,6 +622,7 @@ impl SessionStore for SqliteStore {
         .await
     }
 
+    #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "sqlite", op = "delete_session", chat_id = %session_id))]
     async fn delete_session(&self, session_id: &str, epoch: u64) -> StoreResult<()> {
         self.write(WriteOp::Delete {
             session_id: session_id.to_owned(),
@@ -624,6 +636,12 @@ impl SessionStore for SqliteStore {
         self.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
 
+    #[tracing::instrument(
+        level = "debug",
+        name = "store",
+        skip_all,
+        fields(backend = "sqlite", op = "owners")
+    )]
     async fn owners(
         &self,
         session_ids: &[String],
