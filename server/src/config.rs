@@ -164,6 +164,8 @@ pub struct ServerConfig {
     pub admin_kill_enabled: bool,
     /// Most group-committed operations in one store transaction.
     pub max_batch: usize,
+    /// A waiting chat no agent took by then is closed; zero: never.
+    pub waiting_timeout: Duration,
     /// A chat's cap: events, and bytes of message text.
     pub max_transcript_events: usize,
     pub max_transcript_bytes: usize,
@@ -445,6 +447,12 @@ pub const OPTIONS: &[OptionSpec] = &[
         "max-batch",
         "512",
         "most saves group-committed in one transaction (1-100000)",
+    ),
+    opt(
+        "server",
+        "waiting-timeout",
+        r#""30m""#,
+        "a chat no agent took by then is closed (reason no-agent); \"0s\": never",
     ),
     opt(
         "server",
@@ -898,6 +906,7 @@ impl Layers {
             admin_token: self.secret("server.admin-token")?,
             admin_kill_enabled: self.boolean("server.admin-kill-enabled")?,
             max_batch: self.integer("server.max-batch", 1, 100_000)? as usize,
+            waiting_timeout: self.duration("server.waiting-timeout")?,
             max_transcript_events: self.integer("server.max-transcript-events", 100, 10_000_000)?
                 as usize,
             max_transcript_bytes: self.integer("server.max-transcript-bytes", 65_536, 1 << 30)?
@@ -1134,6 +1143,7 @@ impl Config {
             Value::Boolean(s.admin_kill_enabled),
         );
         put(&mut t, "max-batch", Value::Integer(s.max_batch as i64));
+        put(&mut t, "waiting-timeout", duration(s.waiting_timeout));
         put(
             &mut t,
             "max-transcript-events",
@@ -1427,6 +1437,7 @@ contact-store-path = "/var/lib/confab/contacts.db"
 admin-token = "adm"
 admin-kill-enabled = true
 max-batch = 64
+waiting-timeout = "90s"
 max-transcript-events = 500
 max-transcript-bytes = 100000
 [gateway]

@@ -125,6 +125,8 @@ pub mod reason {
     pub const SAVE: &str = "save";
     pub const SAVE_FAIL: &str = "ucs-save-fail";
     pub const SAVE_ERROR_CLOSE: &str = "save-error";
+    /// A waiting chat that no agent took within `server.waiting-timeout`.
+    pub const NO_AGENT: &str = "no-agent";
 }
 
 /// One transcript event as stored and as served to clients.

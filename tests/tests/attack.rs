@@ -506,3 +506,145 @@ async fn one_participant_holds_a_bounded_number_of_sockets() {
     }
     assert!(reopened, "a closed socket frees its place");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_chats_from_one_address_neither_hides_others_nor_stays() {
+    let c = TestCluster::start(
+        2,
+        &[
+            "--set",
+            "gateway.rate-limit-per-second=20",
+            "--set",
+            "gateway.rate-limit-burst=40",
+            "--set",
+            "gateway.trusted-proxies=127.0.0.1",
+            "--set",
+            "server.waiting-timeout=3s",
+        ],
+    )
+    .await;
+    let client = outsider();
+    let create = |from: &'static str, nickname: String| {
+        let request = client
+            .post(format!("{}/api/v1/chats", c.gateway))
+            .header("x-forwarded-for", from)
+            .json(&json!({"nickname": nickname}));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let mut created = 0;
+    let mut limited = 0;
+    for i in 0..200 {
+        match create("203.0.113.66", format!("flood {i}")).await {
+            201 => created += 1,
+            429 => limited += 1,
+            other => panic!("flood: {other}"),
+        }
+    }
+    assert!(
+        limited >= 100 && created <= 100,
+        "one address is throttled: {created} created, {limited} limited"
+    );
+    assert_eq!(create("198.51.100.20", "Real customer".into()).await, 201);
+    let queue = |c: &TestCluster| {
+        let url = format!("{}/api/v1/queue", c.gateway);
+        let token = c.agent_credential.clone();
+        let http = c.http.clone();
+        async move { http.get(&url, Some(&token)).await.ok() }
+    };
+    let waiting = queue(&c).await;
+    let names: Vec<&str> = waiting["chats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|ch| ch["nickname"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"Real customer"),
+        "visible to agents: {names:?}"
+    );
+    // Nobody takes them: after server.waiting-timeout they are closed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left = queue(&c).await["chats"].as_array().unwrap().len();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} chats still waiting"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let closed = c.log("inst-1") + &c.log("inst-2");
+    assert!(
+        closed.contains("waiting chat closed: no agent took it"),
+        "{closed}"
+    );
+}
+
+#[tokio::test]
+async fn a_participant_who_left_cannot_post_and_tokens_stay_out_of_urls() {
+    use futures_util::StreamExt;
+    let c = TestCluster::start(1, &[]).await;
+    let chat = c.create_chat("Ann").await;
+    let agent = c.join(&chat, "Bob").await;
+    c.send(&agent, "hello, Bob here", None).await.ok();
+    let left = c
+        .http
+        .post(
+            &format!("{}/api/v1/chats/{}/leave", c.gateway, chat.id),
+            &json!({"end_chat": false}),
+            Some(&agent.token),
+        )
+        .await;
+    assert_eq!(left.status, 200, "{:?}", left.body);
+    let after_leaving = c.send(&agent, "still here?", None).await;
+    assert_eq!(
+        (after_leaving.status, after_leaving.error_code()),
+        (403, "forbidden"),
+        "{:?}",
+        after_leaving.body
+    );
+    assert_eq!(
+        c.send(&chat, "the customer goes on", None).await.status,
+        200
+    );
+
+    // The token as a subprotocol: no token in the URL, the protocol echoed.
+    let url = format!(
+        "{}/api/v1/chats/{}/ws?after=0",
+        c.gateway.replacen("http://", "ws://", 1),
+        chat.id
+    );
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            url.as_str(),
+        )
+        .unwrap();
+    let protocol = format!("confab.token.{}", chat.token);
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", protocol.parse().unwrap());
+    let (mut socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        protocol.as_str()
+    );
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+        .await
+        .expect("an event")
+        .unwrap()
+        .unwrap();
+    let event: Value = serde_json::from_str(first.to_text().unwrap()).unwrap();
+    assert_eq!(event["seq"], 1, "{event}");
+    // Neither the subprotocol nor the query: 401 in JSON.
+    let bare = format!(
+        "{}/api/v1/chats/{}/ws",
+        c.gateway.replacen("http://", "ws://", 1),
+        chat.id
+    );
+    match tokio_tungstenite::connect_async(bare.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("{:?}", other.map(|_| "opened")),
+    }
+}

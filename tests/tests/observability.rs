@@ -222,3 +222,38 @@ fn metric_name_extraction_skips_label_values() {
         vec!["confab_transcript_saves_total", "up"]
     );
 }
+
+/// Dashboards and alerts see every metric of the instance's contract from
+/// start-up, at zero, not "no data" until the first save or restore.
+#[tokio::test]
+async fn every_instance_metric_is_exported_from_start_up() {
+    use confab::telemetry::metrics as m;
+    let dir = confab_e2e::data_dir();
+    let s = confab_e2e::Server::start(dir.path(), "inst-a", &dir.path().join("c.db"), &[]).await;
+    let text = confab_e2e::Http::default()
+        .text(&format!("{}/metrics", s.url))
+        .await;
+    let series = |name: &str| text.lines().any(|l| l.starts_with(name));
+    for name in [
+        m::SESSIONS_CREATED,
+        m::SESSIONS_CLOSED,
+        m::SESSIONS_RESTORED,
+        m::SESSIONS_ACTIVE,
+        m::MESSAGES_SUBMITTED,
+        m::TRANSCRIPT_SAVES,
+        m::TRANSCRIPT_SAVE_FAILURES,
+        m::RESTORE_FAILURES,
+        m::STORE_AVAILABLE,
+        m::INSTANCE_ENABLED,
+        m::BUILD_INFO,
+        m::INTERNAL_AUTH_FAILURES,
+    ] {
+        assert!(series(name), "{name} missing at start-up:\n{text}");
+    }
+    for histogram in [m::TRANSCRIPT_SAVE_DURATION, m::RESTORE_DURATION] {
+        assert!(
+            series(&format!("{histogram}_bucket{{le=\"+Inf\"}} 0")),
+            "{histogram} missing (or not zero) at start-up:\n{text}"
+        );
+    }
+}

@@ -241,7 +241,9 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Bearer {
 /// The participant a token names, if it is genuine and for this chat.
 fn participant(gw: &Gateway, token: Option<&str>, chat_id: &str) -> Result<Claims, ApiError> {
     let token = token.ok_or_else(|| {
-        ApiError::unauthorized("missing participant token (Authorization: Bearer <token>)")
+        ApiError::unauthorized(
+            "missing participant token (Authorization: Bearer <token>; on the WebSocket: the subprotocol confab.token.<token> or ?token=<token>)",
+        )
     })?;
     let claims = gw
         .tokens
@@ -398,7 +400,7 @@ async fn transcript(
 /// Live events over WebSocket, one JSON event per text frame, from seq
 /// `after`+1. The gateway keeps the stream going across instance failures.
 #[utoipa::path(get, path = "/api/v1/chats/{chat_id}/ws",
-    params(("chat_id" = String, Path), ("token" = String, Query), ("after" = Option<u64>, Query)),
+    params(("chat_id" = String, Path), ("token" = Option<String>, Query, description = "the participant token, unless offered as the subprotocol confab.token.<token> (preferred: kept out of URLs)"), ("after" = Option<u64>, Query)),
     responses((status = 101, description = "WebSocket upgrade"), (status = 401, body = ErrorBody), (status = 403, description = "token for another chat or Origin not allowed", body = ErrorBody)))]
 #[tracing::instrument(level = "debug", name = "gateway", skip_all, fields(route = "ws", chat_id = %chat_id))]
 async fn stream(
@@ -409,7 +411,11 @@ async fn stream(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     check_chat_id(&chat_id)?;
-    let who = participant(&s.gw, q.get("token").map(String::as_str), &chat_id)?;
+    // The token: as a subprotocol (kept out of URLs and proxy logs) or in
+    // the query string.
+    let offered = super::tokens::from_ws_protocol(&headers).map(str::to_owned);
+    let token = offered.as_deref().or(q.get("token").map(String::as_str));
+    let who = participant(&s.gw, token, &chat_id)?;
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
         let host = headers
             .get(header::HOST)
@@ -440,6 +446,11 @@ async fn stream(
     // plain HTTP error.
     s.gw.locate(&chat_id).await?;
     let gw = s.gw.clone();
+    // A client that offered the token as a subprotocol must see it chosen.
+    let ws = match offered {
+        Some(t) => ws.protocols([format!("{}{t}", super::tokens::WS_TOKEN_PROTOCOL)]),
+        None => ws,
+    };
     Ok(ws
         .max_message_size(64 * 1024)
         .max_frame_size(64 * 1024)

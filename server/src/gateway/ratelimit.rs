@@ -136,12 +136,15 @@ impl RateLimiter {
                 return None;
             }
         }
-        let token = bearer.map(str::to_owned).or_else(|| {
-            req.uri()
-                .query()?
-                .split('&')
-                .find_map(|p| p.strip_prefix("token=").map(str::to_owned))
-        });
+        let token = bearer
+            .or_else(|| super::tokens::from_ws_protocol(req.headers()))
+            .map(str::to_owned)
+            .or_else(|| {
+                req.uri()
+                    .query()?
+                    .split('&')
+                    .find_map(|p| p.strip_prefix("token=").map(str::to_owned))
+            });
         if let Some(claims) = token.and_then(|t| self.tokens.verify(&t)) {
             return Some(Who::Participant(claims.participant_id));
         }

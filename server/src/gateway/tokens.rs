@@ -85,6 +85,21 @@ impl TokenKey {
     }
 }
 
+/// The WebSocket subprotocol that carries a participant token, so that the
+/// token need not travel in the URL (where proxies log it): a browser opens
+/// `new WebSocket(url, ["confab.token." + token])`.
+pub const WS_TOKEN_PROTOCOL: &str = "confab.token.";
+
+/// The token offered as a subprotocol (`Sec-WebSocket-Protocol`), if any.
+pub fn from_ws_protocol(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(WS_TOKEN_PROTOCOL))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,6 +57,36 @@ impl Instance {
         Ok(SessionState::Closed)
     }
 
+    /// Close the chats hosted here that waited longer than `timeout` with no
+    /// agent (reason `no-agent`): the customer is told, the final
+    /// transcript is stored, and the queue no longer shows a chat nobody
+    /// will answer.
+    pub async fn expire_waiting(&self, timeout: Duration) {
+        let cutoff = now_ms() - i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        for id in self.sessions.ids() {
+            let Some(session) = self.sessions.get(&id) else {
+                continue;
+            };
+            if session.created_at_ms > cutoff {
+                continue;
+            }
+            let mut live = session.inner.lock().await;
+            if live.transcript.state != SessionState::Waiting {
+                continue;
+            }
+            let closing = vec![Draft::closed(reason::NO_AGENT)];
+            match self.append(&session, &mut live, closing).await {
+                Ok(_) => {
+                    tracing::info!(sid = %session.id, waited_s = timeout.as_secs(), "waiting chat closed: no agent took it");
+                    self.finish_close(&session, &live).await;
+                }
+                Err(e) => {
+                    tracing::warn!(sid = %session.id, error = %e, "could not close a chat that waited too long")
+                }
+            }
+        }
+    }
+
     /// After the `closed` event is saved: final transcript to the contact
     /// store, intermediate rows deleted, event 59245.
     async fn finish_close(&self, session: &LiveSession, live: &Live) {

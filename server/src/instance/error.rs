@@ -16,6 +16,9 @@ pub enum EngineError {
     NotOwner(String),
     #[error("participant {participant} is not in chat {chat}")]
     NotParticipant { chat: String, participant: String },
+    /// The participant left the chat: their token no longer posts in it.
+    #[error("participant {participant} left chat {chat}")]
+    Left { chat: String, participant: String },
     #[error("instance {instance} is disabled and {refused}")]
     Disabled {
         instance: String,

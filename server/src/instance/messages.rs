@@ -109,6 +109,12 @@ impl Instance {
         let session = self.live(session_id).await?;
         let mut live = session.inner.lock().await;
         let participant = participant(&live.transcript, session_id, participant_id)?;
+        if !live.transcript.present.contains_key(participant_id) {
+            return Err(EngineError::Left {
+                chat: session_id.to_owned(),
+                participant: participant_id.to_owned(),
+            });
+        }
         if let Some(seq) = client_msg_id
             .as_ref()
             .and_then(|c| live.transcript.client_ids.get(c))

@@ -101,6 +101,15 @@ impl Application {
             monitor,
         );
         instance.spawn_ownership_sweep(Duration::from_secs(5), 2000, stop.clone());
+        let timeout = server.waiting_timeout;
+        if !timeout.is_zero() {
+            let expiring = instance.clone();
+            let every = (timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(10));
+            crate::process::every(every, stop.clone(), move || {
+                let instance = expiring.clone();
+                async move { instance.expire_waiting(timeout).await }
+            });
+        }
         let listener = TcpListener::bind(server.listen)
             .await
             .with_context(|| format!("binding {}", server.listen))?;

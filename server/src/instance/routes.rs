@@ -226,7 +226,9 @@ impl From<EngineError> for ApiError {
             EngineError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             EngineError::Closed(_) => (StatusCode::CONFLICT, "chat_closed"),
             EngineError::NotOwner(_) => (StatusCode::MISDIRECTED_REQUEST, "not_owner"),
-            EngineError::NotParticipant { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+            EngineError::NotParticipant { .. } | EngineError::Left { .. } => {
+                (StatusCode::FORBIDDEN, "forbidden")
+            }
             EngineError::Disabled { .. } => (StatusCode::SERVICE_UNAVAILABLE, "instance_disabled"),
             EngineError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             EngineError::SaveFailed => (StatusCode::SERVICE_UNAVAILABLE, "save_failed"),

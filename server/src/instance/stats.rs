@@ -58,6 +58,11 @@ impl Stats {
         ] {
             metrics::counter!(name).absolute(0);
         }
+        for name in [m::TRANSCRIPT_SAVE_DURATION, m::RESTORE_DURATION] {
+            // Registered now, so that /metrics shows them (all buckets 0)
+            // before the first save or restore, not "no data".
+            let _ = metrics::histogram!(name);
+        }
         Stats::default()
     }
 

@@ -29,6 +29,7 @@ const CLOSED_TEXT = {
   'customer-left': 'Chat closed: the customer left',
   'agent-ended': 'Chat closed: ended by the agent',
   'save-error': 'Chat closed after save errors',
+  'no-agent': 'Chat closed: no agent was available; please try again later',
 };
 function closedText(reason) {
   if (!reason) return 'Chat closed';
@@ -185,9 +186,10 @@ function create(opts) {
     if (ws) { try { ws.close(1000); } catch (e) { /* ignore */ } ws = null; }
     if (!S || closed) return;
     const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host +
-      chatPath('/ws?token=' + encodeURIComponent(S.token) + '&after=' + lastSeq);
+      chatPath('/ws?after=' + lastSeq);
     let sock;
-    try { sock = new WebSocket(url); } catch (e) { scheduleReconnect(my); return; }
+    // The token travels as a subprotocol, not in the URL (proxies log URLs).
+    try { sock = new WebSocket(url, ['confab.token.' + S.token]); } catch (e) { scheduleReconnect(my); return; }
     ws = sock;
     sock.onopen = () => { if (my !== gen) return; tries = 0; clearStatusIf('warn'); };
     sock.onmessage = (m) => {
