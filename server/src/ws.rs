@@ -16,6 +16,16 @@ pub const POLICY: u16 = 1008;
 pub const UNAVAILABLE: u16 = 1011;
 /// The chat moved to another instance: reconnect through the gateway.
 pub const MOVED: u16 = 1012;
+/// The client sent a frame over the size limit.
+pub const TOO_BIG: u16 = 1009;
+
+/// Whether a receive failed because the peer's frame or message was over
+/// the limit (tungstenite's capacity error), which deserves close 1009
+/// rather than a dropped connection.
+pub fn is_too_big(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("too long") || text.contains("too big")
+}
 
 /// Send a close frame with `code` and `reason`; errors mean the peer is gone.
 pub async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {

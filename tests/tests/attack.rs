@@ -648,3 +648,28 @@ async fn a_participant_who_left_cannot_post_and_tokens_stay_out_of_urls() {
         other => panic!("{:?}", other.map(|_| "opened")),
     }
 }
+
+#[tokio::test]
+async fn an_oversized_frame_gets_close_1009_not_a_reset() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let c = TestCluster::start(1, &[]).await;
+    let chat = c.create_chat("Ann").await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(c.ws_url(&chat, 0))
+        .await
+        .unwrap();
+    socket
+        .send(Message::Text("x".repeat(70 * 1024).into()))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let code = loop {
+        assert!(std::time::Instant::now() < deadline, "no close frame");
+        match tokio::time::timeout(std::time::Duration::from_secs(10), socket.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => continue, // the chat's events
+            other => panic!("the socket ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1009));
+}

@@ -110,6 +110,10 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                     return ws::close(client, ws::GOING_AWAY, "gateway shutting down").await;
                 }
                 incoming = client.recv() => match incoming {
+                    Some(Err(e)) if ws::is_too_big(&e) => {
+                        let _ = up_tx.close().await;
+                        return ws::close(client, ws::TOO_BIG, "frame too big (64 KiB at most)").await;
+                    }
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Upstream::ClientGone,
                     Some(Ok(_)) => {
                         let now = tokio::time::Instant::now();
