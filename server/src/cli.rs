@@ -23,6 +23,8 @@ pub enum Command {
     Server(ServerArgs),
     /// Run the public chat gateway in front of instances.
     Gateway(GatewayArgs),
+    /// Run the operator dashboard.
+    Dashboard(DashboardArgs),
     /// Start a local cluster: instances, gateway and dashboard.
     Up(crate::supervisor::UpArgs),
     /// Cassandra schema management.
@@ -129,6 +131,41 @@ pub struct GatewayArgs {
     pub instances: Vec<String>,
 }
 
+#[derive(Args, Debug)]
+pub struct DashboardArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Address to listen on (dashboard.listen).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Instance base URLs, comma-separated or repeated (dashboard.instances).
+    #[arg(long = "instance", value_delimiter = ',')]
+    pub instances: Vec<String>,
+    /// Gateway base URLs, comma-separated or repeated (dashboard.gateways).
+    #[arg(long = "gateway", value_delimiter = ',')]
+    pub gateways: Vec<String>,
+    /// A `confab up` supervisor's URL (dashboard.supervisor).
+    #[arg(long)]
+    pub supervisor: Option<String>,
+    /// The admin token operators sign in with (dashboard.admin-token).
+    #[arg(long, env = "CONFAB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+impl DashboardArgs {
+    /// The typed flags as the options they set.
+    fn flags(&self) -> Vec<(&'static str, Option<String>)> {
+        let list = |v: &Vec<String>| (!v.is_empty()).then(|| v.join(","));
+        vec![
+            ("dashboard.listen", self.listen.clone()),
+            ("dashboard.instances", list(&self.instances)),
+            ("dashboard.gateways", list(&self.gateways)),
+            ("dashboard.supervisor", self.supervisor.clone()),
+            ("dashboard.admin-token", self.admin_token.clone()),
+        ]
+    }
+}
+
 impl ServerArgs {
     /// The typed flags as the options they set.
     fn flags(&self) -> Vec<(&'static str, Option<String>)> {
@@ -198,6 +235,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app.run_until_stopped(crate::process::shutdown_signal())
                 .await
         }
+        Command::Dashboard(args) => {
+            let config = args.config.load(&args.flags())?;
+            let app = crate::dashboard::Application::build(&config).await?;
+            app.run_until_stopped(crate::process::shutdown_signal())
+                .await
+        }
         Command::Up(args) => crate::supervisor::run(args).await,
         Command::Cassandra {
             command:
@@ -262,8 +305,24 @@ mod tests {
             "--instance",
             "http://a",
         ]);
-        let flags = match (server.command, gateway.command) {
-            (Command::Server(s), Command::Gateway(g)) => [s.flags(), g.flags()].concat(),
+        let dashboard = Cli::parse_from([
+            "confab",
+            "dashboard",
+            "--listen",
+            "127.0.0.1:3",
+            "--instance",
+            "http://a",
+            "--gateway",
+            "http://g",
+            "--supervisor",
+            "http://s",
+            "--admin-token",
+            "t",
+        ]);
+        let flags = match (server.command, gateway.command, dashboard.command) {
+            (Command::Server(s), Command::Gateway(g), Command::Dashboard(d)) => {
+                [s.flags(), g.flags(), d.flags()].concat()
+            }
             _ => unreachable!(),
         };
         for (key, value) in flags {

@@ -249,6 +249,27 @@ pub struct GatewayConfig {
     pub trusted_proxies: Vec<IpNet>,
 }
 
+/// `[dashboard]`: the operator dashboard (`confab dashboard`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DashboardConfig {
+    pub listen: SocketAddr,
+    pub instances: Vec<String>,
+    pub gateways: Vec<String>,
+    /// A `confab up` supervisor: kills and restarts instances for the
+    /// restoration test and the rolling restart.
+    pub supervisor: Option<String>,
+    /// What operators sign in with; also what the dashboard's server
+    /// presents to the instances' and the supervisor's admin routes.
+    pub admin_token: Option<String>,
+    pub session_ttl: Duration,
+    /// How long one instance may take to answer before it shows as down.
+    pub instance_timeout: Duration,
+    /// The restoration test joins its chats as an agent.
+    pub agent_credential: Option<String>,
+    /// Where the restoration tests' history is kept ("": in memory only).
+    pub state_dir: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub settings: Settings,
@@ -256,6 +277,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub gateway: GatewayConfig,
     pub cluster: ClusterConfig,
+    pub dashboard: DashboardConfig,
 }
 
 /// `[cluster]`: what every instance and gateway of one cluster share.
@@ -537,6 +559,72 @@ pub const OPTIONS: &[OptionSpec] = &[
         "max-sockets-per-participant",
         "8",
         "WebSockets one participant may hold open at once (tabs, devices)",
+    ),
+    opt(
+        "dashboard",
+        "listen",
+        r#""127.0.0.1:8090""#,
+        "address of the operator dashboard",
+    ),
+    opt(
+        "dashboard",
+        "instances",
+        "[]",
+        r#"instance base URLs, e.g. ["http://127.0.0.1:7001"]"#,
+    ),
+    opt(
+        "dashboard",
+        "gateways",
+        "[]",
+        "gateway base URLs, for their failover counts",
+    ),
+    opt(
+        "dashboard",
+        "supervisor",
+        r#""""#,
+        "a confab up supervisor's URL: kills and restarts for tests and rolling restarts",
+    ),
+    opt(
+        "dashboard",
+        "admin-token",
+        r#""""#,
+        "or admin-token-file; required: operators sign in with it",
+    ),
+    opt(
+        "dashboard",
+        "admin-token-file",
+        r#""""#,
+        "a file holding the admin token",
+    ),
+    opt(
+        "dashboard",
+        "agent-credential",
+        r#""""#,
+        "or agent-credential-file; the restoration test joins its chats as an agent",
+    ),
+    opt(
+        "dashboard",
+        "agent-credential-file",
+        r#""""#,
+        "a file holding the agent credential",
+    ),
+    opt(
+        "dashboard",
+        "state-dir",
+        r#""""#,
+        "where the restoration tests' history is kept (\"\": in memory only)",
+    ),
+    opt(
+        "dashboard",
+        "session-ttl",
+        r#""12h""#,
+        "a sign-in lasts this long",
+    ),
+    opt(
+        "dashboard",
+        "instance-timeout",
+        r#""800ms""#,
+        "an instance slower than this to answer shows as down",
     ),
     opt(
         "cluster",
@@ -957,12 +1045,24 @@ impl Layers {
         let cluster = ClusterConfig {
             secret: self.secret("cluster.secret")?,
         };
+        let dashboard = DashboardConfig {
+            listen: self.socket("dashboard.listen")?,
+            instances: self.list("dashboard.instances")?,
+            gateways: self.list("dashboard.gateways")?,
+            supervisor: self.opt_string("dashboard.supervisor")?,
+            admin_token: self.secret("dashboard.admin-token")?,
+            session_ttl: self.duration("dashboard.session-ttl")?,
+            instance_timeout: self.duration("dashboard.instance-timeout")?,
+            agent_credential: self.secret("dashboard.agent-credential")?,
+            state_dir: self.opt_string("dashboard.state-dir")?.map(PathBuf::from),
+        };
         Ok(Config {
             settings,
             cassandra,
             server,
             gateway,
             cluster,
+            dashboard,
         })
     }
 }
@@ -1029,6 +1129,7 @@ pub enum Section {
     Server,
     Gateway,
     Cluster,
+    Dashboard,
 }
 
 impl Config {
@@ -1044,6 +1145,7 @@ impl Config {
                 Section::Server => ("server", self.server_table()),
                 Section::Gateway => ("gateway", self.gateway_table()),
                 Section::Cluster => ("cluster", self.cluster_table()),
+                Section::Dashboard => ("dashboard", self.dashboard_table()),
             };
             file.insert(name.into(), Value::Table(table));
         }
@@ -1197,6 +1299,29 @@ impl Config {
 }
 
 impl Config {
+    fn dashboard_table(&self) -> toml::Table {
+        let d = &self.dashboard;
+        let mut t = toml::Table::new();
+        put(&mut t, "listen", text(&d.listen.to_string()));
+        put(&mut t, "instances", list(&d.instances));
+        put(&mut t, "gateways", list(&d.gateways));
+        if let Some(url) = &d.supervisor {
+            put(&mut t, "supervisor", text(url));
+        }
+        if let Some(token) = &d.admin_token {
+            put(&mut t, "admin-token", text(token));
+        }
+        if let Some(cred) = &d.agent_credential {
+            put(&mut t, "agent-credential", text(cred));
+        }
+        if let Some(dir) = &d.state_dir {
+            put(&mut t, "state-dir", path(dir));
+        }
+        put(&mut t, "session-ttl", duration(d.session_ttl));
+        put(&mut t, "instance-timeout", duration(d.instance_timeout));
+        t
+    }
+
     fn cluster_table(&self) -> toml::Table {
         let mut t = toml::Table::new();
         if let Some(secret) = &self.cluster.secret {
@@ -1454,6 +1579,16 @@ max-sockets-per-participant = 3
 trusted-proxies = ["10.0.0.0/8", "::1/128"]
 [cluster]
 secret = "cs"
+[dashboard]
+listen = "0.0.0.0:9090"
+instances = ["http://a:7001", "http://b:7002"]
+gateways = ["http://g:8080"]
+supervisor = "http://127.0.0.1:9999"
+admin-token = "dash"
+session-ttl = "1h"
+instance-timeout = "2s"
+agent-credential = "agent"
+state-dir = "/var/lib/confab/dashboard"
 "#,
         )
         .unwrap();
@@ -1463,6 +1598,7 @@ secret = "cs"
             Section::Server,
             Section::Gateway,
             Section::Cluster,
+            Section::Dashboard,
         ];
         let written = c.to_toml(&all);
         assert_eq!(resolve(&written).unwrap(), c, "{written}");

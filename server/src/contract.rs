@@ -4,6 +4,7 @@
 
 use crate::error::ApiError;
 use crate::session::{MAX_CLIENT_MSG_ID_BYTES, MAX_NICKNAME_BYTES, MAX_TEXT_BYTES};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// Largest request body: a 64 KiB text JSON-escaped may take several times
@@ -202,6 +203,106 @@ impl ClusterSecret {
             .get(CLUSTER_SECRET_HEADER)
             .is_some_and(|given| crate::auth::constant_time_eq(given.as_bytes(), self.0.as_bytes()))
     }
+}
+
+/// The management routes every instance serves (docs/internal-api.md),
+/// named once for the instance's router and its clients (the dashboard,
+/// `confab up`).
+pub mod paths {
+    pub const HEALTHZ: &str = "/healthz";
+    pub const READYZ: &str = "/readyz";
+    pub const STATUS: &str = "/status";
+    pub const KPI: &str = "/kpi";
+    pub const METRICS: &str = "/metrics";
+    pub const ADMIN_DISABLE: &str = "/admin/disable";
+    pub const ADMIN_ENABLE: &str = "/admin/enable";
+    pub const ADMIN_KILL: &str = "/admin/kill";
+    pub const ADMIN_EVENTS: &str = "/admin/events";
+}
+
+/// One numbered log event (`GET /admin/events`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecentEvent {
+    /// Grows by one per event of this process: ask `?after=<cursor>`.
+    pub cursor: u64,
+    pub at_ms: u64,
+    pub level: String,
+    pub event_id: u32,
+    pub message: String,
+    /// The event's other fields, `name=value` separated by spaces.
+    pub fields: String,
+}
+
+/// `GET /admin/events?after=CURSOR&limit=N`: the events after the cursor,
+/// oldest first, and the cursor to ask from next.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventsPage {
+    pub events: Vec<RecentEvent>,
+    pub next: u64,
+}
+
+/// An instance's `GET /status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub instance_id: String,
+    pub enabled: bool,
+    pub sessions_active: u64,
+    /// Chats here that no agent has taken yet.
+    #[serde(default)]
+    pub sessions_waiting: u64,
+    pub store: StoreStatus,
+    pub version: String,
+    pub pid: u32,
+    #[serde(default)]
+    pub uptime_s: u64,
+    /// `POST /admin/kill` is on (`server.admin-kill-enabled`).
+    #[serde(default)]
+    pub admin_kill_enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    pub backend: String,
+    pub available: bool,
+    /// When the status last changed (59520 / 59521), Unix ms.
+    #[serde(default)]
+    pub changed_at_ms: Option<u64>,
+}
+
+/// An instance's `GET /kpi`, named as in the reference.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Kpi {
+    pub session_created: u64,
+    pub session_closed: u64,
+    pub session_restored: u64,
+    pub message_submitted: u64,
+    pub transcript_saved: u64,
+    pub transcript_save_failed: u64,
+    pub sessions_active: u64,
+}
+
+/// A gateway's `GET /status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayStatus {
+    pub component: String,
+    pub version: String,
+    pub pid: u32,
+    /// Chats moved to another instance since the gateway started.
+    #[serde(default)]
+    pub failovers: u64,
+    pub instances: Vec<GatewayMember>,
+}
+
+/// One instance as a gateway sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayMember {
+    pub url: String,
+    pub instance_id: Option<String>,
+    pub healthy: bool,
+    pub enabled: bool,
+    pub sessions_active: i64,
+    /// Requests go over an open channel (crate::channel), not HTTP.
+    pub channel: bool,
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod contract;
+pub mod dashboard;
 pub mod error;
 pub mod gateway;
 pub mod instance;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub gateway: String,
+    pub dashboard: String,
     pub supervisor: String,
     pub admin_token: String,
     pub agent_credential: String,
@@ -61,6 +62,7 @@ impl TestCluster {
                     if a.status == 200 {
                         let mut c = TestCluster {
                             gateway: v["gateway"].as_str().unwrap().to_owned(),
+                            dashboard: v["dashboard"].as_str().unwrap().to_owned(),
                             supervisor,
                             admin_token: token,
                             agent_credential: v["agent_credential"].as_str().unwrap().to_owned(),

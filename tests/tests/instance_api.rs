@@ -654,9 +654,11 @@ async fn management_endpoints_tell_the_truth() {
     assert_eq!(status["enabled"], true);
     assert_eq!(
         status["store"],
-        json!({"backend": "sqlite", "available": true})
+        json!({"backend": "sqlite", "available": true, "changed_at_ms": null})
     );
     assert!(status["version"].as_str().is_some());
+    assert_eq!(status["sessions_waiting"], 0);
+    assert!(status["uptime_s"].as_u64().is_some());
     let (chat, pid) = http.create_session(&s, "Ann").await;
     http.send(&s, &chat, &pid, "one", None).await.ok();
     let kpi = http.kpi(&s).await;

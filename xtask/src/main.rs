@@ -35,6 +35,16 @@ const TOOLS: &[Tool] = &[
         package: "prometheus-alertmanager",
         why: "checks the Alertmanager example",
     },
+    Tool {
+        command: "chromium",
+        package: "chromium",
+        why: "the dashboard is tested in a real browser",
+    },
+    Tool {
+        command: "chromedriver",
+        package: "chromium-driver",
+        why: "drives that browser (WebDriver)",
+    },
 ];
 
 fn main() -> ExitCode {

@@ -211,13 +211,14 @@ pub fn router(
         .with_state(state)
 }
 
-async fn status(State(s): State<GwState>) -> Json<Value> {
-    Json(json!({
-        "component": "gateway",
-        "version": crate::VERSION,
-        "pid": std::process::id(),
-        "instances": s.gw.pool.views(),
-    }))
+async fn status(State(s): State<GwState>) -> Json<crate::contract::GatewayStatus> {
+    Json(crate::contract::GatewayStatus {
+        component: "gateway".into(),
+        version: crate::VERSION.into(),
+        pid: std::process::id(),
+        failovers: s.gw.failovers.load(std::sync::atomic::Ordering::Relaxed),
+        instances: s.gw.pool.views(),
+    })
 }
 
 async fn metrics_text(State(s): State<GwState>) -> Response {

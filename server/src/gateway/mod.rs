@@ -64,6 +64,9 @@ pub struct Gateway {
     locations: Mutex<HashMap<String, String>>,
     /// One failover at a time per chat.
     relocating: crate::keyed_lock::KeyedLocks,
+    /// Chats moved to another instance since start (`/status`; the metric
+    /// `confab_gateway_failovers_total` counts the same).
+    pub failovers: std::sync::atomic::AtomicU64,
     pub stop: CancellationToken,
 }
 
@@ -269,6 +272,8 @@ impl Gateway {
                     self.remember(chat, &target);
                     if body["restored"].as_bool() == Some(true) {
                         metrics::counter!(m::GATEWAY_FAILOVERS).increment(1);
+                        self.failovers
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!(
                             event_id = events::GATEWAY_FAILOVER,
                             chat_id = chat,
@@ -419,6 +424,7 @@ impl Application {
             allowed_origins: g.allowed_origins.clone(),
             locations: Mutex::new(HashMap::new()),
             relocating: Default::default(),
+            failovers: Default::default(),
             stop: CancellationToken::new(),
         });
         let limiter = ratelimit::RateLimiter::new(

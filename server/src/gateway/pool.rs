@@ -8,7 +8,6 @@
 
 use crate::telemetry::{events, metrics as m};
 use parking_lot::Mutex;
-use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,16 +17,7 @@ use tokio_util::sync::CancellationToken;
 /// connections (but answers late or wrong) counts as down.
 const FAILURES_TO_DOWN: u32 = 2;
 
-#[derive(Debug, Clone, Serialize)]
-pub struct MemberView {
-    pub url: String,
-    pub instance_id: Option<String>,
-    pub healthy: bool,
-    pub enabled: bool,
-    pub sessions_active: i64,
-    /// Requests go over an open channel (crate::channel), not HTTP.
-    pub channel: bool,
-}
+pub use crate::contract::GatewayMember as MemberView;
 
 struct Health {
     instance_id: Option<String>,

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 pub struct StoreMonitor {
     backend: &'static str,
     available: AtomicBool,
+    /// When the status last changed (Unix ms; 0: never since start).
+    changed_at_ms: std::sync::atomic::AtomicU64,
 }
 
 impl StoreMonitor {
@@ -26,6 +28,7 @@ impl StoreMonitor {
         Arc::new(StoreMonitor {
             backend,
             available: AtomicBool::new(true),
+            changed_at_ms: Default::default(),
         })
     }
 
@@ -35,6 +38,11 @@ impl StoreMonitor {
 
     pub fn is_available(&self) -> bool {
         self.available.load(Ordering::SeqCst)
+    }
+
+    /// When the status last changed (the last 59520 / 59521), if it has.
+    pub fn changed_at_ms(&self) -> Option<u64> {
+        Some(self.changed_at_ms.load(Ordering::SeqCst)).filter(|&ms| ms > 0)
     }
 
     pub fn report_success(&self) {
@@ -49,6 +57,8 @@ impl StoreMonitor {
         if self.available.swap(available, Ordering::SeqCst) == available {
             return;
         }
+        self.changed_at_ms
+            .store(crate::session::now_ms() as u64, Ordering::SeqCst);
         let status = if available {
             "AVAILABLE"
         } else {

@@ -40,6 +40,7 @@ pub struct Instance {
     pub(super) closing: Arc<parking_lot::Mutex<HashSet<String>>>,
     enabled: AtomicBool,
     pub(super) stats: Stats,
+    pub started: std::time::Instant,
 }
 
 impl Instance {
@@ -63,6 +64,7 @@ impl Instance {
             closing: Default::default(),
             enabled: AtomicBool::new(true),
             stats: Stats::new(),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -76,6 +78,10 @@ impl Instance {
 
     pub fn sessions_active(&self) -> usize {
         self.sessions.len()
+    }
+
+    pub fn sessions_waiting(&self) -> usize {
+        self.sessions.waiting()
     }
 
     pub fn set_enabled(&self, enabled: bool) {

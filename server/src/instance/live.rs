@@ -114,6 +114,20 @@ impl Registry {
         self.sessions.read().keys().cloned().collect()
     }
 
+    /// Chats here that no agent has taken yet. A chat busy right now (its
+    /// lock held) is not counted: this feeds a once-a-second view.
+    pub fn waiting(&self) -> usize {
+        self.sessions
+            .read()
+            .values()
+            .filter(|s| {
+                s.inner
+                    .try_lock()
+                    .is_ok_and(|l| l.transcript.state == crate::session::SessionState::Waiting)
+            })
+            .count()
+    }
+
     /// Host `session`; the number of sessions hosted now.
     pub fn insert(&self, session: Arc<LiveSession>) -> usize {
         let mut map = self.sessions.write();

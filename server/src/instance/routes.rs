@@ -28,10 +28,12 @@
 use super::error::EngineError;
 use super::Instance;
 use crate::auth::check_admin;
+use crate::contract::paths;
 use crate::contract::{
     after_param, check_chat_id, check_client_msg_id, check_nickname, check_text, limit_param,
     MAX_BODY_BYTES,
 };
+use crate::contract::{InstanceStatus, StoreStatus};
 use crate::error::{ApiError, JsonBody};
 use crate::session::SessionState;
 use axum::extract::{Path, Query, State};
@@ -73,14 +75,15 @@ pub fn router(state: AppState) -> Router {
         .route("/internal/v1/sessions/{id}/restore", post(restore))
         .route("/internal/v1/sessions/{id}/location", get(location));
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/status", get(status))
-        .route("/kpi", get(kpi))
-        .route("/metrics", get(metrics))
-        .route("/admin/disable", post(disable))
-        .route("/admin/enable", post(enable))
-        .route("/admin/kill", post(kill))
+        .route(paths::HEALTHZ, get(|| async { "ok" }))
+        .route(paths::READYZ, get(readyz))
+        .route(paths::STATUS, get(status))
+        .route(paths::KPI, get(kpi))
+        .route(paths::METRICS, get(metrics))
+        .route(paths::ADMIN_DISABLE, post(disable))
+        .route(paths::ADMIN_ENABLE, post(enable))
+        .route(paths::ADMIN_KILL, post(kill))
+        .route(paths::ADMIN_EVENTS, get(events))
         .merge(internal)
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn_with_state(
@@ -142,16 +145,23 @@ async fn readyz(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
+async fn status(State(s): State<AppState>) -> Json<InstanceStatus> {
     let i = &s.instance;
-    Json(json!({
-        "instance_id": i.id,
-        "enabled": i.is_enabled(),
-        "sessions_active": i.sessions_active(),
-        "store": {"backend": i.monitor.backend(), "available": i.monitor.is_available()},
-        "version": crate::VERSION,
-        "pid": std::process::id(),
-    }))
+    Json(InstanceStatus {
+        instance_id: i.id.clone(),
+        enabled: i.is_enabled(),
+        sessions_active: i.sessions_active() as u64,
+        sessions_waiting: i.sessions_waiting() as u64,
+        store: StoreStatus {
+            backend: i.monitor.backend().into(),
+            available: i.monitor.is_available(),
+            changed_at_ms: i.monitor.changed_at_ms(),
+        },
+        version: crate::VERSION.into(),
+        pid: std::process::id(),
+        uptime_s: i.started.elapsed().as_secs(),
+        admin_kill_enabled: s.admin_kill_enabled,
+    })
 }
 
 async fn kpi(State(s): State<AppState>) -> Json<super::stats::KpiView> {
@@ -182,6 +192,32 @@ async fn enable(
     Ok(Json(
         json!({"enabled": true, "sessions_active": s.instance.sessions_active()}),
     ))
+}
+
+/// The numbered events after `?after=CURSOR` (at most `limit`, 500 by
+/// default), for the dashboard.
+async fn events(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<crate::contract::EventsPage>, ApiError> {
+    check_admin(&headers, s.admin_token.as_deref())?;
+    let after = after_param(&q)?;
+    let limit = match q.get("limit") {
+        None => 500,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=crate::telemetry::recent::CAPACITY).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "`limit` must be 1 to {}, got {v:?}",
+                    crate::telemetry::recent::CAPACITY
+                ))
+            })?,
+    };
+    let (events, next) = crate::telemetry::recent::since(after, limit);
+    Ok(Json(crate::contract::EventsPage { events, next }))
 }
 
 /// SIGKILL this process (restoration tests in a real deployment). Off unless

@@ -11,7 +11,6 @@
 //! `confab_sessions_closed_total` chats that ended here.
 
 use crate::telemetry::metrics as m;
-use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -25,16 +24,7 @@ pub struct Stats {
     transcript_save_failed: AtomicU64,
 }
 
-#[derive(Debug, Serialize)]
-pub struct KpiView {
-    pub session_created: u64,
-    pub session_closed: u64,
-    pub session_restored: u64,
-    pub message_submitted: u64,
-    pub transcript_saved: u64,
-    pub transcript_save_failed: u64,
-    pub sessions_active: u64,
-}
+pub use crate::contract::Kpi as KpiView;
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);

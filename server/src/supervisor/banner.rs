@@ -21,7 +21,7 @@ pub fn print(sup: &Supervisor) {
         plan.gateway_url
     );
     println!(
-        "  dashboard            {} (reserved: the dashboard is not part of this build yet)",
+        "  dashboard            {}  (sign in with the admin token below)",
         plan.dashboard_url
     );
     println!("  supervisor API       http://{}", plan.supervisor_addr);

@@ -262,7 +262,7 @@ impl Supervisor {
     /// Some(None): served, by a program that does not tell its pid.
     async fn serving_pid(&self, spec: &ComponentSpec) -> Option<Option<u64>> {
         match spec.kind {
-            Kind::Instance | Kind::Gateway => {
+            Kind::Instance | Kind::Gateway | Kind::Dashboard => {
                 let answer = self
                     .http
                     .get(format!("{}/status", spec.url))

@@ -19,7 +19,7 @@
 mod api;
 mod banner;
 mod children;
-mod data_dir;
+pub mod data_dir;
 mod plan;
 
 pub use plan::UpArgs;

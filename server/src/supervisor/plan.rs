@@ -61,6 +61,7 @@ pub struct UpArgs {
 pub enum Kind {
     Instance,
     Gateway,
+    Dashboard,
     Prometheus,
 }
 
@@ -98,7 +99,6 @@ pub struct Plan {
     pub gateway_url: String,
     pub dashboard_url: String,
     pub supervisor_addr: SocketAddr,
-    pub dashboard_port: u16,
     pub components: Vec<ComponentSpec>,
 }
 
@@ -170,6 +170,19 @@ impl Plan {
         gateway.gateway.token_secret = Some(token_secret);
         gateway.gateway.agent_credential = Some(agent_credential.clone());
         components.push(layout.gateway(args.gateway_port, &gateway)?);
+        let mut dashboard = config.clone();
+        let d = &mut dashboard.dashboard;
+        d.listen = SocketAddr::from((LOOPBACK, args.dashboard_port));
+        d.instances = gateway.gateway.instances.clone();
+        d.gateways = vec![url(args.gateway_port)];
+        d.supervisor = Some(format!(
+            "http://{}",
+            SocketAddr::from((LOOPBACK, args.supervisor_port))
+        ));
+        d.admin_token = Some(admin_token.clone());
+        d.agent_credential = Some(agent_credential.clone());
+        d.state_dir = Some(data_dir.join("dashboard"));
+        components.push(layout.dashboard(args.dashboard_port, &dashboard)?);
         let prometheus_yml = write_prometheus_config(&data_dir, &components)?;
         if args.with_prometheus {
             components.push(layout.prometheus(args.prometheus_port, &prometheus_yml)?);
@@ -178,7 +191,6 @@ impl Plan {
             gateway_url: url(args.gateway_port),
             dashboard_url: url(args.dashboard_port),
             supervisor_addr: SocketAddr::from((LOOPBACK, args.supervisor_port)),
-            dashboard_port: args.dashboard_port,
             data_dir,
             config,
             log_format: args.component_log_format,
@@ -206,7 +218,6 @@ impl Plan {
             .map(|c| (c.port, c.id.clone()))
             .collect();
         ports.push((self.supervisor_addr.port(), "the supervisor API".into()));
-        ports.push((self.dashboard_port, "the dashboard".into()));
         ports
     }
 
@@ -290,6 +301,24 @@ impl Layout<'_> {
                 config_file,
             },
             log: self.logs.join("gateway.log"),
+        })
+    }
+
+    /// The dashboard, with only the `[dashboard]` section: the admin token
+    /// (which operators sign in with) and where everything is.
+    fn dashboard(&self, port: u16, config: &Config) -> anyhow::Result<ComponentSpec> {
+        let config_file = self.run.join("dashboard.toml");
+        write_config(&config_file, config, &[Section::Dashboard])?;
+        Ok(ComponentSpec {
+            id: "dashboard".into(),
+            kind: Kind::Dashboard,
+            port,
+            url: url(port),
+            program: Program::Confab {
+                subcommand: "dashboard",
+                config_file,
+            },
+            log: self.logs.join("dashboard.log"),
         })
     }
 

@@ -48,6 +48,9 @@ pub const CLOSING_ABANDONED: u32 = 59615;
 /// with a wrong one) was refused (logged at most once a second).
 pub const INTERNAL_AUTH_REFUSED: u32 = 59616;
 
+/// Dashboard: a sign-in with a wrong admin token was refused.
+pub const DASHBOARD_SIGNIN_REFUSED: u32 = 59620;
+
 /// Gateway: an instance failed its health check or a request.
 pub const GATEWAY_INSTANCE_DOWN: u32 = 59700;
 /// Gateway: an instance is healthy again.

@@ -4,6 +4,7 @@
 
 pub mod events;
 pub mod metrics;
+pub mod recent;
 
 use std::io::IsTerminal;
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
@@ -31,7 +32,9 @@ impl LogFormat {
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,tower_http=warn,kassandra=off"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(recent::RecentEvents);
     let result = match format {
         // Colours only on a terminal, never into a log file or a pipe.
         LogFormat::Text => registry
