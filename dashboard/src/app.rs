@@ -6,7 +6,8 @@
 //! confirmation stays open while the numbers move.
 
 use crate::model::{
-    short_duration, ClusterView, EventRow, InstanceState, InstanceView, Series, TestRun,
+    short_duration, ClusterView, EventRow, InstanceState, InstanceView, Series, SessionsView,
+    TestRun, TranscriptLine,
 };
 use leptos::prelude::*;
 
@@ -64,6 +65,32 @@ pub async fn rolling_restart(drain_limit_s: u32) -> Result<(), ServerFnError> {
     let backend = crate::ssr::backend()?;
     backend
         .rolling_restart(drain_limit_s)
+        .await
+        .map_err(ServerFnError::new)
+}
+
+/// A page of an instance's live chats.
+#[server(endpoint = "sessions")]
+pub async fn instance_sessions(
+    instance: String,
+    after: String,
+) -> Result<SessionsView, ServerFnError> {
+    let backend = crate::ssr::backend()?;
+    backend
+        .sessions(&instance, &after)
+        .await
+        .map_err(ServerFnError::new)
+}
+
+/// A chat's whole transcript, from the instance hosting it.
+#[server(endpoint = "transcript")]
+pub async fn chat_transcript(
+    instance: String,
+    chat: String,
+) -> Result<Vec<TranscriptLine>, ServerFnError> {
+    let backend = crate::ssr::backend()?;
+    backend
+        .transcript(&instance, &chat)
         .await
         .map_err(ServerFnError::new)
 }
@@ -131,6 +158,7 @@ fn Cluster(cluster: Signal<Option<ClusterView>>) -> impl IntoView {
         })
     });
     let pending = RwSignal::new(None::<Pending>);
+    let selected = RwSignal::new(None::<String>);
     let toggle = ServerAction::<SetInstanceEnabled>::new();
     let field = move |f: fn(&ClusterView) -> String| {
         move || cluster.with(|c| c.as_ref().map(f).unwrap_or_default())
@@ -187,12 +215,13 @@ fn Cluster(cluster: Signal<Option<ClusterView>>) -> impl IntoView {
                         <For
                             each=move || ids.get()
                             key=|id| id.clone()
-                            children=move |id| view! { <InstanceRow id cluster pending/> }
+                            children=move |id| view! { <InstanceRow id cluster pending selected/> }
                         />
                     </tbody>
                 </table>
             </div>
         </section>
+        <Sessions selected/>
         <RestorationTest cluster/>
         <RollingRestart cluster/>
         <Events cluster/>
@@ -222,6 +251,7 @@ fn InstanceRow(
     id: String,
     cluster: Signal<Option<ClusterView>>,
     pending: RwSignal<Option<Pending>>,
+    selected: RwSignal<Option<String>>,
 ) -> impl IntoView {
     let key = id.clone();
     let row = Memo::new(move |_| {
@@ -246,7 +276,16 @@ fn InstanceRow(
     view! {
         <tr data-instance=id.clone() class:down=move || state() == InstanceState::Down>
             <td>
-                <span class="id">{id.clone()}</span>
+                <button
+                    class="id link"
+                    title="Show its chats"
+                    on:click={
+                        let id = id.clone();
+                        move |_| selected.set(Some(id.clone()))
+                    }
+                >
+                    {id.clone()}
+                </button>
                 <span class="url">{text(|r| r.url.clone())}</span>
             </td>
             <td>
@@ -712,5 +751,124 @@ fn Events(cluster: Signal<Option<ClusterView>>) -> impl IntoView {
                 </table>
             </div>
         </section>
+    }
+}
+
+/// One instance's live chats, a page at a time; a click opens a transcript.
+#[component]
+fn Sessions(selected: RwSignal<Option<String>>) -> impl IntoView {
+    let load = ServerAction::<InstanceSessions>::new();
+    let open = ServerAction::<ChatTranscript>::new();
+    let chat = RwSignal::new(None::<String>);
+    let fetch = move |after: String| {
+        if let Some(instance) = selected.get_untracked() {
+            load.dispatch(InstanceSessions { instance, after });
+        }
+    };
+    Effect::new(move |_| {
+        if selected.get().is_some() {
+            chat.set(None);
+            fetch(String::new());
+        }
+    });
+    move || {
+        selected.get().map(|instance| {
+            view! {
+                <section class="panel" aria-label="chats" id="sessions">
+                    <h2>{format!("Chats on {instance}")}</h2>
+                    <div class="controls">
+                        <button id="sessions-refresh" on:click=move |_| fetch(String::new())>"Refresh"</button>
+                        <button class="quiet" on:click=move |_| selected.set(None)>"Close"</button>
+                    </div>
+                    {move || match load.value().get() {
+                        None => view! { <p class="loading">"Loading…"</p> }.into_any(),
+                        Some(Err(e)) => view! { <p class="error" role="alert">{e.to_string()}</p> }.into_any(),
+                        Some(Ok(page)) => view! { <SessionsTable page chat open/> }.into_any(),
+                    }}
+                    {move || chat.get().map(|id| view! {
+                        <h3>{format!("Transcript of {id}")}</h3>
+                        {move || match open.value().get() {
+                            None => view! { <p class="loading">"Loading…"</p> }.into_any(),
+                            Some(Err(e)) => view! { <p class="error" role="alert">{e.to_string()}</p> }.into_any(),
+                            Some(Ok(lines)) => view! { <Transcript lines/> }.into_any(),
+                        }}
+                    })}
+                </section>
+            }
+        })
+    }
+}
+
+#[component]
+fn SessionsTable(
+    page: SessionsView,
+    chat: RwSignal<Option<String>>,
+    open: ServerAction<ChatTranscript>,
+) -> impl IntoView {
+    let instance = page.instance.clone();
+    if page.sessions.is_empty() {
+        return view! { <p class="muted" id="no-sessions">"No chats on this instance."</p> }
+            .into_any();
+    }
+    let next = page.next.clone();
+    view! {
+        <div class="table-wrap">
+            <table class="sessions">
+                <thead>
+                    <tr>
+                        <th>"Chat"</th>
+                        <th>"Participants"</th>
+                        <th>"State"</th>
+                        <th class="num">"Age"</th>
+                        <th class="num">"Events"</th>
+                    </tr>
+                </thead>
+                <tbody>
+                    {page.sessions.into_iter().map(|s| {
+                        let (instance, id) = (instance.clone(), s.id.clone());
+                        view! {
+                            <tr data-chat=s.id.clone()>
+                                <td>
+                                    <button class="link" on:click=move |_| {
+                                        chat.set(Some(id.clone()));
+                                        open.dispatch(ChatTranscript { instance: instance.clone(), chat: id.clone() });
+                                    }>{s.id.clone()}</button>
+                                </td>
+                                <td>{s.participants}</td>
+                                <td>{s.state}</td>
+                                <td class="num">{short_duration(s.age_s)}</td>
+                                <td class="num">{s.events}</td>
+                            </tr>
+                        }
+                    }).collect_view()}
+                </tbody>
+            </table>
+        </div>
+        {next.map(|_| view! { <p class="muted">"More chats follow: Refresh shows the first page; the list is ordered by chat id."</p> })}
+    }
+    .into_any()
+}
+
+#[component]
+fn Transcript(lines: Vec<TranscriptLine>) -> impl IntoView {
+    view! {
+        <ol class="transcript" id="transcript">
+            {lines.into_iter().map(|l| {
+                let what = match l.kind.as_str() {
+                    "message" => l.text.clone(),
+                    "joined" | "left" if !l.reason.is_empty() => format!("{} ({})", l.kind, l.reason),
+                    "closed" => format!("chat closed ({})", l.reason),
+                    other => other.to_owned(),
+                };
+                view! {
+                    <li class=format!("kind-{}", l.kind)>
+                        <span class="seq">{l.seq}</span>
+                        <span class="who">{l.nickname}</span>
+                        <span class="what">{what}</span>
+                        <span class="at">{l.at}</span>
+                    </li>
+                }
+            }).collect_view()}
+        </ol>
     }
 }

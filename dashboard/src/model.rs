@@ -34,6 +34,38 @@ pub struct ClusterView {
     pub events: Vec<EventRow>,
 }
 
+/// A page of one instance's live chats.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionsView {
+    pub instance: String,
+    pub sessions: Vec<SessionRow>,
+    /// Ask with this `after` for the next page.
+    pub next: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionRow {
+    pub id: String,
+    pub state: String,
+    /// "ana (customer), bo (agent)".
+    pub participants: String,
+    pub created_at_ms: u64,
+    pub age_s: u64,
+    pub events: u64,
+}
+
+/// One event of a chat's transcript, as the dashboard shows it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TranscriptLine {
+    pub seq: u64,
+    pub kind: String,
+    pub nickname: String,
+    pub text: String,
+    pub reason: String,
+    /// When it happened (RFC 3339, UTC).
+    pub at: String,
+}
+
 /// One numbered log event of one instance.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EventRow {

@@ -4,7 +4,7 @@
 //! [`router`] in its own layers.
 
 use crate::app::{shell, App};
-use crate::model::ClusterView;
+use crate::model::{ClusterView, SessionsView, TranscriptLine};
 use axum::extract::{FromRef, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::get;
@@ -30,6 +30,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Restart every instance in turn (drain, wait up to `drain_limit_s`,
     /// stop, start, enable); runs in the background.
     async fn rolling_restart(&self, drain_limit_s: u32) -> Result<(), String>;
+    /// A page of an instance's live chats, after the chat id `after`.
+    async fn sessions(&self, instance: &str, after: &str) -> Result<SessionsView, String>;
+    /// The whole transcript of a chat an instance hosts.
+    async fn transcript(&self, instance: &str, chat: &str) -> Result<Vec<TranscriptLine>, String>;
 }
 
 pub type SharedBackend = Arc<dyn Backend>;
@@ -103,6 +107,9 @@ mod tests {
             "/api/cluster",
             "/api/instance-enabled",
             "/api/restoration-test",
+            "/api/rolling-restart",
+            "/api/sessions",
+            "/api/transcript",
         ] {
             assert!(paths.iter().any(|p| p == path), "{path} not in {paths:?}");
         }

@@ -218,6 +218,35 @@ pub mod paths {
     pub const ADMIN_ENABLE: &str = "/admin/enable";
     pub const ADMIN_KILL: &str = "/admin/kill";
     pub const ADMIN_EVENTS: &str = "/admin/events";
+    /// `GET`: the chats hosted here, a page at a time.
+    pub const ADMIN_SESSIONS: &str = "/admin/sessions";
+    /// `GET`: one hosted chat's transcript, a page at a time.
+    pub const ADMIN_TRANSCRIPT: &str = "/admin/sessions/{id}/transcript";
+
+    /// [`ADMIN_TRANSCRIPT`] for one chat.
+    pub fn admin_transcript(chat_id: &str) -> String {
+        ADMIN_TRANSCRIPT.replace("{id}", chat_id)
+    }
+}
+
+/// One chat hosted by an instance (`GET /admin/sessions`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionSummary {
+    pub session_id: String,
+    pub state: String,
+    pub created_at_ms: i64,
+    /// Present now: nickname and role.
+    pub participants: Vec<(String, String)>,
+    /// Events in its transcript.
+    pub events: u64,
+}
+
+/// `GET /admin/sessions?after=ID&limit=N`: hosted chats ordered by id,
+/// after `ID`; `next` is the `after` of the following page, if any.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionsPage {
+    pub sessions: Vec<SessionSummary>,
+    pub next: Option<String>,
 }
 
 /// One numbered log event (`GET /admin/events`).

@@ -52,6 +52,29 @@ async fn an_operator_signs_in_watches_chats_arrive_and_drains_an_instance() {
         .await
         .expect("both wait for an agent");
 
+    // Its instance lists it; a click shows its transcript.
+    cluster.send(&first, "hello from ana", None).await.ok();
+    browser
+        .click(&format!(
+            "tr[data-instance='{}'] button.id",
+            first.instance_id
+        ))
+        .await;
+    browser
+        .click(&format!("#sessions tr[data-chat='{}'] button", first.id))
+        .await;
+    let transcript = browser
+        .wait_text("#transcript", LIVE, |t| t.contains("hello from ana"))
+        .await
+        .expect("the transcript opens");
+    assert!(transcript.contains("ana"), "{transcript}");
+    let listed = browser.text("#sessions table.sessions").await;
+    assert!(
+        listed.contains("ana (customer)") && listed.contains("waiting"),
+        "{listed}"
+    );
+    browser.screenshot("dashboard-chats").await;
+
     // Drain the instance that carries the first chat: it keeps the chat…
     let row = format!("tr[data-instance='{}']", first.instance_id);
     browser.click(&format!("{row} button.action")).await;
@@ -131,7 +154,10 @@ async fn an_operator_signs_in_watches_chats_arrive_and_drains_an_instance() {
         .wait_text("table.events tbody", LIVE, |t| t.contains("59604"))
         .await
         .expect("the new owner's 59604 (restoration done) is listed");
-    assert!(!restored.contains("59600"), "the filter hides other ids:\n{restored}");
+    assert!(
+        !restored.contains("59600"),
+        "the filter hides other ids:\n{restored}"
+    );
     // The killed instance was started again.
     browser
         .wait_text("#instances-up", LIVE, |t| t == "3 of 3")
@@ -454,7 +480,10 @@ async fn a_frozen_cassandra_node_raises_the_alarm_on_the_dashboard() {
     browser.screenshot("dashboard-cassandra-alarm").await;
     outages.resume();
     let alarm = alarm.expect("the row shows the store UNAVAILABLE");
-    assert!(alarm.contains("since"), "with the time of the change: {alarm}");
+    assert!(
+        alarm.contains("since"),
+        "with the time of the change: {alarm}"
+    );
     let events = events.expect("59520 is in the events");
     assert!(events.contains("UNAVAILABLE"), "{events}");
 

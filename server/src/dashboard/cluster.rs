@@ -7,8 +7,11 @@
 //! instance's `message_submitted` KPI, the save latency's 99th percentile
 //! from the buckets of `confab_transcript_save_duration_seconds`.
 
-use crate::contract::{paths, EventsPage, GatewayStatus, InstanceStatus, Kpi};
-use confab_dashboard::model::{ClusterView, EventRow, GatewayView, InstanceView, Series};
+use crate::contract::{paths, EventsPage, GatewayStatus, InstanceStatus, Kpi, SessionsPage};
+use confab_dashboard::model::{
+    ClusterView, EventRow, GatewayView, InstanceView, Series, SessionRow, SessionsView,
+    TranscriptLine,
+};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -528,6 +531,86 @@ impl Cluster {
         tracing::info!(instance = id, enabled, "set from the dashboard");
         self.poke.notify_one();
         Ok(())
+    }
+}
+
+impl Cluster {
+    /// A page of an instance's live chats (its admin listing).
+    pub async fn sessions(&self, id: &str, after: &str) -> Result<SessionsView, String> {
+        let url = self.find(id).await?;
+        let answer = self
+            .client
+            .get(format!("{url}{}", paths::ADMIN_SESSIONS))
+            .query(&[("after", after)])
+            .bearer_auth(&self.admin_token)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| format!("{id}: {}", describe(&e)))?;
+        if !answer.status().is_success() {
+            return Err(format!("{id} answered {}", answer.status()));
+        }
+        let page: SessionsPage = answer.json().await.map_err(|e| describe(&e))?;
+        Ok(SessionsView {
+            instance: id.to_owned(),
+            next: page.next,
+            sessions: page
+                .sessions
+                .into_iter()
+                .map(|s| SessionRow {
+                    id: s.session_id,
+                    state: s.state,
+                    participants: s
+                        .participants
+                        .iter()
+                        .map(|(nick, role)| format!("{nick} ({role})"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    created_at_ms: s.created_at_ms.max(0) as u64,
+                    age_s: (crate::session::now_ms() - s.created_at_ms).max(0) as u64 / 1000,
+                    events: s.events,
+                })
+                .collect(),
+        })
+    }
+
+    /// A hosted chat's whole transcript, page by page.
+    pub async fn transcript(&self, id: &str, chat: &str) -> Result<Vec<TranscriptLine>, String> {
+        crate::contract::check_chat_id(chat).map_err(|_| format!("no chat {chat}"))?;
+        let url = self.find(id).await?;
+        let mut lines = Vec::new();
+        let mut after = 0u64;
+        loop {
+            let answer = self
+                .client
+                .get(format!("{url}{}", paths::admin_transcript(chat)))
+                .query(&[("after", after)])
+                .bearer_auth(&self.admin_token)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .map_err(|e| format!("{id}: {}", describe(&e)))?;
+            if !answer.status().is_success() {
+                return Err(format!("{id} answered {} for chat {chat}", answer.status()));
+            }
+            let page: serde_json::Value = answer.json().await.map_err(|e| describe(&e))?;
+            let events = page["events"].as_array().cloned().unwrap_or_default();
+            let text = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap_or("").to_owned();
+            for e in &events {
+                lines.push(TranscriptLine {
+                    seq: e["seq"].as_u64().unwrap_or(0),
+                    kind: text(e, "kind"),
+                    nickname: text(e, "nickname"),
+                    text: text(e, "text"),
+                    reason: text(e, "reason"),
+                    at: text(e, "at"),
+                });
+            }
+            after = lines.last().map_or(after, |l| l.seq);
+            if !page["more"].as_bool().unwrap_or(false) || events.is_empty() {
+                return Ok(lines);
+            }
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cluster::Cluster;
-use confab_dashboard::model::ClusterView;
+use confab_dashboard::model::{ClusterView, SessionsView, TranscriptLine};
 use serde_json::json;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -52,6 +52,14 @@ impl confab_dashboard::ssr::Backend for Backend {
 
     async fn rolling_restart(&self, drain_limit_s: u32) -> Result<(), String> {
         rolling::start(&self.0, drain_limit_s)
+    }
+
+    async fn sessions(&self, instance: &str, after: &str) -> Result<SessionsView, String> {
+        self.0.sessions(instance, after).await
+    }
+
+    async fn transcript(&self, instance: &str, chat: &str) -> Result<Vec<TranscriptLine>, String> {
+        self.0.transcript(instance, chat).await
     }
 }
 

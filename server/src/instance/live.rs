@@ -72,6 +72,23 @@ impl LiveSession {
         (page.iter().map(EventView::from).collect(), more)
     }
 
+    /// What the dashboard lists about it.
+    pub async fn summary(&self) -> crate::contract::SessionSummary {
+        let live = self.inner.lock().await;
+        let t = &live.transcript;
+        crate::contract::SessionSummary {
+            session_id: self.id.clone(),
+            state: t.state.as_str().to_owned(),
+            created_at_ms: self.created_at_ms,
+            participants: t
+                .present
+                .values()
+                .map(|p| (p.nickname.clone(), p.role.as_str().to_owned()))
+                .collect(),
+            events: t.last_seq(),
+        }
+    }
+
     pub(super) async fn epoch(&self) -> u64 {
         self.inner.lock().await.epoch
     }
@@ -112,6 +129,21 @@ impl Registry {
 
     pub fn ids(&self) -> Vec<String> {
         self.sessions.read().keys().cloned().collect()
+    }
+
+    /// Up to `limit` sessions with ids after `after`, by id; and whether
+    /// more follow.
+    pub fn page(&self, after: &str, limit: usize) -> (Vec<Arc<LiveSession>>, bool) {
+        let map = self.sessions.read();
+        let mut ids: Vec<&String> = map.keys().filter(|id| id.as_str() > after).collect();
+        ids.sort_unstable();
+        let more = ids.len() > limit;
+        let page = ids
+            .into_iter()
+            .take(limit)
+            .filter_map(|id| map.get(id).cloned())
+            .collect();
+        (page, more)
     }
 
     /// Chats here that no agent has taken yet. A chat busy right now (its

@@ -84,6 +84,8 @@ pub fn router(state: AppState) -> Router {
         .route(paths::ADMIN_ENABLE, post(enable))
         .route(paths::ADMIN_KILL, post(kill))
         .route(paths::ADMIN_EVENTS, get(events))
+        .route(paths::ADMIN_SESSIONS, get(admin_sessions))
+        .route(paths::ADMIN_TRANSCRIPT, get(admin_transcript))
         .merge(internal)
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn_with_state(
@@ -218,6 +220,56 @@ async fn events(
     };
     let (events, next) = crate::telemetry::recent::since(after, limit);
     Ok(Json(crate::contract::EventsPage { events, next }))
+}
+
+/// The chats hosted here, by id, a page at a time (`after`, `limit` up to
+/// 500, default 100): never the whole table at once on a busy instance.
+async fn admin_sessions(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<crate::contract::SessionsPage>, ApiError> {
+    check_admin(&headers, s.admin_token.as_deref())?;
+    let after = q.get("after").map(String::as_str).unwrap_or("");
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=500).contains(n))
+            .ok_or_else(|| ApiError::bad_request(format!("`limit` must be 1 to 500, got {v:?}")))?,
+    };
+    let (page, more) = s.instance.sessions.page(after, limit);
+    let mut sessions = Vec::with_capacity(page.len());
+    for session in &page {
+        sessions.push(session.summary().await);
+    }
+    let next = more
+        .then(|| sessions.last().map(|s| s.session_id.clone()))
+        .flatten();
+    Ok(Json(crate::contract::SessionsPage { sessions, next }))
+}
+
+/// A hosted chat's transcript for an operator (admin token): the same
+/// pages as the internal route.
+async fn admin_transcript(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_admin(&headers, s.admin_token.as_deref())?;
+    let id = check_chat_id(&id)?;
+    let (after, limit) = (after_param(&q)?, limit_param(&q)?);
+    let session = s
+        .instance
+        .sessions
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(format!("chat {id} is not hosted here")))?;
+    let (events, more) = session
+        .page(after, limit, crate::contract::PAGE_TEXT_BYTES)
+        .await;
+    Ok(Json(json!({"chat_id": id, "events": events, "more": more})))
 }
 
 /// SIGKILL this process (restoration tests in a real deployment). Off unless
