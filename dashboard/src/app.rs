@@ -13,6 +13,8 @@ use leptos::prelude::*;
 
 /// The document around the app (server side only).
 pub fn shell(options: LeptosOptions) -> impl IntoView {
+    #[cfg(feature = "ssr")]
+    crate::ssr::content_security_policy();
     view! {
         <!DOCTYPE html>
         <html lang="en">

@@ -79,6 +79,27 @@ pub fn router(backend: SharedBackend) -> Router {
         .with_state(state)
 }
 
+/// A strict Content-Security-Policy for a page: scripts only from here or
+/// carrying this response's nonce (Leptos' hydration loader is an inline
+/// module script), WebAssembly allowed to compile, styles only from the
+/// stylesheet, nothing framed, forms only to this origin.
+pub fn content_security_policy() {
+    let (Some(nonce), Some(response)) = (
+        leptos::nonce::use_nonce(),
+        use_context::<leptos_axum::ResponseOptions>(),
+    ) else {
+        return;
+    };
+    let policy = format!(
+        "default-src 'self'; script-src 'self' 'nonce-{nonce}' 'wasm-unsafe-eval'; \
+         style-src 'self'; img-src 'self' data:; connect-src 'self'; \
+         frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    );
+    if let Ok(value) = axum::http::HeaderValue::from_str(&policy) {
+        response.insert_header(axum::http::header::CONTENT_SECURITY_POLICY, value);
+    }
+}
+
 /// Server-sent events: the current snapshot at once, then each new one.
 async fn live(State(state): State<AppState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let mut rx = state.backend.watch();

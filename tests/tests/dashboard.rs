@@ -255,6 +255,28 @@ async fn everything_but_sign_in_is_behind_it() {
         "{cookie}"
     );
     let session = cookie.split(';').next().unwrap().to_owned();
+    let page = http
+        .get(format!("{d}/"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let html = page.text().await.unwrap();
+    let nonce = csp
+        .split("'nonce-")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or_else(|| panic!("the page's CSP has a nonce: {csp}"));
+    assert!(
+        html.contains(&format!("nonce=\"{nonce}\"")),
+        "the loader carries it"
+    );
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
     let live = http
         .get(format!("{d}/live"))
         .header("cookie", &session)
@@ -497,4 +519,59 @@ async fn a_frozen_cassandra_node_raises_the_alarm_on_the_dashboard() {
         .wait_text("table.events tbody", LIVE, |t| t.contains("59521"))
         .await
         .expect("59521 is in the events");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_instance_shows_as_down_and_never_holds_up_the_page() {
+    let cluster = TestCluster::start(2, &[]).await;
+    let browser = Browser::start(1280).await;
+    sign_in(&browser, &cluster, &cluster.admin_token).await;
+    browser.find("body[data-hydrated]").await;
+
+    // SIGSTOP: its port still accepts connections, nothing answers.
+    cluster.act("inst-2", "pause").await;
+    let frozen = browser
+        .wait_text("tr[data-instance='inst-2']", LIVE, |t| t.contains("down"))
+        .await
+        .expect("a frozen instance shows as down");
+    assert!(frozen.contains("no answer in time"), "{frozen}");
+    // Meanwhile the page keeps following the others (once the gateway,
+    // too, has stopped sending chats to the frozen one).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = cluster
+            .http
+            .get(&format!("{}/status", cluster.gateway), None)
+            .await
+            .ok();
+        let frozen_healthy = status["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["instance_id"] == "inst-2" && i["healthy"] == true);
+        if !frozen_healthy {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway still sends to inst-2"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let chat = cluster.create_chat("cy").await;
+    assert_eq!(chat.instance_id, "inst-1");
+    browser
+        .wait_text("#chats-active", LIVE, |t| t == "1")
+        .await
+        .expect("the page follows inst-1 while inst-2 is frozen");
+    assert_eq!(browser.text("#instances-up").await, "1 of 2");
+    browser.screenshot("dashboard-frozen-instance").await;
+
+    cluster.act("inst-2", "resume").await;
+    browser
+        .wait_text("tr[data-instance='inst-2']", LIVE, |t| {
+            t.contains("serving")
+        })
+        .await
+        .expect("it serves again");
 }

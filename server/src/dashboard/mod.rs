@@ -117,9 +117,8 @@ async fn asset(Path(file): Path<String>, headers: HeaderMap) -> Response {
 }
 
 /// Every answer: not framed by other sites, no sniffing, no referrer to
-/// other sites.
-/// (Leptos' hydration loader is an inline module script, so the pages'
-/// script policy is left to a later nonce-based CSP.)
+/// other sites. (The pages' Content-Security-Policy carries a per-response
+/// nonce: `confab_dashboard::ssr::content_security_policy`.)
 async fn security_headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let mut response = next.run(req).await;
     let h = response.headers_mut();

@@ -198,7 +198,14 @@ fn form(status: StatusCode, error: Option<&str>) -> Response {
 <button class="primary" type="submit">Sign in</button>
 </form></main></body></html>"#
     );
-    (status, Html(html)).into_response()
+    let mut response = (status, Html(html)).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; img-src data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    response
 }
 
 pub async fn sign_in(
