@@ -205,6 +205,75 @@ impl ClusterSecret {
     }
 }
 
+/// The internal chat routes (docs/internal-api.md): the instance's router
+/// registers [`Route::pattern`], the gateway calls [`Route::path`]; both
+/// come from this one table, so the two sides cannot drift apart.
+pub mod internal {
+    /// `POST` creates a chat; `GET ?state=waiting` lists waiting chats.
+    pub const SESSIONS: &str = "/internal/v1/sessions";
+
+    /// The per-chat routes.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Route {
+        Join,
+        Messages,
+        Transcript,
+        Stream,
+        Leave,
+        Restore,
+        Location,
+    }
+
+    impl Route {
+        pub const ALL: [Route; 7] = [
+            Route::Join,
+            Route::Messages,
+            Route::Transcript,
+            Route::Stream,
+            Route::Leave,
+            Route::Restore,
+            Route::Location,
+        ];
+
+        /// The router's pattern, `{id}` standing for the chat.
+        pub const fn pattern(self) -> &'static str {
+            match self {
+                Route::Join => "/internal/v1/sessions/{id}/join",
+                Route::Messages => "/internal/v1/sessions/{id}/messages",
+                Route::Transcript => "/internal/v1/sessions/{id}/transcript",
+                Route::Stream => "/internal/v1/sessions/{id}/ws",
+                Route::Leave => "/internal/v1/sessions/{id}/leave",
+                Route::Restore => "/internal/v1/sessions/{id}/restore",
+                Route::Location => "/internal/v1/sessions/{id}/location",
+            }
+        }
+
+        /// The path for one chat (its id is checked by the caller:
+        /// [`super::check_chat_id`] allows no `/`, `?` or `%`).
+        pub fn path(self, chat_id: &str) -> String {
+            self.pattern().replace("{id}", chat_id)
+        }
+    }
+
+    /// Waiting chats, from the session store.
+    pub fn waiting() -> String {
+        format!("{SESSIONS}?state=waiting")
+    }
+
+    /// A page of a chat's transcript.
+    pub fn transcript_page(chat_id: &str, after: u64, limit: usize) -> String {
+        format!(
+            "{}?after={after}&limit={limit}",
+            Route::Transcript.path(chat_id)
+        )
+    }
+
+    /// A chat's event stream from `after` on.
+    pub fn stream(chat_id: &str, after: u64) -> String {
+        format!("{}?after={after}", Route::Stream.path(chat_id))
+    }
+}
+
 /// The management routes every instance serves (docs/internal-api.md),
 /// named once for the instance's router and its clients (the dashboard,
 /// `confab up`).
@@ -332,6 +401,31 @@ pub struct GatewayMember {
     pub sessions_active: i64,
     /// Requests go over an open channel (crate::channel), not HTTP.
     pub channel: bool,
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::internal::{self, Route};
+
+    #[test]
+    fn every_chat_route_is_under_sessions_and_takes_the_chat_id() {
+        for route in Route::ALL {
+            let path = route.path("c-1");
+            assert!(
+                path.starts_with(&format!("{}/c-1/", internal::SESSIONS)),
+                "{path}"
+            );
+            assert!(!path.contains('{'), "{path}");
+        }
+        assert_eq!(
+            internal::transcript_page("c", 3, 10),
+            "/internal/v1/sessions/c/transcript?after=3&limit=10"
+        );
+        assert_eq!(
+            internal::stream("c", 0),
+            "/internal/v1/sessions/c/ws?after=0"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use super::{no_instance, passthrough, ratelimit, relay, tokens::Claims, Gateway, Unreachable};
 use crate::auth::{bearer, constant_time_eq};
+use crate::contract::internal::{self, Route};
 use crate::contract::{
     after_param, check_chat_id, check_client_msg_id, check_nickname, check_text, limit_param,
     MAX_BODY_BYTES,
@@ -303,7 +304,7 @@ async fn create_chat(
     for _ in 0..gw.pool.members.len().max(1) {
         let member = gw.pool.pick(None).ok_or_else(no_instance)?;
         match gw
-            .call(&member, Method::POST, "/internal/v1/sessions", Some(&body))
+            .call(&member, Method::POST, internal::SESSIONS, Some(&body))
             .await
         {
             Ok((StatusCode::CREATED, created)) => {
@@ -366,7 +367,7 @@ async fn post_message(
         s.gw.on_chat_raw(
             &chat_id,
             Method::POST,
-            &format!("/internal/v1/sessions/{chat_id}/messages"),
+            &Route::Messages.path(&chat_id),
             Some(&body),
         )
         .await?;
@@ -391,7 +392,7 @@ async fn transcript(
         s.gw.on_chat_raw(
             &chat_id,
             Method::GET,
-            &format!("/internal/v1/sessions/{chat_id}/transcript?after={after}&limit={limit}"),
+            &internal::transcript_page(&chat_id, after, limit),
             None,
         )
         .await?;
@@ -479,7 +480,7 @@ async fn join(
         s.gw.on_chat(
             &chat_id,
             Method::POST,
-            &format!("/internal/v1/sessions/{chat_id}/join"),
+            &Route::Join.path(&chat_id),
             Some(&json!({"nickname": nickname})),
         )
         .await?;
@@ -508,14 +509,9 @@ async fn queue(State(s): State<GwState>, headers: HeaderMap) -> Result<Json<Queu
     agent(&s.gw, &headers)?;
     let member = s.gw.pool.any_healthy(None).ok_or_else(no_instance)?;
     let (status, body) =
-        s.gw.call(
-            &member,
-            Method::GET,
-            "/internal/v1/sessions?state=waiting",
-            None,
-        )
-        .await
-        .map_err(|_| no_instance())?;
+        s.gw.call(&member, Method::GET, &internal::waiting(), None)
+            .await
+            .map_err(|_| no_instance())?;
     let body = answer(status, body)?;
     let chats = body["sessions"]
         .as_array()
@@ -558,7 +554,7 @@ async fn leave(
         s.gw.on_chat(
             &chat_id,
             Method::POST,
-            &format!("/internal/v1/sessions/{chat_id}/leave"),
+            &Route::Leave.path(&chat_id),
             Some(&json!({"participant_id": who.participant_id, "end_chat": end_chat})),
         )
         .await?;

@@ -18,6 +18,7 @@ pub mod sockets;
 pub mod tokens;
 
 use crate::config::Config;
+use crate::contract::internal::Route;
 use crate::error::ApiError;
 use crate::telemetry::{events, metrics as m};
 use anyhow::Context;
@@ -187,12 +188,7 @@ impl Gateway {
         }
         let any = self.pool.any_healthy(None).ok_or_else(no_instance)?;
         match self
-            .call(
-                &any,
-                Method::GET,
-                &format!("/internal/v1/sessions/{chat}/location"),
-                None,
-            )
+            .call(&any, Method::GET, &Route::Location.path(chat), None)
             .await
         {
             Ok((StatusCode::OK, record)) => {
@@ -236,12 +232,7 @@ impl Gateway {
         }
         if let Some(any) = self.pool.any_healthy(Some(failed)) {
             if let Ok((StatusCode::OK, record)) = self
-                .call(
-                    &any,
-                    Method::GET,
-                    &format!("/internal/v1/sessions/{chat}/location"),
-                    None,
-                )
+                .call(&any, Method::GET, &Route::Location.path(chat), None)
                 .await
             {
                 let owner = record["owner_instance"].as_str().map(str::to_owned);
@@ -260,12 +251,7 @@ impl Gateway {
         for _ in 0..self.pool.members.len().max(1) {
             let target = self.pool.pick(Some(failed)).ok_or_else(no_instance)?;
             match self
-                .call(
-                    &target,
-                    Method::POST,
-                    &format!("/internal/v1/sessions/{chat}/restore"),
-                    None,
-                )
+                .call(&target, Method::POST, &Route::Restore.path(chat), None)
                 .await
             {
                 Ok((StatusCode::OK, body)) => {

@@ -54,9 +54,9 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
             }
         };
         let url = format!(
-            "{}/internal/v1/sessions/{chat}/ws?after={}",
+            "{}{}",
             member.url.replacen("http://", "ws://", 1),
-            seen.last()
+            crate::contract::internal::stream(&chat, seen.last())
         );
         let down = member.down_token();
         let connected = tokio::select! {

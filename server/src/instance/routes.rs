@@ -28,6 +28,7 @@
 use super::error::EngineError;
 use super::Instance;
 use crate::auth::check_admin;
+use crate::contract::internal::{self, Route};
 use crate::contract::paths;
 use crate::contract::{
     after_param, check_chat_id, check_client_msg_id, check_nickname, check_text, limit_param,
@@ -63,17 +64,14 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let internal = Router::new()
-        .route(
-            "/internal/v1/sessions",
-            post(create_session).get(list_sessions),
-        )
-        .route("/internal/v1/sessions/{id}/join", post(join))
-        .route("/internal/v1/sessions/{id}/messages", post(post_message))
-        .route("/internal/v1/sessions/{id}/transcript", get(transcript))
-        .route("/internal/v1/sessions/{id}/ws", get(super::stream::stream))
-        .route("/internal/v1/sessions/{id}/leave", post(leave))
-        .route("/internal/v1/sessions/{id}/restore", post(restore))
-        .route("/internal/v1/sessions/{id}/location", get(location));
+        .route(internal::SESSIONS, post(create_session).get(list_sessions))
+        .route(Route::Join.pattern(), post(join))
+        .route(Route::Messages.pattern(), post(post_message))
+        .route(Route::Transcript.pattern(), get(transcript))
+        .route(Route::Stream.pattern(), get(super::stream::stream))
+        .route(Route::Leave.pattern(), post(leave))
+        .route(Route::Restore.pattern(), post(restore))
+        .route(Route::Location.pattern(), get(location));
     let app = Router::new()
         .route(paths::HEALTHZ, get(|| async { "ok" }))
         .route(paths::READYZ, get(readyz))
