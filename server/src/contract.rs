@@ -211,6 +211,9 @@ impl ClusterSecret {
 pub mod internal {
     /// `POST` creates a chat; `GET ?state=waiting` lists waiting chats.
     pub const SESSIONS: &str = "/internal/v1/sessions";
+    /// `GET ?after=CURSOR` on a gateway: its numbered events, for the
+    /// dashboard (an [`super::EventsPage`]).
+    pub const EVENTS: &str = "/internal/v1/events";
 
     /// The per-chat routes.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -158,6 +158,14 @@ async fn an_operator_signs_in_watches_chats_arrive_and_drains_an_instance() {
         !restored.contains("59600"),
         "the filter hides other ids:\n{restored}"
     );
+    // The gateway's own events are there too: its failover (59702).
+    filter.clear().await.expect("clearing the filter");
+    filter.send_keys("59702").await.expect("typing a filter");
+    let moved = browser
+        .wait_text("table.events tbody", LIVE, |t| t.contains("59702"))
+        .await
+        .expect("the gateway's 59702 (chat moved) is listed");
+    assert!(moved.contains("gateway"), "{moved}");
     // The killed instance was started again.
     browser
         .wait_text("#instances-up", LIVE, |t| t == "3 of 3")
@@ -218,6 +226,14 @@ async fn everything_but_sign_in_is_behind_it() {
     assert_eq!(wasm.status(), 200);
     assert_eq!(wasm.headers()["content-type"], "application/wasm");
     assert_eq!(wasm.headers()["content-encoding"], "gzip");
+
+    // The gateway's events are behind the cluster secret.
+    let events = http
+        .get(format!("{}/internal/v1/events", cluster.gateway))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 401);
 
     // Without a session: pages go to the sign-in, the rest is refused.
     let page = http
@@ -577,4 +593,125 @@ async fn a_frozen_instance_shows_as_down_and_never_holds_up_the_page() {
         })
         .await
         .expect("it serves again");
+}
+
+/// `confab dashboard` on its own, on a deployment without a supervisor:
+/// the restoration test kills through the instance's opt-in `/admin/kill`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standalone_dashboard_runs_the_restoration_test_through_admin_kill() {
+    let cluster = TestCluster::start(2, &["--set", "server.admin-kill-enabled=true"]).await;
+    let (one, two) = (
+        cluster.instance_url("inst-1").await,
+        cluster.instance_url("inst-2").await,
+    );
+    let port = confab_e2e::free_port();
+    let d = format!("http://127.0.0.1:{port}");
+    let mut dashboard = std::process::Command::new(confab_e2e::confab_bin())
+        .args(["dashboard", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--instance", &format!("{one},{two}")])
+        .args(["--gateway", &cluster.gateway])
+        .args(["--admin-token", &cluster.admin_token])
+        .args([
+            "--set",
+            &format!("dashboard.agent-credential={}", cluster.agent_credential),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting confab dashboard");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while http.get(format!("{d}/status")).send().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dashboard did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let signed = http
+        .post(format!("{d}/signin"))
+        .form(&[("token", cluster.admin_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let session = signed.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let call = |path: &'static str, form: Vec<(&'static str, String)>| {
+        http.post(format!("{d}{path}"))
+            .header("cookie", &session)
+            .header("origin", d.as_str())
+            .form(&form)
+            .send()
+    };
+    // Once the dashboard has seen both instances, the test may run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let view: serde_json::Value = call("/api/cluster", vec![])
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if view["test_blocked"].is_null() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "blocked: {}",
+            view["test_blocked"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = call("/api/restoration-test", vec![("chats", "1".into())])
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 200, "{:?}", started.text().await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let run = loop {
+        let view: serde_json::Value = call("/api/cluster", vec![])
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(run) = view["test_history"].as_array().and_then(|h| h.first()) {
+            break run.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "the test never ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = dashboard.kill();
+    let _ = dashboard.wait();
+    assert_eq!(run["verdict"]["passed"], true, "{run:#}");
+    let killed = run["instance_killed"].as_str().unwrap();
+    let restart = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == format!("Restart {killed}"))
+        .expect("a restart step");
+    assert!(
+        restart["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no supervisor"),
+        "{restart}"
+    );
+    // The instance really died: through its own /admin/kill.
+    let dead = cluster
+        .http
+        .try_get(
+            &format!("{}/status", cluster.instance_url(killed).await),
+            None,
+        )
+        .await;
+    assert!(dead.is_err(), "{killed} is gone");
 }

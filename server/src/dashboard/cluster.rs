@@ -7,7 +7,10 @@
 //! instance's `message_submitted` KPI, the save latency's 99th percentile
 //! from the buckets of `confab_transcript_save_duration_seconds`.
 
-use crate::contract::{paths, EventsPage, GatewayStatus, InstanceStatus, Kpi, SessionsPage};
+use crate::contract::{
+    internal, paths, ClusterSecret, EventsPage, GatewayStatus, InstanceStatus, Kpi, SessionsPage,
+    CLUSTER_SECRET_HEADER,
+};
 use confab_dashboard::model::{
     ClusterView, EventRow, GatewayView, InstanceView, Series, SessionRow, SessionsView,
     TranscriptLine,
@@ -37,6 +40,8 @@ pub struct Cluster {
     pub admin_token: String,
     pub agent_credential: Option<String>,
     pub state_dir: Option<std::path::PathBuf>,
+    /// Reads the gateways' events (`/internal/v1/events`).
+    cluster_secret: Option<ClusterSecret>,
     pub tests: Mutex<super::restoration::Tests>,
     timeout: Duration,
     /// Taken on shutdown: every `/live` stream then ends.
@@ -87,6 +92,7 @@ pub struct Settings {
     pub admin_token: String,
     pub agent_credential: Option<String>,
     pub state_dir: Option<std::path::PathBuf>,
+    pub cluster_secret: Option<String>,
     pub timeout: Duration,
 }
 
@@ -100,6 +106,7 @@ impl Cluster {
             admin_token,
             agent_credential,
             state_dir,
+            cluster_secret,
             timeout,
         } = settings;
         Arc::new(Cluster {
@@ -110,6 +117,7 @@ impl Cluster {
             admin_token,
             tests: Mutex::new(super::restoration::Tests::load(state_dir.as_ref())),
             agent_credential,
+            cluster_secret: cluster_secret.as_deref().map(ClusterSecret::new),
             state_dir,
             timeout,
             tx: Mutex::new(Some(tx)),
@@ -219,10 +227,18 @@ impl Cluster {
                 .map(|(u, c)| self.poll_instance(u, c)),
         )
         .await;
+        let gateway_cursors: Vec<u64> = {
+            let state = self.state.lock();
+            self.gateways
+                .iter()
+                .map(|u| state.event_cursors.get(u).map_or(0, |&(_, c)| c))
+                .collect()
+        };
         let gateways = futures_util::future::join_all(
             self.gateways
                 .iter()
-                .map(|u| self.get_json::<GatewayStatus>(format!("{u}{}", paths::STATUS))),
+                .zip(gateway_cursors)
+                .map(|(u, c)| self.poll_gateway(u, c)),
         )
         .await;
         let view = Arc::new(self.build(instances, gateways));
@@ -231,10 +247,35 @@ impl Cluster {
         }
     }
 
+    /// A gateway's status, and its numbered events (597xx) when the
+    /// dashboard has the cluster secret they are behind.
+    async fn poll_gateway(
+        &self,
+        url: &str,
+        cursor: u64,
+    ) -> (Result<GatewayStatus, String>, Option<EventsPage>) {
+        let events = async {
+            let secret = self.cluster_secret.as_ref()?;
+            let answer = self
+                .client
+                .get(format!("{url}{}?after={cursor}", internal::EVENTS))
+                .header(CLUSTER_SECRET_HEADER, secret.header_value())
+                .timeout(self.timeout)
+                .send()
+                .await
+                .ok()?;
+            answer.json::<EventsPage>().await.ok()
+        };
+        tokio::join!(
+            self.get_json::<GatewayStatus>(format!("{url}{}", paths::STATUS)),
+            events
+        )
+    }
+
     fn build(
         &self,
         polled: Vec<Polled>,
-        gateways: Vec<Result<GatewayStatus, String>>,
+        gateways: Vec<(Result<GatewayStatus, String>, Option<EventsPage>)>,
     ) -> ClusterView {
         let now = Instant::now();
         let mut state = self.state.lock();
@@ -245,34 +286,7 @@ impl Cluster {
             let row = match p.status {
                 Ok(status) => {
                     state.ids.insert(url.clone(), status.instance_id.clone());
-                    // A new process numbers its events from 1 again: what
-                    // was asked with the old process's cursor is dropped,
-                    // and the next poll starts from the beginning.
-                    let same_process = state
-                        .event_cursors
-                        .get(url)
-                        .is_none_or(|&(pid, _)| pid == status.pid);
-                    let mut next = 0;
-                    if same_process {
-                        next = state.event_cursors.get(url).map_or(0, |&(_, c)| c);
-                        if let Some(page) = p.events {
-                            next = page.next;
-                            for e in page.events {
-                                state.events.push_front(EventRow {
-                                    instance: status.instance_id.clone(),
-                                    at_ms: e.at_ms,
-                                    level: e.level,
-                                    event_id: e.event_id,
-                                    message: e.message,
-                                    fields: e.fields,
-                                });
-                            }
-                            while state.events.len() > EVENTS_KEPT {
-                                state.events.pop_back();
-                            }
-                        }
-                    }
-                    state.event_cursors.insert(url.clone(), (status.pid, next));
+                    take_events(&mut state, url, status.pid, &status.instance_id, p.events);
                     if status.admin_kill_enabled {
                         state.killable.insert(status.instance_id.clone());
                     } else {
@@ -362,10 +376,23 @@ impl Cluster {
                 })
             })
             .collect();
+        let named = self.gateways.len() > 1;
         let gateways =
             self.gateways
                 .iter()
                 .zip(gateways)
+                .enumerate()
+                .map(|(n, (url, (g, events)))| {
+                    if let Ok(g) = &g {
+                        let source = if named {
+                            format!("gateway-{}", n + 1)
+                        } else {
+                            "gateway".into()
+                        };
+                        take_events(&mut state, url, g.pid, &source, events);
+                    }
+                    (url, g)
+                })
                 .map(|(url, g)| match g {
                     Ok(g) => GatewayView {
                         url: url.clone(),
@@ -465,6 +492,25 @@ impl Cluster {
             // An instance killing itself may not finish its answer.
             Err(_) if self.supervisor.is_none() => {}
             Err(e) => return Err(format!("the kill failed: {}", describe(&e))),
+        }
+        if self.supervisor.is_none() {
+            // `/admin/kill` answers first and dies a moment later: the
+            // test must not go on while the instance still serves.
+            let url = self.find(id).await?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self
+                .client
+                .get(format!("{url}{}", paths::HEALTHZ))
+                .timeout(Duration::from_millis(200))
+                .send()
+                .await
+                .is_ok()
+            {
+                if Instant::now() > deadline {
+                    return Err(format!("{id} still answers 10 s after /admin/kill"));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         tracing::warn!(
             instance = id,
@@ -612,6 +658,37 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Add what one component's event page brought, following its cursor. A
+/// new process numbers its events from 1 again: what was asked with the old
+/// process's cursor is dropped, and the next poll starts from the beginning.
+fn take_events(state: &mut PollState, url: &str, pid: u32, source: &str, page: Option<EventsPage>) {
+    let same_process = state
+        .event_cursors
+        .get(url)
+        .is_none_or(|&(known, _)| known == pid);
+    let mut next = 0;
+    if same_process {
+        next = state.event_cursors.get(url).map_or(0, |&(_, c)| c);
+        if let Some(page) = page {
+            next = page.next;
+            for e in page.events {
+                state.events.push_front(EventRow {
+                    instance: source.to_owned(),
+                    at_ms: e.at_ms,
+                    level: e.level,
+                    event_id: e.event_id,
+                    message: e.message,
+                    fields: e.fields,
+                });
+            }
+            while state.events.len() > EVENTS_KEPT {
+                state.events.pop_back();
+            }
+        }
+    }
+    state.event_cursors.insert(url.to_owned(), (pid, next));
 }
 
 /// Why a request failed, in a few words for the row.

@@ -167,6 +167,7 @@ impl Application {
                 admin_token: admin_token.clone(),
                 agent_credential: d.agent_credential.clone(),
                 state_dir: d.state_dir.clone(),
+                cluster_secret: config.cluster.secret.clone(),
                 timeout: d.instance_timeout,
             },
         );

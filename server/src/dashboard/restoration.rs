@@ -749,6 +749,244 @@ mod tests {
         assert!(err.contains("1 reconnected"), "{err}");
     }
 
+    /// A fake cluster on one port: two instances (`/inst-1`, `/inst-2`),
+    /// a gateway (`/api/v1`) and a supervisor (`/instances`). Chats on a
+    /// killed instance refuse one message (as a gateway mid-failover
+    /// would), then go on with the disconnected/reconnected notices.
+    /// `lose` drops one acknowledged message from the transcript.
+    mod fake {
+        use axum::extract::{Path, Query, State};
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::routing::{get, post};
+        use axum::{Json, Router};
+        use parking_lot::Mutex;
+        use serde_json::{json, Value};
+        use std::collections::HashMap;
+        use std::sync::Arc;
+
+        #[derive(Default)]
+        pub struct Fake {
+            pub lose: bool,
+            pub chats: Mutex<HashMap<String, Chat>>,
+            pub killed: Mutex<Option<String>>,
+            pub started: Mutex<Vec<String>>,
+        }
+
+        pub struct Chat {
+            instance: String,
+            events: Vec<Value>,
+            ids: HashMap<String, u64>,
+            moved: bool,
+        }
+
+        type S = State<Arc<Fake>>;
+
+        fn push(chat: &mut Chat, mut e: Value) -> u64 {
+            let seq = chat.events.len() as u64 + 1;
+            e["seq"] = json!(seq);
+            chat.events.push(e);
+            seq
+        }
+
+        async fn status(Path(inst): Path<String>) -> Json<Value> {
+            Json(json!({
+                "instance_id": inst, "enabled": true, "sessions_active": 0,
+                "store": {"backend": "sqlite", "available": true},
+                "version": "0", "pid": 1,
+            }))
+        }
+
+        async fn create(State(f): S) -> (StatusCode, Json<Value>) {
+            let mut chats = f.chats.lock();
+            let id = format!("c{}", chats.len());
+            let instance = if chats.len() % 2 == 0 {
+                "inst-1"
+            } else {
+                "inst-2"
+            };
+            let mut chat = Chat {
+                instance: instance.into(),
+                events: vec![],
+                ids: HashMap::new(),
+                moved: false,
+            };
+            push(&mut chat, json!({"kind": "joined"}));
+            chats.insert(id.clone(), chat);
+            (
+                StatusCode::CREATED,
+                Json(json!({"chat_id": id, "token": id, "instance_id": instance})),
+            )
+        }
+
+        async fn join(State(f): S, Path(id): Path<String>) -> Json<Value> {
+            if let Some(chat) = f.chats.lock().get_mut(&id) {
+                push(chat, json!({"kind": "joined"}));
+            }
+            Json(json!({"token": format!("agent-{id}")}))
+        }
+
+        async fn send(
+            State(f): S,
+            Path(id): Path<String>,
+            Json(body): Json<Value>,
+        ) -> (StatusCode, Json<Value>) {
+            let killed = f.killed.lock().clone();
+            let mut chats = f.chats.lock();
+            let Some(chat) = chats.get_mut(&id) else {
+                return (StatusCode::NOT_FOUND, Json(json!({})));
+            };
+            if Some(&chat.instance) == killed.as_ref() && !chat.moved {
+                chat.moved = true;
+                for (kind, reason) in [
+                    ("left", "disconnected"),
+                    ("left", "disconnected"),
+                    ("joined", "reconnected"),
+                    ("joined", "reconnected"),
+                ] {
+                    push(chat, json!({"kind": kind, "reason": reason}));
+                }
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"error": {"message": "moving"}})),
+                );
+            }
+            let key = body["client_msg_id"].as_str().unwrap_or("").to_owned();
+            if let Some(&seq) = chat.ids.get(&key) {
+                return (StatusCode::OK, Json(json!({"seq": seq})));
+            }
+            let text = body["text"].clone();
+            let seq = if f.lose && text == "customer message 2" {
+                chat.events.len() as u64 + 1000
+            } else {
+                push(chat, json!({"kind": "message", "text": text}))
+            };
+            chat.ids.insert(key, seq);
+            (StatusCode::OK, Json(json!({"seq": seq})))
+        }
+
+        async fn transcript(
+            State(f): S,
+            Path(id): Path<String>,
+            Query(q): Query<HashMap<String, u64>>,
+        ) -> Json<Value> {
+            let after = q.get("after").copied().unwrap_or(0);
+            let events: Vec<Value> = f
+                .chats
+                .lock()
+                .get(&id)
+                .map(|c| {
+                    c.events
+                        .iter()
+                        .filter(|e| e["seq"].as_u64() > Some(after))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            Json(json!({"events": events, "more": false}))
+        }
+
+        async fn supervise(
+            State(f): S,
+            Path((id, action)): Path<(String, String)>,
+            _: HeaderMap,
+        ) -> Json<Value> {
+            match action.as_str() {
+                "kill" => *f.killed.lock() = Some(id),
+                "start" => f.started.lock().push(id),
+                _ => {}
+            }
+            Json(json!({}))
+        }
+
+        pub async fn serve(fake: Arc<Fake>) -> String {
+            let app = Router::new()
+                .route("/{inst}/status", get(status))
+                .route("/{inst}/kpi", get(|| async { Json(json!({"session_created": 0, "session_closed": 0, "session_restored": 0, "message_submitted": 0, "transcript_saved": 0, "transcript_save_failed": 0, "sessions_active": 0})) }))
+                .route("/{inst}/metrics", get(|| async { "" }))
+                .route("/{inst}/admin/events", get(|| async { Json(json!({"events": [], "next": 0})) }))
+                .route("/api/v1/chats", post(create))
+                .route("/api/v1/chats/{id}/join", post(join))
+                .route("/api/v1/chats/{id}/messages", post(send))
+                .route("/api/v1/chats/{id}/transcript", get(transcript))
+                .route("/api/v1/chats/{id}/leave", post(|| async { Json(json!({})) }))
+                .route("/instances/{id}/{action}", post(supervise))
+                .with_state(fake);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            url
+        }
+    }
+
+    async fn run_against(fake: Arc<fake::Fake>, chats: u32) -> TestRun {
+        let url = fake::serve(fake).await;
+        let cluster = Cluster::new(
+            reqwest::Client::new(),
+            super::super::cluster::Settings {
+                instances: vec![format!("{url}/inst-1"), format!("{url}/inst-2")],
+                gateways: vec![url.clone()],
+                supervisor: Some(url),
+                admin_token: "admin".into(),
+                agent_credential: Some("agent".into()),
+                state_dir: None,
+                cluster_secret: None,
+                timeout: Duration::from_secs(2),
+            },
+        );
+        cluster.poll().await;
+        assert_eq!(cluster.test_blocked(), None);
+        start(&cluster, chats).expect("the test starts");
+        assert!(start(&cluster, 1).is_err(), "one test at a time");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(run) = cluster.tests.lock().history.first() {
+                return run.clone();
+            }
+            assert!(Instant::now() < deadline, "the test never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_runner_passes_a_cluster_that_keeps_every_message() {
+        let fake = Arc::new(fake::Fake::default());
+        let run = run_against(fake.clone(), 4).await;
+        let verdict = run.verdict.clone().unwrap();
+        assert!(verdict.passed, "{verdict:?}\n{run:#?}");
+        assert_eq!(
+            run.instance_killed.as_deref(),
+            Some("inst-1"),
+            "the first chat's, on a tie"
+        );
+        let resume = run.resume.clone().unwrap();
+        assert_eq!(resume.moved, 2, "chats c0 and c2 were on inst-1");
+        assert!(run
+            .steps
+            .iter()
+            .all(|s| s.ok == Some(true) && s.ms.is_some()));
+        assert_eq!(run.steps.len(), 8, "{:#?}", run.steps);
+        assert_eq!(*fake.started.lock(), vec!["inst-1".to_owned()], "restarted");
+    }
+
+    #[tokio::test]
+    async fn the_runner_fails_a_cluster_that_loses_an_acknowledged_message() {
+        let fake = Arc::new(fake::Fake {
+            lose: true,
+            ..Default::default()
+        });
+        let run = run_against(fake, 2).await;
+        let verdict = run.verdict.clone().unwrap();
+        assert!(!verdict.passed);
+        assert!(
+            verdict.reason.starts_with("Every transcript whole:")
+                && verdict.reason.contains("\"customer message 2\""),
+            "{}",
+            verdict.reason
+        );
+        let failed = run.steps.iter().find(|s| s.ok == Some(false)).unwrap();
+        assert_eq!(failed.name, "Every transcript whole");
+    }
+
     #[test]
     fn the_history_is_read_back_and_numbering_goes_on() {
         let dir = tempfile::tempdir().unwrap();

@@ -201,6 +201,7 @@ pub fn router(
         .merge(super::pages::router())
         .route("/healthz", get(|| async { "ok" }))
         .route("/status", get(status))
+        .route(internal::EVENTS, get(events))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn_with_state(
@@ -220,6 +221,22 @@ async fn status(State(s): State<GwState>) -> Json<crate::contract::GatewayStatus
         failovers: s.gw.failovers.load(std::sync::atomic::Ordering::Relaxed),
         instances: s.gw.pool.views(),
     })
+}
+
+/// The gateway's numbered events (597xx) after `?after=CURSOR`, for the
+/// dashboard; behind the cluster secret.
+async fn events(
+    State(s): State<GwState>,
+    headers: axum::http::HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<crate::contract::EventsPage>, ApiError> {
+    if !s.gw.secret.admits(&headers) {
+        metrics::counter!(crate::telemetry::metrics::INTERNAL_AUTH_FAILURES).increment(1);
+        return Err(ApiError::unauthorized("missing or wrong cluster secret"));
+    }
+    let after = crate::contract::after_param(&q)?;
+    let (events, next) = crate::telemetry::recent::since(after, 500);
+    Ok(Json(crate::contract::EventsPage { events, next }))
 }
 
 async fn metrics_text(State(s): State<GwState>) -> Response {

@@ -308,7 +308,12 @@ impl Layout<'_> {
     /// (which operators sign in with) and where everything is.
     fn dashboard(&self, port: u16, config: &Config) -> anyhow::Result<ComponentSpec> {
         let config_file = self.run.join("dashboard.toml");
-        write_config(&config_file, config, &[Section::Dashboard])?;
+        // The cluster secret: the gateways' events are behind it.
+        write_config(
+            &config_file,
+            config,
+            &[Section::Dashboard, Section::Cluster],
+        )?;
         Ok(ComponentSpec {
             id: "dashboard".into(),
             kind: Kind::Dashboard,
