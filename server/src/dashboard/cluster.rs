@@ -211,36 +211,30 @@ impl Cluster {
         answer.text().await.map_err(|e| describe(&e))
     }
 
-    /// One poll of everything; publishes the new view.
+    /// Where each component's event stream was left.
+    fn cursors(&self, urls: &[String]) -> Vec<u64> {
+        let state = self.state.lock();
+        urls.iter()
+            .map(|u| state.event_cursors.get(u).map_or(0, |&(_, c)| c))
+            .collect()
+    }
+
+    /// One poll of everything, instances and gateways at once; publishes
+    /// the new view.
     pub async fn poll(&self) {
-        let cursors: Vec<u64> = {
-            let state = self.state.lock();
-            self.instances
-                .iter()
-                .map(|u| state.event_cursors.get(u).map_or(0, |&(_, c)| c))
-                .collect()
-        };
         let instances = futures_util::future::join_all(
             self.instances
                 .iter()
-                .zip(cursors)
+                .zip(self.cursors(&self.instances))
                 .map(|(u, c)| self.poll_instance(u, c)),
-        )
-        .await;
-        let gateway_cursors: Vec<u64> = {
-            let state = self.state.lock();
-            self.gateways
-                .iter()
-                .map(|u| state.event_cursors.get(u).map_or(0, |&(_, c)| c))
-                .collect()
-        };
+        );
         let gateways = futures_util::future::join_all(
             self.gateways
                 .iter()
-                .zip(gateway_cursors)
+                .zip(self.cursors(&self.gateways))
                 .map(|(u, c)| self.poll_gateway(u, c)),
-        )
-        .await;
+        );
+        let (instances, gateways) = tokio::join!(instances, gateways);
         let view = Arc::new(self.build(instances, gateways));
         if let Some(tx) = self.tx.lock().as_ref() {
             tx.send_replace(view);
