@@ -36,6 +36,10 @@ pub enum Scenario {
     /// The message path on the Cassandra store (the in-memory kassandra
     /// test node, not a real Cassandra) against the SQLite store.
     Cassandra,
+    /// Clusters of `--instances` instances on one host's embedded store,
+    /// each behind its own gateway, against one another: messages/s,
+    /// latency, CPU idle and disk writes per acknowledged message.
+    Cluster,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -71,6 +75,9 @@ pub struct BenchArgs {
     /// Directory for the benchmark's SQLite files (default: a temporary one).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Cluster sizes the `cluster` scenario compares.
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    pub instances: Vec<usize>,
 }
 
 struct Latencies(Vec<u32>);
@@ -121,6 +128,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Gateway => return gateway_cost(&dir, &args, &text).await,
         Scenario::Restore => return restoration(&dir, &args).await,
         Scenario::Cassandra => return cassandra_vs_sqlite(&dir, &args, &text).await,
+        Scenario::Cluster => return clusters(&dir, &args, &text).await,
     }
     let raw = raw_store_rate(&dir.join("raw.db"), synchronous, &args, &text).await?;
     println!("raw SQLite group-commit appends: {raw:.0} rows/s (no HTTP)");
@@ -630,17 +638,18 @@ async fn gateway_cost(dir: &Path, args: &BenchArgs, text: &str) -> anyhow::Resul
     let http_chats = create_chats_at(&client, &http_gateway.url, args.sessions, true).await?;
     // Alternate the targets in short rounds so that a noisy neighbour
     // weighs on all alike.
-    let [direct, via, via_http] = compare(
+    let rates = compare(
         &client,
         args,
         text,
-        [
-            ("straight to the instance", &direct_chats),
-            ("through the gateway", &via_chats),
-            ("through a gateway on HTTP only", &http_chats),
+        &[
+            Target::new("straight to the instance", &direct_chats, &[&instance]),
+            Target::new("through the gateway", &via_chats, &[&instance]),
+            Target::new("through a gateway on HTTP only", &http_chats, &[&instance]),
         ],
     )
     .await;
+    let (direct, via, via_http) = (rates[0], rates[1], rates[2]);
     println!("gateway / direct: {:.2}", via / direct);
     println!(
         "gateway on HTTP only (gateway.instance-channel = false) / direct: {:.2}",
@@ -808,16 +817,17 @@ async fn cassandra_vs_sqlite(dir: &Path, args: &BenchArgs, text: &str) -> anyhow
     let cassandra_chats = create_chats_at(&client, &on_cassandra.url, args.sessions, false).await?;
     let sqlite_chats = create_chats_at(&client, &on_sqlite.url, args.sessions, false).await?;
     println!("(kassandra: an in-memory single-node CQL server in the benchmark process, NOT a real Cassandra; each Cassandra save is a write plus a quorum read-back)");
-    let [s_rate, c_rate] = compare(
+    let rates = compare(
         &client,
         args,
         text,
-        [
-            ("SQLite store", &sqlite_chats),
-            ("Cassandra store (test node)", &cassandra_chats),
+        &[
+            Target::new("SQLite store", &sqlite_chats, &[&on_sqlite]),
+            Target::new("Cassandra store (test node)", &cassandra_chats, &[&on_cassandra]),
         ],
     )
     .await;
+    let (s_rate, c_rate) = (rates[0], rates[1]);
     println!("Cassandra / SQLite: {:.2}", c_rate / s_rate);
     Ok(())
 }
@@ -825,12 +835,13 @@ async fn cassandra_vs_sqlite(dir: &Path, args: &BenchArgs, text: &str) -> anyhow
 /// Closed loops against the targets in alternating short rounds, so that a
 /// noisy neighbour weighs on all alike; prints each round and the totals,
 /// returns the mean rates.
-async fn compare<const N: usize>(
+async fn compare(
     client: &reqwest::Client,
     args: &BenchArgs,
     text: &str,
-    targets: [(&str, &Vec<Chat>); N],
-) -> [f64; N] {
+    targets: &[Target<'_>],
+) -> Vec<f64> {
+    let n = targets.len();
     // The database grows during a run and the host's load changes, so the
     // order alternates (A B, B A, …): no target is always measured later.
     let rounds = 4;
@@ -842,34 +853,166 @@ async fn compare<const N: usize>(
         duration: Duration::from_secs(2),
         ..args.clone()
     };
-    for (_, chats) in &targets {
-        closed_loop(client, chats, &warm_up, text).await;
+    for target in targets {
+        closed_loop(client, target.chats, &warm_up, text).await;
     }
-    let mut rates = [0.0; N];
-    let mut latencies: [Latencies; N] = std::array::from_fn(|_| Latencies(Vec::new()));
+    let mut rates = vec![0.0; n];
+    let mut latencies: Vec<Latencies> = (0..n).map(|_| Latencies(Vec::new())).collect();
+    let mut costs: Vec<Costs> = (0..n).map(|_| Costs::default()).collect();
     for r in 1..=rounds {
         let mut line = format!("round {r}:");
         let order: Vec<usize> = if r % 2 == 1 {
-            (0..N).collect()
+            (0..n).collect()
         } else {
-            (0..N).rev().collect()
+            (0..n).rev().collect()
         };
         for i in order {
-            let (name, chats) = targets[i];
+            let Target { name, chats, pids } = &targets[i];
+            let before = Costs::read(pids);
             let (rate, l) = closed_loop(client, chats, &round, text).await;
+            costs[i].add(&before, &Costs::read(pids), l.0.len() as u64);
             latencies[i].0.extend(l.0);
             rates[i] += rate / rounds as f64;
             line.push_str(&format!(" {name} {rate:.0}/s;"));
         }
         println!("{line}");
     }
-    for (i, (name, _)) in targets.iter().enumerate() {
+    for (i, target) in targets.iter().enumerate() {
         println!(
-            "{name}: {:.0} acknowledged messages/s, p50 {}, p99 {}",
+            "{}: {:.0} acknowledged messages/s, p50 {}, p99 {}; {}",
+            target.name,
             rates[i],
             ms(latencies[i].percentile(0.5)),
-            ms(latencies[i].percentile(0.99))
+            ms(latencies[i].percentile(0.99)),
+            costs[i]
         );
     }
     rates
+}
+
+/// One side of a comparison: its chats, and the processes whose disk
+/// writes count against it (the instances: they hold the store).
+struct Target<'a> {
+    name: &'a str,
+    chats: &'a [Chat],
+    pids: Vec<u32>,
+}
+
+impl<'a> Target<'a> {
+    fn new(name: &'a str, chats: &'a [Chat], processes: &[&ServerProcess]) -> Self {
+        Target {
+            name,
+            chats,
+            pids: processes.iter().map(|p| p.child.id()).collect(),
+        }
+    }
+}
+
+/// What the measured rounds of one target cost the machine: CPU time left
+/// idle (of all cores, from /proc/stat) and bytes the target's processes
+/// sent to storage (`write_bytes` of /proc/PID/io, counted when a page is
+/// dirtied) per acknowledged message.
+#[derive(Default)]
+struct Costs {
+    idle_ticks: u64,
+    all_ticks: u64,
+    write_bytes: u64,
+    messages: u64,
+}
+
+impl Costs {
+    fn read(pids: &[u32]) -> Costs {
+        let (idle_ticks, all_ticks) = cpu_ticks();
+        Costs {
+            idle_ticks,
+            all_ticks,
+            write_bytes: pids.iter().map(|&pid| write_bytes(pid)).sum(),
+            messages: 0,
+        }
+    }
+
+    fn add(&mut self, before: &Costs, after: &Costs, messages: u64) {
+        self.idle_ticks += after.idle_ticks.saturating_sub(before.idle_ticks);
+        self.all_ticks += after.all_ticks.saturating_sub(before.all_ticks);
+        self.write_bytes += after.write_bytes.saturating_sub(before.write_bytes);
+        self.messages += messages;
+    }
+}
+
+impl std::fmt::Display for Costs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CPU idle {:.0} %, {:.0} bytes written per message",
+            100.0 * self.idle_ticks as f64 / self.all_ticks.max(1) as f64,
+            self.write_bytes as f64 / self.messages.max(1) as f64
+        )
+    }
+}
+
+/// Idle (idle + iowait) and total ticks of all cores since boot.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (idle, ticks.iter().sum())
+}
+
+/// Bytes a process has caused to be written to storage since it started.
+fn write_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The reference's N+1 question on one host: does a cluster of more
+/// instances on the embedded store carry more messages, or fewer? Each
+/// size gets its own store file, instances and gateway; the clusters take
+/// turns at the load in alternating rounds.
+async fn clusters(dir: &Path, args: &BenchArgs, text: &str) -> anyhow::Result<()> {
+    let client = client_builder()
+        .pool_max_idle_per_host(args.concurrency * 2)
+        .build()?;
+    let mut clusters = Vec::new();
+    for &n in &args.instances {
+        let db = dir.join(format!("cluster-{n}.db"));
+        let mut instances = Vec::new();
+        for k in 1..=n {
+            let id = format!("c{n}-i{k}");
+            instances.push(ServerProcess::instance(&db, &args.synchronous, &id, free_port()?).await?);
+        }
+        let urls: Vec<String> = instances.iter().map(|i| i.url.clone()).collect();
+        let gateway = ServerProcess::gateway(&urls, free_port()?).await?;
+        let chats = create_chats_at(&client, &gateway.url, args.sessions, true).await?;
+        clusters.push((format!("{n} instance(s) through the gateway"), instances, gateway, chats));
+    }
+    let targets: Vec<Target<'_>> = clusters
+        .iter()
+        .map(|(name, instances, _, chats)| {
+            let processes: Vec<&ServerProcess> = instances.iter().collect();
+            Target::new(name, chats, &processes)
+        })
+        .collect();
+    let rates = compare(&client, args, text, &targets).await;
+    if let [first, .., last] = rates.as_slice() {
+        println!(
+            "{} instances / {} instance(s): {:.2}",
+            args.instances.last().unwrap_or(&0),
+            args.instances.first().unwrap_or(&0),
+            last / first
+        );
+    }
+    Ok(())
 }

@@ -21,7 +21,7 @@ async fn cassandra_passes_the_store_suite() {
         &a,
         &b,
         Capabilities {
-            refuses_duplicate_writes: false,
+            refuses_duplicate_seq: false,
         },
     )
     .await;

@@ -572,16 +572,7 @@ fn valid_events(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Vec<Event> {
     // Should two valid rows share a seq, the newer epoch's wins.
     events.sort_by_key(|(epoch, e)| (e.seq, std::cmp::Reverse(*epoch)));
     events.dedup_by_key(|(_, e)| e.seq);
-    let mut seen = std::collections::HashSet::new();
-    events
-        .into_iter()
-        .map(|(_, e)| e)
-        .filter(|e| {
-            e.client_msg_id
-                .as_ref()
-                .is_none_or(|c| seen.insert(c.clone()))
-        })
-        .collect()
+    super::first_of_each_client_msg_id(events.into_iter().map(|(_, e)| e).collect())
 }
 
 /// The events up to the first gap in seq: an append writes its events in

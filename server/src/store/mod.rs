@@ -81,6 +81,21 @@ impl StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// `events` without any event whose `client_msg_id` an earlier one
+/// carries: a store that does not refuse a reused id at write time keeps
+/// the first on reading.
+pub(crate) fn first_of_each_client_msg_id(events: Vec<Event>) -> Vec<Event> {
+    let mut seen = std::collections::HashSet::new();
+    events
+        .into_iter()
+        .filter(|e| {
+            e.client_msg_id
+                .as_ref()
+                .is_none_or(|c| seen.insert(c.clone()))
+        })
+        .collect()
+}
+
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
     /// "sqlite" or "cassandra": the `store` label of the metrics.
