@@ -823,7 +823,11 @@ async fn cassandra_vs_sqlite(dir: &Path, args: &BenchArgs, text: &str) -> anyhow
         text,
         &[
             Target::new("SQLite store", &sqlite_chats, &[&on_sqlite]),
-            Target::new("Cassandra store (test node)", &cassandra_chats, &[&on_cassandra]),
+            Target::new(
+                "Cassandra store (test node)",
+                &cassandra_chats,
+                &[&on_cassandra],
+            ),
         ],
     )
     .await;
@@ -991,12 +995,18 @@ async fn clusters(dir: &Path, args: &BenchArgs, text: &str) -> anyhow::Result<()
         let mut instances = Vec::new();
         for k in 1..=n {
             let id = format!("c{n}-i{k}");
-            instances.push(ServerProcess::instance(&db, &args.synchronous, &id, free_port()?).await?);
+            instances
+                .push(ServerProcess::instance(&db, &args.synchronous, &id, free_port()?).await?);
         }
         let urls: Vec<String> = instances.iter().map(|i| i.url.clone()).collect();
         let gateway = ServerProcess::gateway(&urls, free_port()?).await?;
         let chats = create_chats_at(&client, &gateway.url, args.sessions, true).await?;
-        clusters.push((format!("{n} instance(s) through the gateway"), instances, gateway, chats));
+        clusters.push((
+            format!("{n} instance(s) through the gateway"),
+            instances,
+            gateway,
+            chats,
+        ));
     }
     let targets: Vec<Target<'_>> = clusters
         .iter()

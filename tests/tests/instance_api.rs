@@ -6,10 +6,13 @@ use confab_e2e::{data_dir, run_confab, texts, Http, Server, ADMIN_TOKEN};
 use serde_json::{json, Value};
 use std::time::Duration;
 
+/// Events of `chat` in the file, in either of the store's tables (new
+/// ones wait in `recent` until the writer moves them to `events`).
 fn stored_event_count(db: &std::path::Path, chat: &str) -> i64 {
     let conn = rusqlite::Connection::open(db).unwrap();
     conn.query_row(
-        "SELECT count(*) FROM events WHERE session_id = ?1",
+        "SELECT (SELECT count(*) FROM events WHERE session_id = ?1)
+              + (SELECT count(*) FROM recent WHERE session_id = ?1)",
         [chat],
         |r| r.get(0),
     )

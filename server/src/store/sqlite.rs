@@ -19,7 +19,8 @@
 //! pages; every `flush_rows` rows, or before a claim reads a transcript,
 //! the rows move to `events` in one sorted insert, where each chat's rows
 //! of the interval fill its pages together (~2 KB written per message).
-//! Reads that are not claims take both tables. Uniqueness of (session,
+//! Reads that are not claims take both tables; deleting a session finds
+//! its rows in `recent` by the ids its writer kept. Uniqueness of (session,
 //! seq) is checked against the writer's memory of each session's last seq
 //! (kept per epoch, so a claim elsewhere invalidates it); a `client_msg_id`
 //! counts once on reading, as in the Cassandra store, and the owner
@@ -126,7 +127,7 @@ impl Default for SqliteOptions {
             busy_timeout: Duration::from_secs(5),
             max_batch: 512,
             wal_limit_bytes: 256 * 1024 * 1024,
-            flush_rows: 8192,
+            flush_rows: 16384,
         }
     }
 }
@@ -139,6 +140,8 @@ fn open(path: &Path, options: SqliteOptions) -> rusqlite::Result<Connection> {
     // Keep the hot part of the file in memory: lookups of the session row
     // on every append otherwise read pages back from the OS.
     conn.pragma_update(None, "cache_size", -65536)?;
+    // The move from `recent` sorts its rows: in memory, not in a file.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(conn)
 }
 
@@ -290,6 +293,8 @@ impl SqliteStore {
                 let writer = Writer {
                     conn,
                     tails: HashMap::new(),
+                    pending: HashMap::new(),
+                    recent_seen: 0,
                     flush_rows: options.flush_rows.max(1),
                     busy_timeout: options.busy_timeout,
                 };
@@ -337,6 +342,14 @@ struct Writer {
     /// at that epoch. Valid only while the epoch is current, which the
     /// append checks first.
     tails: HashMap<String, Tail>,
+    /// Per session: ids of the rows this writer put in `recent` since it
+    /// last saw the table emptied, so that deleting a session finds them
+    /// without a scan. Some may be stale (a rolled-back insert, a move by
+    /// another process): a delete also matches the session id.
+    pending: HashMap<String, Vec<i64>>,
+    /// Rows in `recent` after this writer's last transaction: fewer next
+    /// time means another process moved them.
+    recent_seen: usize,
     flush_rows: usize,
     busy_timeout: Duration,
 }
@@ -345,6 +358,10 @@ struct Writer {
 struct Tail {
     epoch: u64,
     last_seq: u64,
+    /// Whether `pending` holds every row of the session in `recent`: the
+    /// session was created or claimed by this writer (a claim moves what
+    /// `recent` held first).
+    tracked: bool,
 }
 
 fn writer_loop(
@@ -371,8 +388,14 @@ fn writer_loop(
             let _ = reply.send(result);
         }
         // The acknowledgements are out; now the move, if due.
-        if writer.recent_rows().is_ok_and(|n| n >= writer.flush_rows) {
-            let _ = writer.flush_alone();
+        if let Ok(rows) = writer.recent_rows() {
+            if rows < writer.recent_seen {
+                writer.moved();
+            }
+            writer.recent_seen = rows;
+            if rows >= writer.flush_rows && writer.flush_alone().is_ok() {
+                writer.moved();
+            }
         }
         // Once the WAL starts over its file is cut back to the limit, so a
         // file above it holds that much of the current WAL. Between two of
@@ -403,13 +426,13 @@ thread_local! {
 /// Poll interval while another process holds the write lock, and the
 /// pause a writer that found the lock contended leaves before taking it
 /// again.
-const HAND_OFF: Duration = Duration::from_micros(50);
+const HAND_OFF: Duration = Duration::from_micros(100);
 
 /// The writer's busy handler. SQLite's own sleeps 1, 2, 5, 10 … up to 100
 /// ms between tries, while a group commit holds the lock for a millisecond
 /// or two: three processes on one file spent most of their time asleep
 /// beside a free lock (throughput fell 2.4× from one instance to three).
-/// This one tries again every 50 µs, until the busy timeout.
+/// This one tries again every 100 µs, until the busy timeout.
 fn busy_wait(count: i32) -> bool {
     let now = std::time::Instant::now();
     let since = match BUSY_SINCE.with(Cell::get) {
@@ -445,12 +468,21 @@ DELETE FROM recent;
 
 impl Writer {
     /// Rows waiting in `recent` (ids are consecutive: it is only ever
-    /// emptied whole).
+    /// emptied whole). Two subqueries: SQLite finds a lone min() or max()
+    /// at the end of the index, but both in one query scan the table.
     fn recent_rows(&self) -> rusqlite::Result<usize> {
         self.conn
-            .prepare_cached("SELECT coalesce(max(id) - min(id) + 1, 0) FROM recent")?
+            .prepare_cached(
+                "SELECT coalesce((SELECT max(id) FROM recent) - (SELECT min(id) FROM recent) + 1, 0)",
+            )?
             .query_row([], |r| r.get::<_, i64>(0))
             .map(|n| n.max(0) as usize)
+    }
+
+    /// `recent` was emptied: no row ids to remember.
+    fn moved(&mut self) {
+        self.pending.clear();
+        self.recent_seen = 0;
     }
 
     fn flush_alone(&mut self) -> rusqlite::Result<()> {
@@ -477,7 +509,10 @@ impl Writer {
             Err(e) => return fail_all(e),
         };
         // A claim reads the transcript from `events` alone.
-        if batch.iter().any(|(op, _)| matches!(op, WriteOp::Claim { .. })) {
+        let claims = batch
+            .iter()
+            .any(|(op, _)| matches!(op, WriteOp::Claim { .. }));
+        if claims {
             if let Err(e) = tx.execute_batch(FLUSH) {
                 return fail_all(e);
             }
@@ -489,6 +524,7 @@ impl Writer {
             let mut tails = Tails {
                 known: &self.tails,
                 learned: &mut learned,
+                pending: &mut self.pending,
             };
             let result = if single_write {
                 apply(&tx, op, &mut tails)
@@ -510,6 +546,9 @@ impl Writer {
         }
         match tx.commit() {
             Ok(()) => {
+                if claims {
+                    self.moved();
+                }
                 for (id, tail) in learned {
                     if tail.epoch == 0 {
                         self.tails.remove(&id);
@@ -529,35 +568,50 @@ impl Writer {
 struct Tails<'a> {
     known: &'a HashMap<String, Tail>,
     learned: &'a mut HashMap<String, Tail>,
+    pending: &'a mut HashMap<String, Vec<i64>>,
 }
 
 impl Tails<'_> {
-    /// The highest seq stored for `session_id` at `epoch` (the current
-    /// one), from memory or, the first time, from the tables.
-    fn last_seq(&self, conn: &Connection, session_id: &str, epoch: u64) -> StoreResult<u64> {
+    /// What this writer knows of `session_id` at `epoch` (the current
+    /// one), or, the first time, what the tables say.
+    fn tail(&self, conn: &Connection, session_id: &str, epoch: u64) -> StoreResult<Tail> {
         let known = self
             .learned
             .get(session_id)
             .or_else(|| self.known.get(session_id));
         if let Some(tail) = known.filter(|t| t.epoch == epoch) {
-            return Ok(tail.last_seq);
+            return Ok(*tail);
         }
         conn.prepare_cached(
             "SELECT max(coalesce((SELECT max(seq) FROM events WHERE session_id = ?1), 0),
                         coalesce((SELECT max(seq) FROM recent WHERE session_id = ?1), 0))",
         )
         .and_then(|mut st| st.query_row(params![session_id], |r| r.get::<_, i64>(0)))
-        .map(|n| n.max(0) as u64)
+        .map(|n| Tail {
+            epoch,
+            last_seq: n.max(0) as u64,
+            tracked: false,
+        })
         .map_err(unavailable)
     }
 
-    fn learn(&mut self, session_id: &str, epoch: u64, last_seq: u64) {
-        self.learned
-            .insert(session_id.to_owned(), Tail { epoch, last_seq });
+    fn learn(&mut self, session_id: &str, tail: Tail) {
+        self.learned.insert(session_id.to_owned(), tail);
     }
 
     fn forget(&mut self, session_id: &str) {
-        self.learn(session_id, 0, 0);
+        self.pending.remove(session_id);
+        let gone = Tail {
+            epoch: 0,
+            last_seq: 0,
+            tracked: false,
+        };
+        self.learn(session_id, gone);
+    }
+
+    /// Where this writer keeps the ids of `session_id`'s rows in `recent`.
+    fn rows(&mut self, session_id: &str) -> &mut Vec<i64> {
+        self.pending.entry(session_id.to_owned()).or_default()
     }
 }
 
@@ -585,16 +639,23 @@ fn apply(conn: &Connection, op: &WriteOp, tails: &mut Tails<'_>) -> StoreResult<
             if inserted == 0 {
                 return Err(StoreError::AlreadyExists(record.session_id.clone()));
             }
-            let last = insert_events(conn, &record.session_id, 0, events)?;
-            tails.learn(&record.session_id, record.epoch, last);
+            let rows = tails.rows(&record.session_id);
+            let last_seq = insert_events(conn, &record.session_id, 0, events, rows)?;
+            let tail = Tail {
+                epoch: record.epoch,
+                last_seq,
+                tracked: true,
+            };
+            tails.learn(&record.session_id, tail);
             Ok(WriteOutput::Done)
         }
         WriteOp::Append(a) => {
             let current = current_epoch(conn, &a.session_id)?;
             check_epoch(&a.session_id, a.epoch, current)?;
-            let last = tails.last_seq(conn, &a.session_id, a.epoch)?;
-            let last = insert_events(conn, &a.session_id, last, &a.events)?;
-            tails.learn(&a.session_id, a.epoch, last);
+            let mut tail = tails.tail(conn, &a.session_id, a.epoch)?;
+            let rows = tails.rows(&a.session_id);
+            tail.last_seq = insert_events(conn, &a.session_id, tail.last_seq, &a.events, rows)?;
+            tails.learn(&a.session_id, tail);
             conn.prepare_cached(
                 "UPDATE sessions SET state = ?2 WHERE session_id = ?1 AND state <> ?2",
             )
@@ -618,15 +679,34 @@ fn apply(conn: &Connection, op: &WriteOp, tails: &mut Tails<'_>) -> StoreResult<
             .map_err(unavailable)?;
             // The batch began with the move: `recent` holds none of it.
             let events = select_events(conn, session_id, false).map_err(unavailable)?;
-            let last = events.last().map_or(0, |e| e.seq);
-            tails.learn(session_id, record.epoch, last);
+            let tail = Tail {
+                epoch: record.epoch,
+                last_seq: events.last().map_or(0, |e| e.seq),
+                tracked: true,
+            };
+            tails.learn(session_id, tail);
             Ok(WriteOutput::Claimed(Box::new((record, events))))
         }
         WriteOp::Delete { session_id, epoch } => {
             // A closed session is deleted too: closing precedes deletion.
             let (current, _) = current_epoch(conn, session_id)?;
             check_epoch(session_id, *epoch, (current, SessionState::Active))?;
-            // Its rows still in `recent` go with the next move.
+            // Its rows in `recent`: by id when this writer wrote them all,
+            // else by a scan.
+            let tail = tails.tail(conn, session_id, *epoch)?;
+            let rows = std::mem::take(tails.rows(session_id));
+            if tail.tracked {
+                let mut st = conn
+                    .prepare_cached("DELETE FROM recent WHERE id = ?1 AND session_id = ?2")
+                    .map_err(unavailable)?;
+                for id in rows {
+                    st.execute(params![id, session_id]).map_err(unavailable)?;
+                }
+            } else {
+                conn.prepare_cached("DELETE FROM recent WHERE session_id = ?1")
+                    .and_then(|mut st| st.execute(params![session_id]))
+                    .map_err(unavailable)?;
+            }
             conn.prepare_cached("DELETE FROM events WHERE session_id = ?1")
                 .and_then(|mut st| st.execute(params![session_id]))
                 .map_err(unavailable)?;
@@ -673,12 +753,14 @@ fn check_epoch(
 }
 
 /// Insert `events` into `recent` after a stored `last_seq`; each must
-/// come after the one before it. The new last seq.
+/// come after the one before it. The new last seq; the rows' ids are
+/// added to `rows`.
 fn insert_events(
     conn: &Connection,
     session_id: &str,
     mut last_seq: u64,
     events: &[Event],
+    rows: &mut Vec<i64>,
 ) -> StoreResult<u64> {
     let mut st = conn
         .prepare_cached(
@@ -706,6 +788,7 @@ fn insert_events(
             e.at_ms
         ])
         .map_err(unavailable)?;
+        rows.push(conn.last_insert_rowid());
         last_seq = e.seq;
     }
     Ok(last_seq)
@@ -1171,6 +1254,58 @@ mod tests {
         }
         println!("{cut_short} of 20 chats claimed while their owner was writing");
         assert!(cut_short > 0, "no claim met an owner still writing");
+    }
+
+    /// Closing a chat deletes its rows at once, also those still waiting
+    /// in `recent`: found by id when this writer wrote them, by a scan
+    /// when another one did.
+    #[tokio::test]
+    async fn deleting_a_session_removes_its_rows_from_both_tables() {
+        use crate::store::suite::{append, message, new_record};
+        let path = temp_db("delete");
+        let options = SqliteOptions {
+            flush_rows: 4,
+            ..SqliteOptions::default()
+        };
+        let (a, b) = (
+            SqliteStore::open(&path, options).unwrap(),
+            SqliteStore::open(&path, options).unwrap(),
+        );
+        async fn count(store: &SqliteStore, table: &'static str, id: String) -> StoreResult<i64> {
+            let sql = format!("SELECT count(*) FROM {table} WHERE session_id = ?1");
+            store
+                .read(move |c| c.query_row(&sql, [id], |r| r.get::<_, i64>(0)))
+                .await
+        }
+        for deleter in ["owner", "another writer"] {
+            let record = new_record("inst-a");
+            let other = new_record("inst-a");
+            a.create_session(record.clone(), vec![]).await.unwrap();
+            a.create_session(other.clone(), vec![]).await.unwrap();
+            // Six rows: some move to `events`, the last wait in `recent`.
+            for seq in 1..=6 {
+                let event = message(seq, "x", None);
+                a.append_events(append(&record, 1, vec![event]))
+                    .await
+                    .unwrap();
+            }
+            a.append_events(append(&other, 1, vec![message(1, "kept", None)]))
+                .await
+                .unwrap();
+            let id = record.session_id.clone();
+            assert!(count(&a, "recent", id.clone()).await.unwrap() > 0);
+            assert!(count(&a, "events", id.clone()).await.unwrap() > 0);
+            let store = if deleter == "owner" { &a } else { &b };
+            store.delete_session(&id, 1).await.unwrap();
+            assert_eq!(
+                count(&a, "recent", id.clone()).await.unwrap(),
+                0,
+                "{deleter}"
+            );
+            assert_eq!(count(&a, "events", id).await.unwrap(), 0, "{deleter}");
+            let (_, kept) = a.load(&other.session_id).await.unwrap().unwrap();
+            assert_eq!(kept.len(), 1, "{deleter}: another chat's rows stay");
+        }
     }
 
     /// Saves without a pause must not grow the WAL without bound: the

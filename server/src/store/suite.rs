@@ -62,7 +62,6 @@ pub struct Capabilities {
     /// epoch check). Without it (Cassandra, no lightweight transactions)
     /// the owner's seq counter, under fencing, keeps writes unique.
     pub refuses_duplicate_seq: bool,
-
 }
 
 pub async fn run_all(a: &dyn SessionStore, b: &dyn SessionStore, caps: Capabilities) {
