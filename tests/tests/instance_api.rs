@@ -7,12 +7,15 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 /// Events of `chat` in the file, in either of the store's tables (new
-/// ones wait in `recent` until the writer moves them to `events`).
+/// ones wait in `recent_N` until the writer moves them to `events`).
 fn stored_event_count(db: &std::path::Path, chat: &str) -> i64 {
     let conn = rusqlite::Connection::open(db).unwrap();
     conn.query_row(
         "SELECT (SELECT count(*) FROM events WHERE session_id = ?1)
-              + (SELECT count(*) FROM recent WHERE session_id = ?1)",
+              + (SELECT count(*) FROM recent_0 WHERE session_id = ?1)
+              + (SELECT count(*) FROM recent_1 WHERE session_id = ?1)
+              + (SELECT count(*) FROM recent_2 WHERE session_id = ?1)
+              + (SELECT count(*) FROM recent_3 WHERE session_id = ?1)",
         [chat],
         |r| r.get(0),
     )

@@ -335,10 +335,11 @@ fn write_bytes(pid: i32) -> u64 {
         .expect("write_bytes in /proc/PID/io")
 }
 
-/// A 100-byte message costs about 3 KB of disk writes with the store's
-/// arrival-order table (23 KB with events keyed by chat alone, measured by
-/// `confab-bench --scenario cluster`); a generous bound, so that a layout
-/// that writes a page per message again fails here. The speed figures live
+/// A 100-byte message costs 3.5–6 KB of disk writes with the store's
+/// arrival-order tables (23–28 KB with events keyed by chat alone, measured
+/// by `confab-bench --scenario cluster`; smaller group commits, as on a
+/// slow machine, cost more); a generous bound, so that a layout that
+/// writes a page or two per message again fails here. The speed figures live
 /// in the benchmark. 20,000 messages over 200 chats: rows move between the
 /// store's tables at least once, and the checkpoints copy them back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -374,7 +375,7 @@ async fn a_hundred_byte_message_costs_kilobytes_of_disk_writes_not_tens() {
     let per_message = (write_bytes(a.pid()) - before) as f64 / 20_000.0;
     println!("{per_message:.0} bytes written per 100-byte message");
     assert!(
-        per_message < 8192.0,
+        per_message < 12_288.0,
         "{per_message:.0} bytes written per message"
     );
 }
