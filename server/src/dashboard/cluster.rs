@@ -579,14 +579,8 @@ impl Cluster {
     pub async fn sessions(&self, id: &str, after: &str) -> Result<SessionsView, String> {
         let url = self.find(id).await?;
         let answer = self
-            .client
-            .get(format!("{url}{}", paths::ADMIN_SESSIONS))
-            .query(&[("after", after)])
-            .bearer_auth(&self.admin_token)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| format!("{id}: {}", describe(&e)))?;
+            .admin_get(id, &format!("{url}{}", paths::ADMIN_SESSIONS), after)
+            .await?;
         if !answer.status().is_success() {
             return Err(format!("{id} answered {}", answer.status()));
         }
@@ -614,6 +608,23 @@ impl Cluster {
         })
     }
 
+    /// GET one page of an instance's admin listing, after `after`.
+    async fn admin_get(
+        &self,
+        id: &str,
+        url: &str,
+        after: impl serde::Serialize,
+    ) -> Result<reqwest::Response, String> {
+        self.client
+            .get(url)
+            .query(&[("after", after)])
+            .bearer_auth(&self.admin_token)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| format!("{id}: {}", describe(&e)))
+    }
+
     /// A hosted chat's whole transcript, page by page.
     pub async fn transcript(&self, id: &str, chat: &str) -> Result<Vec<TranscriptLine>, String> {
         crate::contract::check_chat_id(chat).map_err(|_| format!("no chat {chat}"))?;
@@ -621,15 +632,8 @@ impl Cluster {
         let mut lines = Vec::new();
         let mut after = 0u64;
         loop {
-            let answer = self
-                .client
-                .get(format!("{url}{}", paths::admin_transcript(chat)))
-                .query(&[("after", after)])
-                .bearer_auth(&self.admin_token)
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await
-                .map_err(|e| format!("{id}: {}", describe(&e)))?;
+            let page_url = format!("{url}{}", paths::admin_transcript(chat));
+            let answer = self.admin_get(id, &page_url, after).await?;
             if !answer.status().is_success() {
                 return Err(format!("{id} answered {} for chat {chat}", answer.status()));
             }

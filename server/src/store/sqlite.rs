@@ -12,15 +12,16 @@
 //!
 //! Events are written twice, and that is what keeps disk writes small. A
 //! commit writes whole 4 KiB pages: with events keyed by (session, seq), a
-//! group commit of 32 messages to 32 chats touched 32 leaf pages (and as
-//! many of a `client_msg_id` index), about 20 KB written per 100-byte
-//! message once the checkpoint copied them back. So a message goes first to
-//! `recent`, a table in arrival order whose rows of one commit share their
-//! pages; every `flush_rows` rows, or before a claim reads a transcript,
-//! the rows move to `events` in one sorted insert, where each chat's rows
-//! of the interval fill its pages together (~2 KB written per message).
-//! Reads that are not claims take both tables; deleting a session finds
-//! its rows in `recent` by the ids its writer kept. Uniqueness of (session,
+//! group commit of 40 messages to 40 chats touched 40 leaf pages (and as
+//! many of a `client_msg_id` index), 23–28 KB written per 100-byte message
+//! once the checkpoint copied them back. So a message goes first to one of
+//! the `recent_N` tables (`PARTITIONS` of them, by chat), in arrival order, whose
+//! rows of one commit share their pages; the tables move to `events` one
+//! at a time in sorted inserts, and a claim moves its chat's table first,
+//! so each chat's rows of an interval fill its pages together (3.5–5.8 KB
+//! written per message, `confab-bench --scenario cluster`). Reads that are
+//! not claims take both tables; deleting a session finds its rows in
+//! `recent_N` by the ids its writer kept. Uniqueness of (session,
 //! seq) is checked against the writer's memory of each session's last seq
 //! (kept per epoch, so a claim elsewhere invalidates it); a `client_msg_id`
 //! counts once on reading, as in the Cassandra store, and the owner
@@ -53,20 +54,6 @@ CREATE TABLE IF NOT EXISTS sessions (
     nickname       TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_by_state ON sessions (state, created_at);
-CREATE TABLE IF NOT EXISTS events (
-    session_id     TEXT NOT NULL,
-    seq            INTEGER NOT NULL,
-    kind           TEXT NOT NULL,
-    participant_id TEXT,
-    nickname       TEXT,
-    text           TEXT,
-    reason         TEXT,
-    role           TEXT,
-    client_msg_id  TEXT,
-    at             INTEGER NOT NULL,
-    PRIMARY KEY (session_id, seq)
-) WITHOUT ROWID;
-DROP INDEX IF EXISTS events_client_msg_id;
 CREATE TABLE IF NOT EXISTS recent_moves (
     one        INTEGER PRIMARY KEY CHECK (one = 1),
     steps      INTEGER NOT NULL,
@@ -103,6 +90,19 @@ struct Partition {
     move_all: [String; 2],
 }
 
+/// An event row's columns with their types, in `events` and in `recent_N`.
+const EVENT_COLUMN_TYPES: &str = "
+    session_id     TEXT NOT NULL,
+    seq            INTEGER NOT NULL,
+    kind           TEXT NOT NULL,
+    participant_id TEXT,
+    nickname       TEXT,
+    text           TEXT,
+    reason         TEXT,
+    role           TEXT,
+    client_msg_id  TEXT,
+    at             INTEGER NOT NULL";
+
 /// The columns of an event row, in `events` and in `recent_N`.
 const EVENT_COLUMNS: &str =
     "session_id, seq, kind, participant_id, nickname, text, reason, role, client_msg_id, at";
@@ -118,18 +118,7 @@ fn partitions() -> &'static [Partition] {
                 Partition {
                     create: format!(
                         "CREATE TABLE IF NOT EXISTS {t} (
-                            id             INTEGER PRIMARY KEY AUTOINCREMENT,
-                            session_id     TEXT NOT NULL,
-                            seq            INTEGER NOT NULL,
-                            kind           TEXT NOT NULL,
-                            participant_id TEXT,
-                            nickname       TEXT,
-                            text           TEXT,
-                            reason         TEXT,
-                            role           TEXT,
-                            client_msg_id  TEXT,
-                            at             INTEGER NOT NULL
-                        )"
+                            id INTEGER PRIMARY KEY AUTOINCREMENT, {EVENT_COLUMN_TYPES})"
                     ),
                     insert: format!(
                         "INSERT INTO {t} ({EVENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
@@ -263,6 +252,11 @@ fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<
 /// column is found on looking again.
 fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS events ({EVENT_COLUMN_TYPES},
+            PRIMARY KEY (session_id, seq)) WITHOUT ROWID;
+         DROP INDEX IF EXISTS events_client_msg_id;"
+    ))?;
     for partition in partitions() {
         conn.execute_batch(&partition.create)?;
     }
