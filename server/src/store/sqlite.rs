@@ -1082,6 +1082,7 @@ impl SessionStore for SqliteStore {
 /// Final transcripts in SQLite (by default the session store's own file).
 pub struct SqliteContactStore {
     conn: Arc<Mutex<Connection>>,
+    busy_timeout: Duration,
 }
 
 impl SqliteContactStore {
@@ -1090,14 +1091,19 @@ impl SqliteContactStore {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
         let deadline = std::time::Instant::now() + options.busy_timeout;
-        let conn = retry_busy(deadline, || {
+        let mut conn = retry_busy(deadline, || {
             let conn = open(path, options)?;
             create_schema(&conn)?;
             Ok(conn)
         })
         .map_err(unavailable)?;
+        // Waits for the write lock as the session writers do: with
+        // SQLite's sleeping handler it lost the lock to them again and
+        // again, and a chat's close waited for its final transcript.
+        conn.busy_handler(Some(busy_wait)).map_err(unavailable)?;
         Ok(SqliteContactStore {
             conn: Arc::new(Mutex::new(conn)),
+            busy_timeout: options.busy_timeout,
         })
     }
 }
@@ -1105,9 +1111,10 @@ impl SqliteContactStore {
 #[async_trait]
 impl ContactStore for SqliteContactStore {
     async fn save_final_transcript(&self, t: FinalTranscript) -> StoreResult<()> {
-        let conn = self.conn.clone();
+        let (conn, busy_timeout) = (self.conn.clone(), self.busy_timeout);
         let body = serde_json::to_string(&t.events).map_err(unavailable)?;
         tokio::task::spawn_blocking(move || {
+            BUSY_TIMEOUT.with(|t| t.set(busy_timeout));
             conn.lock().execute(
                 "INSERT INTO final_transcripts (session_id, intx, closed_at, transcript)
                  VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
