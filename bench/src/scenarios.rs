@@ -306,7 +306,7 @@ const CLUSTER_SECRET: &str = "bench-cluster-secret";
 /// An HTTP client that presents the cluster secret (the direct-to-instance
 /// figures call the instances' internal API).
 fn client_builder() -> reqwest::ClientBuilder {
-    reqwest::Client::builder().default_headers(reqwest::header::HeaderMap::from_iter([(
+    confab_e2e::client().default_headers(reqwest::header::HeaderMap::from_iter([(
         reqwest::header::HeaderName::from_static(confab::contract::CLUSTER_SECRET_HEADER),
         reqwest::header::HeaderValue::from_static(CLUSTER_SECRET),
     )]))
@@ -331,7 +331,7 @@ impl ServerProcess {
             .spawn()
             .context("starting a confab component")?;
         let url = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::new();
+        let client = confab_e2e::client().build().unwrap();
         for _ in 0..400 {
             if client.get(format!("{url}/healthz")).send().await.is_ok() {
                 return Ok(ServerProcess { child, url });
@@ -391,6 +391,9 @@ impl ServerProcess {
             "gateway.token-secret=bench".into(),
             "--set".into(),
             format!("gateway.instance-channel={channel}"),
+            // The load generator is one address with many connections.
+            "--set".into(),
+            "http.max-connections-per-address=0".into(),
         ];
         Self::spawn(&args, port).await
     }

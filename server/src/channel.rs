@@ -256,18 +256,14 @@ impl Channel {
         base: &str,
         secret: &crate::contract::ClusterSecret,
     ) -> Result<Arc<Channel>, ConnectError> {
-        let url = format!(
-            "{}{PATH}",
-            base.replacen("http://", "ws://", 1)
-                .replacen("https://", "wss://", 1)
-        );
+        let url = crate::tls::websocket_url(base, PATH);
         let request = secret
             .websocket_request(&url)
             .map_err(|e| ConnectError::Failed(e.to_string()))?;
         let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
         config.max_message_size = Some(MAX_FRAME);
         config.max_frame_size = Some(MAX_FRAME);
-        let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+        let connect = crate::tls::websocket(request, Some(config));
         let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| ConnectError::Failed("the channel handshake timed out".into()))?

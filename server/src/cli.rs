@@ -194,6 +194,7 @@ impl GatewayArgs {
 }
 
 pub fn main() -> ExitCode {
+    crate::tls::install_default_provider();
     let cli = Cli::parse();
     let log_format = cli.log_format;
     telemetry::init_logging(log_format);

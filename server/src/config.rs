@@ -245,6 +245,9 @@ pub struct GatewayConfig {
     /// false: one HTTP/1.1 request per call.
     pub instance_channel: bool,
     pub max_sockets_per_participant: usize,
+    /// A participant's WebSocket is pinged this often, and closed when it
+    /// has sent nothing (a pong included) for two of these.
+    pub ws_ping_interval: Duration,
     /// Proxies whose `X-Forwarded-For` / `Forwarded` name the client.
     pub trusted_proxies: Vec<IpNet>,
 }
@@ -278,6 +281,51 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub cluster: ClusterConfig,
     pub dashboard: DashboardConfig,
+    pub http: HttpConfig,
+}
+
+/// `[http]`: how every listener serves (instance, gateway, dashboard,
+/// supervisor) and what the components trust when they call each other
+/// (crate::listener, crate::tls).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConfig {
+    /// A request's head must arrive within this of the connection opening or
+    /// of the previous answer: slow clients and idle keep-alives end then.
+    pub header_timeout: Duration,
+    /// Deadline on reading one whole request body.
+    pub body_timeout: Duration,
+    /// Open connections (WebSockets included) one client address may hold;
+    /// 0: no cap.
+    pub max_connections_per_address: usize,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// CA certificates trusted for `https://` URLs of other components;
+    /// none: the system's roots.
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+impl HttpConfig {
+    /// The listener's certificate and key, when it serves TLS.
+    pub fn tls_identity(&self) -> Option<(&Path, &Path)> {
+        Some((
+            self.tls_cert_file.as_deref()?,
+            self.tls_key_file.as_deref()?,
+        ))
+    }
+
+    /// The scheme this process's listeners speak.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls_identity().is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The client side: what `https://` URLs of other components must show.
+    pub fn client_tls(&self) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+        crate::tls::client_config(self.tls_ca_file.as_deref())
+    }
 }
 
 /// `[cluster]`: what every instance and gateway of one cluster share.
@@ -561,6 +609,12 @@ pub const OPTIONS: &[OptionSpec] = &[
         "WebSockets one participant may hold open at once (tabs, devices)",
     ),
     opt(
+        "gateway",
+        "ws-ping-interval",
+        r#""20s""#,
+        "ping each WebSocket this often; silent for two of these: closed",
+    ),
+    opt(
         "dashboard",
         "listen",
         r#""127.0.0.1:8090""#,
@@ -637,6 +691,42 @@ pub const OPTIONS: &[OptionSpec] = &[
         "secret-file",
         r#""""#,
         "a file holding the cluster secret (confab up makes one)",
+    ),
+    opt(
+        "http",
+        "header-timeout",
+        r#""10s""#,
+        "a request head must arrive within this; also the keep-alive idle time",
+    ),
+    opt(
+        "http",
+        "body-timeout",
+        r#""30s""#,
+        "deadline on reading one request body",
+    ),
+    opt(
+        "http",
+        "max-connections-per-address",
+        "256",
+        "connections (WebSockets included) per client address; 0: no cap",
+    ),
+    opt(
+        "http",
+        "tls-cert-file",
+        r#""""#,
+        "PEM certificate chain: listeners serve HTTPS (with tls-key-file)",
+    ),
+    opt(
+        "http",
+        "tls-key-file",
+        r#""""#,
+        "PEM private key of tls-cert-file",
+    ),
+    opt(
+        "http",
+        "tls-ca-file",
+        r#""""#,
+        "PEM CA certificates trusted for https:// URLs (\"\": the system's)",
     ),
 ];
 
@@ -1028,6 +1118,7 @@ impl Layers {
                 1,
                 1000,
             )? as usize,
+            ws_ping_interval: self.duration("gateway.ws-ping-interval")?,
             trusted_proxies: self
                 .list("gateway.trusted-proxies")?
                 .iter()
@@ -1056,6 +1147,42 @@ impl Layers {
             agent_credential: self.secret("dashboard.agent-credential")?,
             state_dir: self.opt_string("dashboard.state-dir")?.map(PathBuf::from),
         };
+        let http = HttpConfig {
+            header_timeout: self.duration("http.header-timeout")?,
+            body_timeout: self.duration("http.body-timeout")?,
+            max_connections_per_address: self.integer(
+                "http.max-connections-per-address",
+                0,
+                10_000_000,
+            )? as usize,
+            tls_cert_file: self.opt_string("http.tls-cert-file")?.map(PathBuf::from),
+            tls_key_file: self.opt_string("http.tls-key-file")?.map(PathBuf::from),
+            tls_ca_file: self.opt_string("http.tls-ca-file")?.map(PathBuf::from),
+        };
+        for key in [
+            "http.header-timeout",
+            "http.body-timeout",
+            "gateway.ws-ping-interval",
+        ] {
+            let d = self.duration(key)?;
+            if d < Duration::from_millis(100) {
+                return Err(Self::invalid(
+                    key,
+                    &Value::String(humantime::format_duration(d).to_string()),
+                    "at least 100ms",
+                ));
+            }
+        }
+        if http.tls_cert_file.is_some() != http.tls_key_file.is_some() {
+            return Err(ConfigError::Invalid {
+                option: "http.tls-key-file".into(),
+                value: format!(
+                    "{:?}",
+                    http.tls_key_file.as_deref().unwrap_or(Path::new(""))
+                ),
+                expected: "both http.tls-cert-file and http.tls-key-file, or neither".into(),
+            });
+        }
         Ok(Config {
             settings,
             cassandra,
@@ -1063,6 +1190,7 @@ impl Layers {
             gateway,
             cluster,
             dashboard,
+            http,
         })
     }
 }
@@ -1130,6 +1258,7 @@ pub enum Section {
     Gateway,
     Cluster,
     Dashboard,
+    Http,
 }
 
 impl Config {
@@ -1146,6 +1275,7 @@ impl Config {
                 Section::Gateway => ("gateway", self.gateway_table()),
                 Section::Cluster => ("cluster", self.cluster_table()),
                 Section::Dashboard => ("dashboard", self.dashboard_table()),
+                Section::Http => ("http", self.http_table()),
             };
             file.insert(name.into(), Value::Table(table));
         }
@@ -1292,6 +1422,7 @@ impl Config {
             "max-sockets-per-participant",
             Value::Integer(g.max_sockets_per_participant as i64),
         );
+        put(&mut t, "ws-ping-interval", duration(g.ws_ping_interval));
         let proxies: Vec<String> = g.trusted_proxies.iter().map(IpNet::to_string).collect();
         put(&mut t, "trusted-proxies", list(&proxies));
         t
@@ -1319,6 +1450,28 @@ impl Config {
         }
         put(&mut t, "session-ttl", duration(d.session_ttl));
         put(&mut t, "instance-timeout", duration(d.instance_timeout));
+        t
+    }
+
+    fn http_table(&self) -> toml::Table {
+        let h = &self.http;
+        let mut t = toml::Table::new();
+        put(&mut t, "header-timeout", duration(h.header_timeout));
+        put(&mut t, "body-timeout", duration(h.body_timeout));
+        put(
+            &mut t,
+            "max-connections-per-address",
+            Value::Integer(h.max_connections_per_address as i64),
+        );
+        for (name, file) in [
+            ("tls-cert-file", &h.tls_cert_file),
+            ("tls-key-file", &h.tls_key_file),
+            ("tls-ca-file", &h.tls_ca_file),
+        ] {
+            if let Some(f) = file {
+                put(&mut t, name, path(f));
+            }
+        }
         t
     }
 
@@ -1576,6 +1729,7 @@ rate-limit-burst = 6
 health-interval = "1s"
 instance-channel = false
 max-sockets-per-participant = 3
+ws-ping-interval = "7s"
 trusted-proxies = ["10.0.0.0/8", "::1/128"]
 [cluster]
 secret = "cs"
@@ -1589,6 +1743,13 @@ session-ttl = "1h"
 instance-timeout = "2s"
 agent-credential = "agent"
 state-dir = "/var/lib/confab/dashboard"
+[http]
+header-timeout = "5s"
+body-timeout = "20s"
+max-connections-per-address = 64
+tls-cert-file = "/etc/confab/cert.pem"
+tls-key-file = "/etc/confab/key.pem"
+tls-ca-file = "/etc/confab/ca.pem"
 "#,
         )
         .unwrap();
@@ -1599,11 +1760,12 @@ state-dir = "/var/lib/confab/dashboard"
             Section::Gateway,
             Section::Cluster,
             Section::Dashboard,
+            Section::Http,
         ];
         let written = c.to_toml(&all);
         assert_eq!(resolve(&written).unwrap(), c, "{written}");
         for o in OPTIONS {
-            if o.name.ends_with("-file") && o.name != "tls-ca-file" {
+            if o.name.ends_with("-file") && !o.name.starts_with("tls-") {
                 continue; // a secret's file variant: the value is written
             }
             assert!(

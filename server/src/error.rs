@@ -148,6 +148,12 @@ where
                 let status = rejection.status();
                 return Err(if status == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::too_large("request body too large")
+                } else if body_timed_out(&rejection) {
+                    ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request_timeout",
+                        "the request body did not arrive within http.body-timeout",
+                    )
                 } else {
                     ApiError::new(status, "bad_request", rejection.body_text())
                 });
@@ -160,6 +166,19 @@ where
             .map(JsonBody)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {}", plain_serde(&e))))
     }
+}
+
+/// Whether reading a body failed on the listener's body deadline
+/// (crate::listener).
+fn body_timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// How much of a refused oversized body is read (and dropped) before the

@@ -13,11 +13,13 @@ pub mod error;
 pub mod gateway;
 pub mod instance;
 pub mod keyed_lock;
+pub mod listener;
 pub mod process;
 pub mod session;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;
+pub mod tls;
 pub mod ws;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

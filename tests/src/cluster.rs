@@ -20,9 +20,15 @@ pub struct TestCluster {
 }
 
 impl TestCluster {
+    pub async fn start(instances: u16, extra: &[&str]) -> TestCluster {
+        Self::start_with(instances, extra, Http::default()).await
+    }
+
+    /// [`TestCluster::start`] with a client of one's own (one that trusts
+    /// a test CA, say).
     // The child is reaped in Drop.
     #[allow(clippy::zombie_processes)]
-    pub async fn start(instances: u16, extra: &[&str]) -> TestCluster {
+    pub async fn start_with(instances: u16, extra: &[&str], http: Http) -> TestCluster {
         let dir = crate::data_dir();
         let ports = UpPorts::free(instances);
         let sup = ports.supervisor;
@@ -48,13 +54,16 @@ impl TestCluster {
         }
         let child = cmd.spawn().expect("starting confab up");
         let cluster_json = dir.path().join("cluster.json");
-        let http = Http::default();
         let deadline = Instant::now() + Duration::from_secs(60);
-        let supervisor = format!("http://127.0.0.1:{sup}");
         loop {
             if let Ok(text) = std::fs::read_to_string(&cluster_json) {
                 let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                 let token = v["admin_token"].as_str().unwrap_or("").to_owned();
+                let supervisor = v["supervisor"].as_str().unwrap_or("").to_owned();
+                assert!(
+                    supervisor.ends_with(&format!("127.0.0.1:{sup}")),
+                    "{supervisor}"
+                );
                 if let Ok(a) = http
                     .try_get(&format!("{supervisor}/cluster"), Some(&token))
                     .await
@@ -257,11 +266,12 @@ impl TestCluster {
     }
 
     pub fn ws_url(&self, chat: &Chat, after: u64) -> String {
-        format!(
-            "{}/api/v1/chats/{}/ws?token={}&after={after}",
-            self.gateway.replacen("http://", "ws://", 1),
-            chat.id,
-            chat.token
+        confab::tls::websocket_url(
+            &self.gateway,
+            &format!(
+                "/api/v1/chats/{}/ws?token={}&after={after}",
+                chat.id, chat.token
+            ),
         )
     }
 

@@ -14,6 +14,7 @@ pub mod browser;
 pub mod cluster;
 pub mod cql_node;
 pub mod kassandra;
+pub mod tls;
 pub mod ws;
 
 /// The `confab` binary, built once per process with the same profile as
@@ -59,6 +60,13 @@ pub fn confab_bin() -> &'static Path {
 }
 
 /// A port for a test server to listen on.
+/// An HTTP client builder for tests: confab's reqwest has no TLS provider
+/// of its own, so the process's default (ring) is installed first.
+pub fn client() -> reqwest::ClientBuilder {
+    confab::tls::install_default_provider();
+    reqwest::Client::builder()
+}
+
 pub fn free_port() -> u16 {
     free_ports(1)
 }
@@ -199,7 +207,7 @@ impl Server {
     /// (its port was taken): the caller picks another port.
     async fn wait_healthy(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let client = reqwest::Client::new();
+        let client = client().build().expect("an HTTP client");
         let pid = self.pid() as u64;
         loop {
             if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -336,8 +344,20 @@ pub struct Http {
 
 impl Default for Http {
     fn default() -> Self {
+        Http::with(client())
+    }
+}
+
+impl Http {
+    /// Trusting `ca_pem` only.
+    pub fn trusting(ca_pem: &[u8]) -> Http {
+        let ca = reqwest::Certificate::from_pem(ca_pem).expect("a PEM CA certificate");
+        Http::with(client().tls_certs_only([ca]))
+    }
+
+    fn with(builder: reqwest::ClientBuilder) -> Http {
         Http {
-            client: reqwest::Client::builder()
+            client: builder
                 .timeout(Duration::from_secs(30))
                 .default_headers(reqwest::header::HeaderMap::from_iter([(
                     reqwest::header::HeaderName::from_static(CLUSTER_SECRET_HEADER),

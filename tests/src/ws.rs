@@ -17,12 +17,22 @@ impl EventStream {
     /// Connect to a chat's stream (an instance's or the gateway's), with
     /// the harness's cluster secret.
     pub async fn connect(url: &str) -> Result<EventStream, String> {
+        Self::connect_with(url, None).await
+    }
+
+    /// [`EventStream::connect`] over `wss://` with `tls` (one that trusts
+    /// a test CA).
+    pub async fn connect_with(
+        url: &str,
+        tls: Option<tokio_tungstenite::Connector>,
+    ) -> Result<EventStream, String> {
         let request = confab::contract::ClusterSecret::new(crate::CLUSTER_SECRET)
             .websocket_request(url)
             .map_err(|e| e.to_string())?;
-        let (socket, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (socket, _) =
+            tokio_tungstenite::connect_async_tls_with_config(request, None, true, tls)
+                .await
+                .map_err(|e| e.to_string())?;
         let (_, mut read) = socket.split();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {

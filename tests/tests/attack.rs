@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 /// A client with no cluster secret: what anyone on the network has.
 fn outsider() -> reqwest::Client {
-    reqwest::Client::new()
+    confab_e2e::client().build().unwrap()
 }
 
 async fn status_and_body(r: reqwest::Response) -> (u16, Value) {
@@ -118,7 +118,7 @@ async fn the_internal_api_refuses_callers_without_the_cluster_secret() {
 async fn instances_take_only_json_and_no_browsers() {
     let dir = data_dir();
     let s = Server::start(dir.path(), "inst-a", &dir.path().join("c.db"), &[]).await;
-    let insider = reqwest::Client::new();
+    let insider = confab_e2e::client().build().unwrap();
     let plain = insider
         .post(s.internal("/sessions"))
         .header(CLUSTER_SECRET_HEADER, CLUSTER_SECRET)
@@ -397,7 +397,9 @@ async fn a_full_chat_refuses_more_and_its_reads_come_in_bounded_pages() {
 
     // A read answers a bounded page; following `more` gets everything once.
     let url = s.internal(&format!("/sessions/{chat}/transcript"));
-    let first = reqwest::Client::new()
+    let first = confab_e2e::client()
+        .build()
+        .unwrap()
         .get(&url)
         .header(CLUSTER_SECRET_HEADER, CLUSTER_SECRET)
         .send()
@@ -672,4 +674,219 @@ async fn an_oversized_frame_gets_close_1009_not_a_reset() {
         }
     };
     assert_eq!(code, Some(1009));
+}
+
+/// Connect to `base` (`http://host:port`) with a raw TCP socket.
+async fn raw(base: &str) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .expect("connect")
+}
+
+/// Wait until the server closes `stream` (or answers and closes): the
+/// bytes it sent, and how long after `since` that happened; None if it
+/// was still open at `limit`.
+async fn closed_by_server(
+    mut stream: tokio::net::TcpStream,
+    trickle: &'static [u8],
+    since: std::time::Instant,
+    limit: std::time::Duration,
+) -> Option<(String, std::time::Duration)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut trickled = 0;
+    while since.elapsed() < limit {
+        match tokio::time::timeout(std::time::Duration::from_millis(200), stream.read(&mut buf))
+            .await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return Some((String::from_utf8_lossy(&got).into_owned(), since.elapsed()))
+            }
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {
+                // Still open: one more byte, as slowloris does.
+                if !trickle.is_empty() {
+                    let byte = &trickle[trickled % trickle.len()..][..1];
+                    trickled += 1;
+                    if stream.write_all(byte).await.is_err() {
+                        return Some((String::from_utf8_lossy(&got).into_owned(), since.elapsed()));
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_are_dropped_within_the_timeouts_while_others_are_served() {
+    use tokio::io::AsyncWriteExt;
+    let c = TestCluster::start(
+        1,
+        &[
+            "--set",
+            "http.header-timeout=1s",
+            "--set",
+            "http.body-timeout=2s",
+        ],
+    )
+    .await;
+    let start = std::time::Instant::now();
+    let limit = std::time::Duration::from_secs(8);
+    let mut slow = tokio::task::JoinSet::new();
+    // Slowloris: a header that never ends, a byte every 200 ms.
+    for _ in 0..100 {
+        let mut s = raw(&c.gateway).await;
+        s.write_all(b"POST /api/v1/chats HTTP/1.1\r\nhost: x\r\nx-a: ")
+            .await
+            .unwrap();
+        slow.spawn(async move { ("header", closed_by_server(s, b"a", start, limit).await) });
+    }
+    // Bodies trickled a byte every 200 ms.
+    for _ in 0..20 {
+        let mut s = raw(&c.gateway).await;
+        s.write_all(
+            b"POST /api/v1/chats HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+        slow.spawn(async move { ("body", closed_by_server(s, b" ", start, limit).await) });
+    }
+    // Idle: connected, nothing sent.
+    for _ in 0..20 {
+        let s = raw(&c.gateway).await;
+        slow.spawn(async move { ("idle", closed_by_server(s, b"", start, limit).await) });
+    }
+    // Meanwhile a real customer is served.
+    for i in 0..10 {
+        let a = c
+            .http
+            .post(
+                &format!("{}/api/v1/chats", c.gateway),
+                &json!({"nickname": format!("real {i}")}),
+                None,
+            )
+            .await;
+        assert_eq!(a.status, 201, "{:?}", a.body);
+    }
+    let mut latest = std::time::Duration::ZERO;
+    while let Some(r) = slow.join_next().await {
+        let (kind, outcome) = r.unwrap();
+        let (answer, after) = outcome
+            .unwrap_or_else(|| panic!("a slow {kind} connection was still open after {limit:?}"));
+        latest = latest.max(after);
+        if kind == "body" {
+            assert!(
+                answer.starts_with("HTTP/1.1 408") && answer.contains("request_timeout"),
+                "a trickled body got: {answer}"
+            );
+        }
+    }
+    println!("every slow connection was closed within {latest:?}");
+    // Header 1 s, body 2 s: closed by ~3 s at the latest (a generous bound
+    // for a loaded machine is the 8 s limit above).
+    assert!(latest < limit);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_a_bounded_number_of_connections() {
+    use tokio::io::AsyncReadExt;
+    let c = TestCluster::start(1, &["--set", "http.max-connections-per-address=40"]).await;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..60 {
+        let mut s = raw(&c.gateway).await;
+        let mut buf = vec![0u8; 1024];
+        match tokio::time::timeout(std::time::Duration::from_millis(100), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                let answer = String::from_utf8_lossy(&buf[..n]);
+                assert!(
+                    answer.starts_with("HTTP/1.1 503") && answer.contains("too_many_connections"),
+                    "{answer}"
+                );
+                refused += 1;
+            }
+            _ => held.push(s),
+        }
+    }
+    // The harness's own client and the dashboard's polls share the address.
+    assert!(
+        (20..=60).contains(&refused),
+        "{refused} of 60 connections refused with a cap of 40"
+    );
+    assert!(held.len() <= 40, "{} connections held", held.len());
+    assert!(
+        c.metric(
+            &c.gateway,
+            "confab_http_connections_refused_total{component=\"gateway\",reason=\"per_address\"}"
+        )
+        .await
+            >= 20.0
+    );
+    drop(held);
+    // The places come back as the connections close.
+    let mut served = false;
+    for _ in 0..50 {
+        if let Ok(a) = c
+            .http
+            .try_post(
+                &format!("{}/api/v1/chats", c.gateway),
+                &json!({"nickname": "after"}),
+                None,
+            )
+            .await
+        {
+            if a.status == 201 {
+                served = true;
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        served,
+        "the gateway did not serve again after the connections closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_answers_no_pings_is_closed_and_one_that_does_stays() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let c = TestCluster::start(1, &["--set", "gateway.ws-ping-interval=500ms"]).await;
+    let chat = c.create_chat("Ann").await;
+    let url = c.ws_url(&chat, 0);
+    let (mut silent, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let mut live = confab_e2e::ws::EventStream::connect(&url).await.unwrap();
+    // The silent client reads nothing (so answers no ping) for 3 s; the
+    // live one reads all along (tungstenite answers pings as it reads).
+    assert!(live.next(std::time::Duration::from_secs(3)).await.is_some());
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut pings = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let closed = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the silent socket was still open after {pings} pings"
+        );
+        match tokio::time::timeout(std::time::Duration::from_secs(5), silent.next()).await {
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => {}
+            // The pong the client owes fails on the closed connection
+            // before the close frame is read.
+            Ok(Some(Err(_)) | None) => break None,
+            Err(_) => panic!("the silent socket was still open"),
+        }
+    };
+    assert!(matches!(closed, None | Some(1001)), "{closed:?}");
+    assert!(pings >= 1, "no ping before the close");
+    assert!(live.closed_with.is_none(), "the live socket was closed");
+    assert_eq!(c.send(&chat, "still here", None).await.status, 200);
+    assert!(live
+        .until(std::time::Duration::from_secs(5), |e| e["text"]
+            == "still here")
+        .await
+        .is_some());
 }

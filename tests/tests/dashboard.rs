@@ -201,7 +201,7 @@ async fn an_operator_signs_in_watches_chats_arrive_and_drains_an_instance() {
 #[tokio::test(flavor = "multi_thread")]
 async fn everything_but_sign_in_is_behind_it() {
     let cluster = TestCluster::start(1, &[]).await;
-    let http = reqwest::Client::builder()
+    let http = confab_e2e::client()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
@@ -619,7 +619,7 @@ async fn a_standalone_dashboard_runs_the_restoration_test_through_admin_kill() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("starting confab dashboard");
-    let http = reqwest::Client::builder()
+    let http = confab_e2e::client()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();

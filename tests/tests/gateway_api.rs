@@ -178,7 +178,9 @@ async fn the_rate_limit_follows_the_participant_and_the_client_address() {
     let create = |nickname: &'static str, client: &'static str| {
         let url = format!("{}/api/v1/chats", c.gateway);
         async move {
-            let r = reqwest::Client::new()
+            let r = confab_e2e::client()
+                .build()
+                .unwrap()
                 .post(url)
                 .header("x-forwarded-for", client)
                 .json(&serde_json::json!({"nickname": nickname}))
@@ -222,7 +224,7 @@ async fn the_rate_limit_follows_the_participant_and_the_client_address() {
     assert_eq!(status, 200);
 
     // Without a token, the address pays, on every route (unknown ones too).
-    let client = reqwest::Client::new();
+    let client = confab_e2e::client().build().unwrap();
     let mut unknown = Vec::new();
     for _ in 0..6 {
         unknown.push(

@@ -139,7 +139,12 @@ fn cargo_test(extra: &[String]) -> Result<(), String> {
         build.arg("--release");
     }
     run(&mut build)?;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+    // `cargo run` sets CARGO_MANIFEST_DIR for the process too; a binary
+    // reused from another checkout's build would carry that one's path.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let root = manifest_dir
         .parent()
         .ok_or("no workspace root")?
         .to_path_buf();

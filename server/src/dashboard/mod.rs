@@ -17,6 +17,7 @@ mod signin;
 
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::listener::Listener;
 use anyhow::Context;
 use axum::extract::Path;
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -27,9 +28,7 @@ use cluster::Cluster;
 use confab_dashboard::model::{ClusterView, SessionsView, TranscriptLine};
 use serde_json::json;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -137,7 +136,7 @@ async fn security_headers(req: axum::extract::Request, next: axum::middleware::N
 }
 
 pub struct Application {
-    listener: TcpListener,
+    listener: Listener,
     router: Router,
     cluster: Arc<Cluster>,
 }
@@ -154,7 +153,8 @@ impl Application {
         if !confab_dashboard_assets::BUILT {
             tracing::warn!("this binary was built with CONFAB_SKIP_WASM: the dashboard's pages will not come alive in the browser");
         }
-        let client = reqwest::Client::builder()
+        crate::tls::install_client(&config.http)?;
+        let client = crate::tls::reqwest_builder()
             .connect_timeout(d.instance_timeout)
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .build()?;
@@ -173,9 +173,7 @@ impl Application {
         );
         let gate = signin::Gate::new(admin_token, d.session_ttl);
         let router = router(cluster.clone(), gate);
-        let listener = TcpListener::bind(d.listen)
-            .await
-            .with_context(|| format!("binding {}", d.listen))?;
+        let listener = Listener::bind("dashboard", d.listen, &config.http).await?;
         Ok(Application {
             listener,
             router,
@@ -209,19 +207,16 @@ impl Application {
         };
         tracing::info!(addr = %listener.local_addr()?, "dashboard started");
         let (stopping, closing) = (stop.clone(), cluster.clone());
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("dashboard stopping");
-            stopping.cancel();
-            // Ends the pages' `/live` streams, which would hold the
-            // graceful shutdown open.
-            closing.close();
-        })
-        .await?;
+        listener
+            .serve(router, async move {
+                shutdown.await;
+                tracing::info!("dashboard stopping");
+                stopping.cancel();
+                // Ends the pages' `/live` streams, which would hold the
+                // graceful shutdown open.
+                closing.close();
+            })
+            .await?;
         stop.cancel();
         let _ = poller.await;
         Ok(())

@@ -921,7 +921,7 @@ mod tests {
     async fn run_against(fake: Arc<fake::Fake>, chats: u32) -> TestRun {
         let url = fake::serve(fake).await;
         let cluster = Cluster::new(
-            reqwest::Client::new(),
+            crate::tls::reqwest_builder().build().unwrap(),
             super::super::cluster::Settings {
                 instances: vec![format!("{url}/inst-1"), format!("{url}/inst-2")],
                 gateways: vec![url.clone()],

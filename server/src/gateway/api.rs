@@ -427,6 +427,7 @@ async fn stream(
     Path(chat_id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
+    connection: Option<axum::Extension<crate::listener::Connection>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     check_chat_id(&chat_id)?;
@@ -475,7 +476,7 @@ async fn stream(
         .max_frame_size(64 * 1024)
         .on_upgrade(move |socket| async move {
             relay::relay(gw, socket, chat_id, who, after).await;
-            drop(held);
+            drop((held, connection));
         }))
 }
 

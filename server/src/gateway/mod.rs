@@ -20,18 +20,16 @@ pub mod tokens;
 use crate::config::Config;
 use crate::contract::internal::Route;
 use crate::error::ApiError;
+use crate::listener::Listener;
 use crate::telemetry::{events, metrics as m};
-use anyhow::Context;
 use axum::http::{Method, StatusCode};
 use parking_lot::Mutex;
 use pool::{Member, Pool};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Longest wait for an instance's answer (saves may be retried per the
@@ -50,12 +48,14 @@ pub struct Gateway {
     pub pool: Arc<Pool>,
     /// WebSockets open per participant (capped).
     pub sockets: sockets::SocketCount,
+    /// How often a participant's WebSocket is pinged.
+    pub ws_ping_interval: Duration,
     /// Presented on every call to an instance's internal API.
     pub secret: crate::contract::ClusterSecret,
     /// HTTP/1.1 to instances without the channel (crate::channel; older
     /// versions during a rolling upgrade): hyper's pooled client.
     upstream: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
         http_body_util::Full<bytes::Bytes>,
     >,
     pub tokens: tokens::TokenKey,
@@ -364,7 +364,7 @@ pub fn passthrough(status: StatusCode, body: &Value) -> ApiError {
 }
 
 pub struct Application {
-    listener: TcpListener,
+    listener: Listener,
     router: axum::Router,
     gateway: Arc<Gateway>,
     health_interval: Duration,
@@ -383,7 +383,8 @@ impl Application {
                 tokens::TokenKey::random()
             }
         };
-        let client = reqwest::Client::builder()
+        crate::tls::install_client(&config.http)?;
+        let client = crate::tls::reqwest_builder()
             .connect_timeout(Duration::from_millis(500))
             .pool_idle_timeout(Duration::from_secs(30))
             .build()?;
@@ -396,6 +397,9 @@ impl Application {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(500)));
         connector.set_nodelay(true);
+        // `https://` instance URLs need the connector to pass them on.
+        connector.enforce_http(false);
+        let connector = crate::tls::https_connector(connector);
         let upstream =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
@@ -403,6 +407,7 @@ impl Application {
         let gateway = Arc::new(Gateway {
             pool,
             sockets: sockets::SocketCount::new(g.max_sockets_per_participant),
+            ws_ping_interval: g.ws_ping_interval,
             secret,
             upstream,
             tokens,
@@ -421,9 +426,9 @@ impl Application {
             g.agent_credential.as_deref(),
         );
         let router = api::router(gateway.clone(), limiter, handle);
-        let listener = TcpListener::bind(g.listen)
-            .await
-            .with_context(|| format!("binding {}", g.listen))?;
+        let listener = Listener::bind("gateway", g.listen, &config.http)
+            .await?
+            .exempt(g.trusted_proxies.clone());
         Ok(Application {
             listener,
             router,
@@ -455,16 +460,13 @@ impl Application {
             .spawn_health_checks(health_interval, gateway.stop.clone());
         tracing::info!(addr = %listener.local_addr()?, instances = gateway.pool.members.len(), "gateway started");
         let stop = gateway.stop.clone();
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("gateway stopping");
-            stop.cancel();
-        })
-        .await?;
+        listener
+            .serve(router, async move {
+                shutdown.await;
+                tracing::info!("gateway stopping");
+                stop.cancel();
+            })
+            .await?;
         Ok(())
     }
 }

@@ -37,6 +37,12 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
     let mut failures = 0;
     let mut failed: Option<Arc<super::pool::Member>> = None;
     let mut frames = (tokio::time::Instant::now(), 0u32);
+    // Pings keep proxies from timing the socket out, and find clients that
+    // vanished without a close (a half-open TCP connection is never read).
+    let mut ping = tokio::time::interval(gw.ws_ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let mut heard = tokio::time::Instant::now();
     loop {
         let member = match failed.take() {
             None => gw.locate(&chat).await,
@@ -53,16 +59,15 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                 return ws::close(client, code, "chat unavailable").await;
             }
         };
-        let url = format!(
-            "{}{}",
-            member.url.replacen("http://", "ws://", 1),
-            crate::contract::internal::stream(&chat, seen.last())
+        let url = crate::tls::websocket_url(
+            &member.url,
+            &crate::contract::internal::stream(&chat, seen.last()),
         );
         let down = member.down_token();
         let connected = tokio::select! {
             r = async {
                 let request = gw.secret.websocket_request(&url).ok()?;
-                tokio_tungstenite::connect_async(request).await.ok()
+                crate::tls::websocket(request, None).await.ok()
             } => r,
             _ = down.cancelled() => None,
         };
@@ -109,6 +114,16 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                     let _ = up_tx.close().await;
                     return ws::close(client, ws::GOING_AWAY, "gateway shutting down").await;
                 }
+                _ = ping.tick() => {
+                    if heard.elapsed() > gw.ws_ping_interval * 2 {
+                        let _ = up_tx.close().await;
+                        return ws::close(client, ws::GOING_AWAY, "no answer to pings").await;
+                    }
+                    let send = client.send(Message::Ping(Default::default()));
+                    if !matches!(tokio::time::timeout(SEND_TIMEOUT, send).await, Ok(Ok(()))) {
+                        break Upstream::ClientGone;
+                    }
+                }
                 incoming = client.recv() => match incoming {
                     Some(Err(e)) if ws::is_too_big(&e) => {
                         let _ = up_tx.close().await;
@@ -117,6 +132,7 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Upstream::ClientGone,
                     Some(Ok(_)) => {
                         let now = tokio::time::Instant::now();
+                        heard = now;
                         if now.duration_since(frames.0) > Duration::from_secs(1) {
                             frames = (now, 0);
                         }

@@ -14,6 +14,7 @@ pub mod wall;
 pub mod wire;
 
 use crate::config::{Config, StoreBackend};
+use crate::listener::Listener;
 use crate::store::sqlite::{SqliteContactStore, SqliteOptions, SqliteStore};
 use crate::store::{ContactStore, SessionStore};
 use crate::telemetry::{events, metrics as m};
@@ -22,7 +23,6 @@ use availability::StoreMonitor;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use engine::Instance;
@@ -34,7 +34,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// A built instance: bound to its port, ready to serve.
 pub struct Application {
-    listener: TcpListener,
+    listener: Listener,
     router: axum::Router,
     instance: Arc<Instance>,
     stop: CancellationToken,
@@ -110,9 +110,9 @@ impl Application {
                 async move { instance.expire_waiting(timeout).await }
             });
         }
-        let listener = TcpListener::bind(server.listen)
-            .await
-            .with_context(|| format!("binding {}", server.listen))?;
+        let listener = Listener::bind("instance", server.listen, &config.http)
+            .await?
+            .uncapped();
         let channels = tokio_util::task::TaskTracker::new();
         let router = routes::router(routes::AppState {
             instance: instance.clone(),
@@ -160,7 +160,7 @@ impl Application {
         );
         let signalled = stop.clone();
         let id = instance.id.clone();
-        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+        let serve = listener.serve(router, async move {
             shutdown.await;
             tracing::info!(event_id = events::INSTANCE_STOPPING, instance = %id, "instance stopping: finishing in-flight requests");
             signalled.cancel();

@@ -96,8 +96,10 @@ pub fn router(state: AppState) -> Router {
     app.route(
         crate::channel::PATH,
         get(
-            move |headers: axum::http::HeaderMap, ws: axum::extract::WebSocketUpgrade| {
-                channel(headers, ws, routes.clone(), state.clone())
+            move |headers: axum::http::HeaderMap,
+                  connection: Option<axum::Extension<crate::listener::Connection>>,
+                  ws: axum::extract::WebSocketUpgrade| {
+                channel(headers, connection, ws, routes.clone(), state.clone())
             },
         ),
     )
@@ -106,6 +108,7 @@ pub fn router(state: AppState) -> Router {
 /// A gateway's channel (crate::channel).
 async fn channel(
     headers: axum::http::HeaderMap,
+    connection: Option<axum::Extension<crate::listener::Connection>>,
     ws: axum::extract::WebSocketUpgrade,
     routes: Router,
     state: AppState,
@@ -123,7 +126,10 @@ async fn channel(
     let (stop, channels) = (state.stop, state.channels);
     ws.max_message_size(crate::channel::MAX_REQUEST_FRAME)
         .on_upgrade(move |socket| {
-            channels.track_future(crate::channel::serve(socket, routes, stop))
+            channels.track_future(async move {
+                crate::channel::serve(socket, routes, stop).await;
+                drop(connection);
+            })
         })
 }
 

@@ -23,6 +23,7 @@ pub(super) async fn stream(
     State(s): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
+    connection: Option<axum::Extension<crate::listener::Connection>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let after = after_param(&q)?;
@@ -30,7 +31,10 @@ pub(super) async fn stream(
     let stop = s.stop.clone();
     Ok(ws
         .max_message_size(64 * 1024)
-        .on_upgrade(move |socket| push_events(socket, session, after, stop)))
+        .on_upgrade(move |socket| async move {
+            push_events(socket, session, after, stop).await;
+            drop(connection);
+        }))
 }
 
 async fn push_events(

@@ -24,7 +24,7 @@ pub fn print(sup: &Supervisor) {
         "  dashboard            {}  (sign in with the admin token below)",
         plan.dashboard_url
     );
-    println!("  supervisor API       http://{}", plan.supervisor_addr);
+    println!("  supervisor API       {}", plan.supervisor_url());
     if let Some(p) = plan.components.iter().find(|c| c.kind == Kind::Prometheus) {
         println!("  Prometheus           {}", p.url);
     }

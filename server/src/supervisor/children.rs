@@ -95,7 +95,7 @@ impl Supervisor {
             procs: Mutex::new(procs),
             stopping: AtomicBool::new(false),
             cluster_json: Mutex::new(()),
-            http: reqwest::Client::builder()
+            http: crate::tls::reqwest_builder()
                 .timeout(Duration::from_secs(1))
                 .build()
                 .unwrap_or_default(),
@@ -346,7 +346,7 @@ impl Supervisor {
         json!({
             "gateway": plan.gateway_url,
             "dashboard": plan.dashboard_url,
-            "supervisor": format!("http://{}", plan.supervisor_addr),
+            "supervisor": plan.supervisor_url(),
             "admin_token": plan.admin_token,
             "token_secret_file": plan.token_secret_file,
             "cluster_secret_file": plan.cluster_secret_file,

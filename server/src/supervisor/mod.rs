@@ -32,9 +32,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let (data_dir, _lock) = data_dir::lock(&args.data_dir)?;
     let plan = Plan::new(args, data_dir)?;
     plan.check_ports_free()?;
-    let listener = tokio::net::TcpListener::bind(plan.supervisor_addr)
-        .await
-        .with_context(|| format!("binding the supervisor API to {}", plan.supervisor_addr))?;
+    crate::tls::install_client(&plan.config.http)?;
+    let listener =
+        crate::listener::Listener::bind("supervisor", plan.supervisor_addr, &plan.config.http)
+            .await
+            .with_context(|| format!("the supervisor API on {}", plan.supervisor_addr))?;
     if plan.store() == crate::config::StoreBackend::Cassandra {
         let c = &plan.config.cassandra;
         crate::store::cassandra::connect_and_init(c, false).await?;
@@ -57,8 +59,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     banner::print(&sup);
     let stopping = sup.clone();
-    axum::serve(listener, api::router(sup.clone()))
-        .with_graceful_shutdown(async move {
+    listener
+        .serve(api::router(sup.clone()), async move {
             crate::process::shutdown_signal().await;
             println!("stopping the cluster…");
             stopping.stop_all().await;

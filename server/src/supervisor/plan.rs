@@ -104,8 +104,10 @@ pub struct Plan {
 
 const LOOPBACK: [u8; 4] = [127, 0, 0, 1];
 
-fn url(port: u16) -> String {
-    format!("http://127.0.0.1:{port}")
+/// A component's base URL: `https://` when the cluster's listeners speak
+/// TLS (`http.tls-cert-file`).
+fn url(scheme: &str, port: u16) -> String {
+    format!("{scheme}://127.0.0.1:{port}")
 }
 
 fn random_token() -> String {
@@ -160,6 +162,7 @@ impl Plan {
             data_dir: &data_dir,
             logs: &logs,
             run: data_dir.join("run"),
+            scheme: config.http.scheme(),
         };
         let mut components: Vec<ComponentSpec> = (1..=args.instances)
             .map(|i| layout.instance(i, args.instance_base_port + i - 1, &config, &admin_token))
@@ -174,22 +177,19 @@ impl Plan {
         let d = &mut dashboard.dashboard;
         d.listen = SocketAddr::from((LOOPBACK, args.dashboard_port));
         d.instances = gateway.gateway.instances.clone();
-        d.gateways = vec![url(args.gateway_port)];
-        d.supervisor = Some(format!(
-            "http://{}",
-            SocketAddr::from((LOOPBACK, args.supervisor_port))
-        ));
+        d.gateways = vec![url(layout.scheme, args.gateway_port)];
+        d.supervisor = Some(url(layout.scheme, args.supervisor_port));
         d.admin_token = Some(admin_token.clone());
         d.agent_credential = Some(agent_credential.clone());
         d.state_dir = Some(data_dir.join("dashboard"));
         components.push(layout.dashboard(args.dashboard_port, &dashboard)?);
-        let prometheus_yml = write_prometheus_config(&data_dir, &components)?;
+        let prometheus_yml = write_prometheus_config(&data_dir, &components, &config.http)?;
         if args.with_prometheus {
             components.push(layout.prometheus(args.prometheus_port, &prometheus_yml)?);
         }
         Ok(Plan {
-            gateway_url: url(args.gateway_port),
-            dashboard_url: url(args.dashboard_port),
+            gateway_url: url(layout.scheme, args.gateway_port),
+            dashboard_url: url(layout.scheme, args.dashboard_port),
             supervisor_addr: SocketAddr::from((LOOPBACK, args.supervisor_port)),
             data_dir,
             config,
@@ -200,6 +200,11 @@ impl Plan {
             cluster_secret_file,
             components,
         })
+    }
+
+    /// The supervisor API's own URL.
+    pub fn supervisor_url(&self) -> String {
+        url(self.config.http.scheme(), self.supervisor_addr.port())
     }
 
     pub fn store(&self) -> StoreBackend {
@@ -245,6 +250,7 @@ struct Layout<'a> {
     data_dir: &'a Path,
     logs: &'a Path,
     run: PathBuf,
+    scheme: &'static str,
 }
 
 impl Layout<'_> {
@@ -272,12 +278,13 @@ impl Layout<'_> {
                 Section::Cassandra,
                 Section::Server,
                 Section::Cluster,
+                Section::Http,
             ],
         )?;
         Ok(ComponentSpec {
             kind: Kind::Instance,
             port,
-            url: url(port),
+            url: url(self.scheme, port),
             program: Program::Confab {
                 subcommand: "server",
                 config_file,
@@ -290,12 +297,16 @@ impl Layout<'_> {
     /// The gateway, with only the `[gateway]` section (no instance secrets).
     fn gateway(&self, port: u16, config: &Config) -> anyhow::Result<ComponentSpec> {
         let config_file = self.run.join("gateway.toml");
-        write_config(&config_file, config, &[Section::Gateway, Section::Cluster])?;
+        write_config(
+            &config_file,
+            config,
+            &[Section::Gateway, Section::Cluster, Section::Http],
+        )?;
         Ok(ComponentSpec {
             id: "gateway".into(),
             kind: Kind::Gateway,
             port,
-            url: url(port),
+            url: url(self.scheme, port),
             program: Program::Confab {
                 subcommand: "gateway",
                 config_file,
@@ -312,13 +323,13 @@ impl Layout<'_> {
         write_config(
             &config_file,
             config,
-            &[Section::Dashboard, Section::Cluster],
+            &[Section::Dashboard, Section::Cluster, Section::Http],
         )?;
         Ok(ComponentSpec {
             id: "dashboard".into(),
             kind: Kind::Dashboard,
             port,
-            url: url(port),
+            url: url(self.scheme, port),
             program: Program::Confab {
                 subcommand: "dashboard",
                 config_file,
@@ -335,7 +346,7 @@ impl Layout<'_> {
             id: "prometheus".into(),
             kind: Kind::Prometheus,
             port,
-            url: url(port),
+            url: url(self.scheme, port),
             program: Program::External {
                 path,
                 args: vec![
@@ -381,6 +392,7 @@ const ALERT_RULES: &str = include_str!("../../../alerts/confab-rules.yml");
 fn write_prometheus_config(
     data_dir: &Path,
     components: &[ComponentSpec],
+    http: &crate::config::HttpConfig,
 ) -> anyhow::Result<PathBuf> {
     let rules = data_dir.join("confab-rules.yml");
     std::fs::write(&rules, ALERT_RULES)?;
@@ -392,6 +404,15 @@ fn write_prometheus_config(
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // Over TLS, Prometheus trusts what the components trust.
+    let tls = match (http.scheme(), &http.tls_ca_file) {
+        ("https", Some(ca)) => format!(
+            "    scheme: https\n    tls_config:\n      ca_file: {}\n",
+            ca.display()
+        ),
+        ("https", None) => "    scheme: https\n".to_owned(),
+        _ => String::new(),
+    };
     let text = [
         "# Written by `confab up`: scrape every component of the local cluster.".to_owned(),
         "global:".into(),
@@ -401,10 +422,10 @@ fn write_prometheus_config(
         format!("  - {}", rules.display()),
         "scrape_configs:".into(),
         "  - job_name: confab".into(),
-        "    static_configs:".into(),
+        format!("{tls}    static_configs:"),
         format!("      - targets: [{}]", targets(Kind::Instance)),
         "  - job_name: confab-gateway".into(),
-        "    static_configs:".into(),
+        format!("{tls}    static_configs:"),
         format!("      - targets: [{}]", targets(Kind::Gateway)),
         String::new(),
     ]

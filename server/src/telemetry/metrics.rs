@@ -24,6 +24,8 @@ pub const GATEWAY_INSTANCES_HEALTHY: &str = "confab_gateway_instances_healthy";
 pub const HTTP_REQUESTS: &str = "confab_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "confab_http_request_duration_seconds";
 pub const INTERNAL_AUTH_FAILURES: &str = "confab_internal_auth_failures_total";
+pub const HTTP_CONNECTIONS_OPEN: &str = "confab_http_connections_open";
+pub const HTTP_CONNECTIONS_REFUSED: &str = "confab_http_connections_refused_total";
 
 /// Save latency buckets; 0.02 s is the save objective.
 const SAVE_BUCKETS: &[f64] = &[
@@ -124,6 +126,14 @@ pub fn describe() {
         HTTP_REQUEST_DURATION,
         Unit::Seconds,
         "HTTP request duration by component, route template, method and status."
+    );
+    describe_gauge!(
+        HTTP_CONNECTIONS_OPEN,
+        "Connections this listener serves now (WebSockets included)."
+    );
+    describe_counter!(
+        HTTP_CONNECTIONS_REFUSED,
+        "Connections closed before a request: reason per_address (over http.max-connections-per-address) or tls_handshake (failed or too slow)."
     );
     metrics::gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
 }

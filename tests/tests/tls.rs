@@ -1,0 +1,117 @@
+//! TLS end to end: `confab up` given a certificate signed by a CA the test
+//! makes serves every listener over HTTPS (instances, gateway, dashboard,
+//! supervisor), the gateway reaches the instances over `https://` and its
+//! channel over `wss://`, a chat survives kill -9 of its instance over TLS,
+//! and clients that speak plain HTTP or do not trust the CA get nothing.
+
+use confab_e2e::cluster::TestCluster;
+use confab_e2e::tls::TestCa;
+use confab_e2e::ws::EventStream;
+use confab_e2e::Http;
+use serde_json::Value;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_over_tls_serves_chats_fails_over_and_refuses_plain_http() {
+    let certs = tempfile::tempdir().expect("a temporary directory");
+    let ca = TestCa::generate(certs.path());
+    let sets = ca.sets();
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let c = TestCluster::start_with(2, &sets, Http::trusting(&ca.ca_pem)).await;
+    for url in [&c.gateway, &c.dashboard, &c.supervisor] {
+        assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    }
+    let cluster = c.cluster().await;
+    let instances = cluster["instances"].as_array().expect("instances");
+    assert_eq!(instances.len(), 2);
+    for i in instances {
+        assert!(
+            i["url"].as_str().unwrap_or("").starts_with("https://"),
+            "{i}"
+        );
+    }
+
+    let chat = c.create_chat("Customer").await;
+    let agent = c.join(&chat, "Agent").await;
+    let mut events = EventStream::connect_with(&c.ws_url(&chat, 0), Some(ca.ws_connector()))
+        .await
+        .expect("a wss:// stream through the gateway");
+    assert_eq!(
+        c.send(&chat, "hello over TLS", Some("m1")).await.status,
+        200
+    );
+    let seen = |text: &'static str| move |e: &Value| e["text"] == text;
+    assert!(
+        events
+            .until(Duration::from_secs(5), seen("hello over TLS"))
+            .await
+            .is_some(),
+        "the message did not come back over wss://"
+    );
+    // The gateway reached the chat's instance over its channel (wss://).
+    let status = c
+        .http
+        .get(&format!("{}/status", c.gateway), None)
+        .await
+        .ok();
+    let member = status["instances"]
+        .as_array()
+        .expect("the gateway's instances")
+        .iter()
+        .find(|m| m["instance_id"] == chat.instance_id.as_str())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(member["channel"], true, "{status}");
+
+    // kill -9 of the chat's instance: it goes on elsewhere, over TLS.
+    c.kill(&chat.instance_id).await;
+    assert_eq!(
+        c.send(&agent, "after the kill", Some("m2")).await.status,
+        200,
+        "{}",
+        c.logs_tail()
+    );
+    assert!(
+        events
+            .until(Duration::from_secs(10), seen("after the kill"))
+            .await
+            .is_some(),
+        "the stream did not follow the chat to its new instance"
+    );
+    let transcript = c.transcript(&chat).await;
+    let texts: Vec<&str> = transcript["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["text"].as_str())
+        .filter(|t| t.contains("TLS") || t.contains("kill"))
+        .collect();
+    assert_eq!(texts, ["hello over TLS", "after the kill"]);
+
+    // Plain HTTP to a TLS port, and TLS without trusting the CA: refused.
+    let plain = confab_e2e::client().build().expect("a client");
+    let gateway_plain = c.gateway.replacen("https://", "http://", 1);
+    assert!(plain
+        .get(format!("{gateway_plain}/healthz"))
+        .send()
+        .await
+        .is_err());
+    assert!(
+        plain
+            .get(format!("{}/healthz", c.gateway))
+            .send()
+            .await
+            .is_err(),
+        "a client that does not trust the test CA was served"
+    );
+    let refused = c
+        .metric(
+            &c.gateway,
+            "confab_http_connections_refused_total{component=\"gateway\",reason=\"tls_handshake\"}",
+        )
+        .await;
+    assert!(refused >= 2.0, "tls_handshake refusals: {refused}");
+    // The dashboard serves HTTPS and reaches the instances over it.
+    let a = c.http.get(&format!("{}/healthz", c.dashboard), None).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+}
