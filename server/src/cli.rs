@@ -38,6 +38,26 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Per-agent secrets (`gateway.agents-file`).
+    Agents {
+        #[command(subcommand)]
+        command: AgentsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentsCommand {
+    /// Make a secret for a new agent, append its hash to the agents file
+    /// and print the secret (once: the file keeps only its hash). To revoke
+    /// an agent, delete its line; gateways read the file again within a
+    /// second or two.
+    Add {
+        /// The agent's id (letters, digits, '-', '_', '.', '@').
+        id: String,
+        /// The agents file (made 0600 if new).
+        #[arg(long)]
+        file: PathBuf,
+    },
 }
 
 /// Options every component takes: a TOML file and `section.option=value`
@@ -259,6 +279,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 c.keyspace,
                 c.contact_points.join(","),
                 if ttl { "TTL" } else { "plain" }
+            );
+            Ok(())
+        }
+        Command::Agents {
+            command: AgentsCommand::Add { id, file },
+        } => {
+            let secret = crate::gateway::agents::add(&file, &id)?;
+            println!("{secret}");
+            eprintln!(
+                "agent {id} added to {}; hand them the secret above (it is not kept)",
+                file.display()
             );
             Ok(())
         }

@@ -248,6 +248,11 @@ pub struct GatewayConfig {
     /// A participant's WebSocket is pinged this often, and closed when it
     /// has sent nothing (a pong included) for two of these.
     pub ws_ping_interval: Duration,
+    /// A participant token is refused this long after it was issued (an
+    /// active client refreshes it).
+    pub token_ttl: Duration,
+    /// Per-agent secrets, by hash (crate::gateway::agents).
+    pub agents_file: Option<PathBuf>,
     /// Proxies whose `X-Forwarded-For` / `Forwarded` name the client.
     pub trusted_proxies: Vec<IpNet>,
 }
@@ -613,6 +618,18 @@ pub const OPTIONS: &[OptionSpec] = &[
         "ws-ping-interval",
         r#""20s""#,
         "ping each WebSocket this often; silent for two of these: closed",
+    ),
+    opt(
+        "gateway",
+        "token-ttl",
+        r#""12h""#,
+        "participant tokens expire after this; POST /api/v1/chats/{id}/token renews",
+    ),
+    opt(
+        "gateway",
+        "agents-file",
+        r#""""#,
+        "per-agent secrets by hash (confab agents add); read again when changed",
     ),
     opt(
         "dashboard",
@@ -1119,6 +1136,8 @@ impl Layers {
                 1000,
             )? as usize,
             ws_ping_interval: self.duration("gateway.ws-ping-interval")?,
+            token_ttl: self.duration("gateway.token-ttl")?,
+            agents_file: self.opt_string("gateway.agents-file")?.map(PathBuf::from),
             trusted_proxies: self
                 .list("gateway.trusted-proxies")?
                 .iter()
@@ -1163,6 +1182,7 @@ impl Layers {
             "http.header-timeout",
             "http.body-timeout",
             "gateway.ws-ping-interval",
+            "gateway.token-ttl",
         ] {
             let d = self.duration(key)?;
             if d < Duration::from_millis(100) {
@@ -1423,6 +1443,10 @@ impl Config {
             Value::Integer(g.max_sockets_per_participant as i64),
         );
         put(&mut t, "ws-ping-interval", duration(g.ws_ping_interval));
+        put(&mut t, "token-ttl", duration(g.token_ttl));
+        if let Some(f) = &g.agents_file {
+            put(&mut t, "agents-file", path(f));
+        }
         let proxies: Vec<String> = g.trusted_proxies.iter().map(IpNet::to_string).collect();
         put(&mut t, "trusted-proxies", list(&proxies));
         t
@@ -1730,6 +1754,8 @@ health-interval = "1s"
 instance-channel = false
 max-sockets-per-participant = 3
 ws-ping-interval = "7s"
+token-ttl = "2h"
+agents-file = "/etc/confab/agents"
 trusted-proxies = ["10.0.0.0/8", "::1/128"]
 [cluster]
 secret = "cs"

@@ -890,3 +890,145 @@ async fn a_socket_that_answers_no_pings_is_closed_and_one_that_does_stays() {
         .await
         .is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_expire_unless_renewed_and_a_revoked_agent_is_locked_out() {
+    let dir = data_dir();
+    let agents = dir.path().join("agents");
+    let add = |id: &str| {
+        let out = std::process::Command::new(confab_e2e::confab_bin())
+            .args(["agents", "add", id, "--file", agents.to_str().unwrap()])
+            .output()
+            .expect("confab agents add");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let (ann, bob) = (add("ann"), add("bob"));
+    let file = format!("gateway.agents-file={}", agents.display());
+    let c = TestCluster::start(
+        1,
+        &["--set", "gateway.token-ttl=4s", "--set", file.as_str()],
+    )
+    .await;
+    let msg = |chat: &str| format!("{}/api/v1/chats/{chat}/messages", c.gateway);
+    let renew = |chat: &str| format!("{}/api/v1/chats/{chat}/token", c.gateway);
+    let chat = c.create_chat("Customer").await;
+    let join = |who: &str| {
+        let url = format!("{}/api/v1/chats/{}/join", c.gateway, chat.id);
+        let who = who.to_owned();
+        let http = c.http.clone();
+        async move {
+            http.post(&url, &json!({"nickname": "Agent"}), Some(&who))
+                .await
+        }
+    };
+    let ann_joined = join(&ann).await;
+    let bob_joined = join(&bob).await;
+    assert_eq!((ann_joined.status, bob_joined.status), (200, 200));
+    assert!(ann_joined.body["token_expires_at"].as_str().is_some());
+    let ann_token = ann_joined.body["token"].as_str().unwrap().to_owned();
+    let bob_token = bob_joined.body["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        join("not-an-agent").await.error_code(),
+        "unauthorized",
+        "an unknown agent secret"
+    );
+
+    // Renewed in time, the customer's token goes on; the old one expires.
+    // Expiry is in whole seconds: a 4 s token lasts 3 to 4 s.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let renewed = c
+        .http
+        .post(&renew(&chat.id), &json!({}), Some(&chat.token))
+        .await
+        .ok();
+    let fresh = renewed["token"].as_str().unwrap().to_owned();
+    tokio::time::sleep(std::time::Duration::from_millis(2_600)).await;
+    let old = c
+        .http
+        .post(
+            &msg(&chat.id),
+            &json!({"text": "old token"}),
+            Some(&chat.token),
+        )
+        .await;
+    assert_eq!((old.status, old.error_code()), (401, "token_expired"));
+    let refused = c
+        .http
+        .post(&renew(&chat.id), &json!({}), Some(&chat.token))
+        .await;
+    assert_eq!(refused.status, 401, "an expired token cannot be renewed");
+    let ok = c
+        .http
+        .post(
+            &msg(&chat.id),
+            &json!({"text": "fresh token"}),
+            Some(&fresh),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+
+    // Revoke ann: delete her line. Her secret and her chat token stop
+    // working; bob goes on.
+    let ann_token = c
+        .http
+        .post(&renew(&chat.id), &json!({}), Some(&ann_token))
+        .await;
+    assert_eq!(ann_token.status, 401, "ann's first token has expired too");
+    let ann_joined = join(&ann).await.ok();
+    let ann_token = ann_joined["token"].as_str().unwrap().to_owned();
+    let bob_token = {
+        let r = c
+            .http
+            .post(&renew(&chat.id), &json!({}), Some(&bob_token))
+            .await;
+        assert_eq!(r.status, 401);
+        join(&bob).await.ok()["token"].as_str().unwrap().to_owned()
+    };
+    let text = std::fs::read_to_string(&agents).unwrap();
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.starts_with("ann "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&agents, kept).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let a = c
+        .http
+        .post(
+            &msg(&chat.id),
+            &json!({"text": "from ann"}),
+            Some(&ann_token),
+        )
+        .await;
+    assert_eq!(a.status, 401, "a revoked agent's token: {:?}", a.body);
+    let queue = c
+        .http
+        .get(&format!("{}/api/v1/queue", c.gateway), Some(&ann))
+        .await;
+    assert_eq!(queue.status, 401, "a revoked agent's secret");
+    let b = c
+        .http
+        .post(
+            &msg(&chat.id),
+            &json!({"text": "from bob"}),
+            Some(&bob_token),
+        )
+        .await;
+    assert_eq!(b.status, 200, "{:?}", b.body);
+    let reader = confab_e2e::cluster::Chat {
+        token: bob_token.clone(),
+        ..chat.clone()
+    };
+    let texts: Vec<String> = c.transcript(&reader).await["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["text"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        texts,
+        ["fresh token", "from bob"],
+        "nothing refused was stored"
+    );
+}

@@ -65,12 +65,8 @@ async fn a_cluster_over_tls_serves_chats_fails_over_and_refuses_plain_http() {
 
     // kill -9 of the chat's instance: it goes on elsewhere, over TLS.
     c.kill(&chat.instance_id).await;
-    assert_eq!(
-        c.send(&agent, "after the kill", Some("m2")).await.status,
-        200,
-        "{}",
-        c.logs_tail()
-    );
+    let after = c.send(&agent, "after the kill", Some("m2")).await;
+    assert_eq!(after.status, 200, "{:?}\n{}", after.body, c.logs_tail());
     assert!(
         events
             .until(Duration::from_secs(10), seen("after the kill"))

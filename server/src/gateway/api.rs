@@ -2,7 +2,7 @@
 //! document, and the customer and agent pages.
 
 use super::{no_instance, passthrough, ratelimit, relay, tokens::Claims, Gateway, Unreachable};
-use crate::auth::{bearer, constant_time_eq};
+use crate::auth::bearer;
 use crate::contract::internal::{self, Route};
 use crate::contract::{
     after_param, check_chat_id, check_client_msg_id, check_nickname, check_text, limit_param,
@@ -25,8 +25,8 @@ use utoipa::{OpenApi, ToSchema};
 #[derive(OpenApi)]
 #[openapi(
     info(title = "confab public chat API", description = "Web chat between customers and contact-centre agents, highly available."),
-    paths(create_chat, post_message, transcript, stream, join, queue, leave),
-    components(schemas(CreateChat, ChatCreated, PostMessage, MessageAccepted, TranscriptBody, EventBody, JoinChat, Joined, QueueBody, QueuedChat, LeaveChat, Left, ErrorBody, ErrorDetail)),
+    paths(create_chat, post_message, transcript, stream, join, queue, leave, renew_token),
+    components(schemas(CreateChat, ChatCreated, PostMessage, MessageAccepted, TranscriptBody, EventBody, JoinChat, Joined, RenewedToken, QueueBody, QueuedChat, LeaveChat, Left, ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -54,7 +54,7 @@ impl utoipa::Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "the agent credential from the gateway's configuration",
+                        "an agent's own secret (gateway.agents-file) or the shared agent credential",
                     ))
                     .build(),
             ),
@@ -76,6 +76,8 @@ pub struct ChatCreated {
     pub participant_id: String,
     /// Bearer token for this participant in this chat.
     pub token: String,
+    /// RFC 3339; renew the token before then (`POST .../token`).
+    pub token_expires_at: String,
     pub instance_id: String,
 }
 
@@ -129,7 +131,16 @@ pub struct JoinChat {
 pub struct Joined {
     pub participant_id: String,
     pub token: String,
+    /// RFC 3339; renew the token before then (`POST .../token`).
+    pub token_expires_at: String,
     pub instance_id: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RenewedToken {
+    pub token: String,
+    /// RFC 3339
+    pub token_expires_at: String,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -191,6 +202,7 @@ pub fn router(
         .route("/api/v1/chats/{chat_id}/ws", get(stream))
         .route("/api/v1/chats/{chat_id}/join", post(join))
         .route("/api/v1/chats/{chat_id}/leave", post(leave))
+        .route("/api/v1/chats/{chat_id}/token", post(renew_token))
         .route("/api/v1/queue", get(queue));
     let router = Router::new()
         .merge(api)
@@ -266,27 +278,53 @@ fn participant(gw: &Gateway, token: Option<&str>, chat_id: &str) -> Result<Claim
     })?;
     let claims = gw
         .tokens
-        .verify(token)
-        .ok_or_else(|| ApiError::unauthorized("invalid participant token"))?;
+        .verify(token, super::tokens::now())
+        .map_err(|refused| match refused {
+            super::tokens::Refused::Invalid => ApiError::unauthorized("invalid participant token"),
+            super::tokens::Refused::Expired => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "token_expired",
+                "this token has expired; renew tokens before they expire (POST /api/v1/chats/{chat_id}/token)",
+            ),
+        })?;
     if claims.chat_id != chat_id {
         return Err(ApiError::forbidden("this token is not valid for this chat"));
+    }
+    if let Some(agent) = &claims.agent {
+        if !gw.agents.active(agent) {
+            return Err(ApiError::unauthorized(
+                "this agent's access has been revoked",
+            ));
+        }
     }
     Ok(claims)
 }
 
-fn agent(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = gw.agent_credential.as_deref() else {
-        return Err(ApiError::unauthorized(
-            "agent access is off: no agent credential is configured",
-        ));
-    };
-    match bearer(headers) {
-        None => Err(ApiError::unauthorized(
-            "missing agent credential (Authorization: Bearer <credential>)",
-        )),
-        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(()),
-        Some(_) => Err(ApiError::unauthorized("wrong agent credential")),
-    }
+/// The agent the request's credential belongs to.
+fn agent(gw: &Gateway, headers: &HeaderMap) -> Result<String, ApiError> {
+    let given = bearer(headers).ok_or_else(|| {
+        ApiError::unauthorized("missing agent credential (Authorization: Bearer <credential>)")
+    })?;
+    gw.agents
+        .authenticate(given)
+        .map_err(|refused| match refused {
+            super::agents::Refused::Off => ApiError::unauthorized(
+                "agent access is off: no agent credential or agents file is configured",
+            ),
+            super::agents::Refused::Unknown => ApiError::unauthorized("wrong agent credential"),
+        })
+}
+
+/// A token for `claims`' participant that expires `gateway.token-ttl` from
+/// now, and that time (RFC 3339).
+fn issue(gw: &Gateway, claims: Claims) -> (String, String) {
+    let expires_at = super::tokens::now() + gw.token_ttl.as_secs().max(1);
+    let token = gw.tokens.issue(&Claims {
+        expires_at: Some(expires_at),
+        ..claims
+    });
+    let at = crate::session::format_ms(i64::try_from(expires_at * 1000).unwrap_or(i64::MAX));
+    (token, at)
 }
 
 /// A successful instance answer passed on as it came; an error re-issued.
@@ -333,15 +371,21 @@ async fn create_chat(
                     .as_str()
                     .unwrap_or_default()
                     .to_owned();
-                let token = gw.tokens.issue(&Claims {
-                    chat_id: chat_id.clone(),
-                    participant_id: participant_id.clone(),
-                    role: Role::Customer,
-                });
+                let (token, token_expires_at) = issue(
+                    gw,
+                    Claims {
+                        chat_id: chat_id.clone(),
+                        participant_id: participant_id.clone(),
+                        role: Role::Customer,
+                        expires_at: None,
+                        agent: None,
+                    },
+                );
                 let reply = ChatCreated {
                     chat_id,
                     participant_id,
                     token,
+                    token_expires_at,
                     instance_id: created["instance_id"]
                         .as_str()
                         .unwrap_or_default()
@@ -492,7 +536,7 @@ async fn join(
     JsonBody(b): JsonBody<JoinChat>,
 ) -> Result<Json<Joined>, ApiError> {
     check_chat_id(&chat_id)?;
-    agent(&s.gw, &headers)?;
+    let agent_id = agent(&s.gw, &headers)?;
     let nickname = check_nickname(&b.nickname)?;
     let (status, body, member) =
         s.gw.on_chat(
@@ -507,15 +551,41 @@ async fn join(
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    let token = s.gw.tokens.issue(&Claims {
-        chat_id,
-        participant_id: participant_id.clone(),
-        role: Role::Agent,
-    });
+    let (token, token_expires_at) = issue(
+        &s.gw,
+        Claims {
+            chat_id,
+            participant_id: participant_id.clone(),
+            role: Role::Agent,
+            expires_at: None,
+            agent: Some(agent_id),
+        },
+    );
     Ok(Json(Joined {
         participant_id,
         token,
+        token_expires_at,
         instance_id: member.id().unwrap_or_default(),
+    }))
+}
+
+/// A fresh token for the bearer's participant (an active client renews its
+/// token before it expires). An expired token cannot be renewed.
+#[utoipa::path(post, path = "/api/v1/chats/{chat_id}/token",
+    params(("chat_id" = String, Path)), security(("participant_token" = [])),
+    responses((status = 200, body = RenewedToken), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+#[tracing::instrument(level = "debug", name = "gateway", skip_all, fields(route = "token", chat_id = %chat_id))]
+async fn renew_token(
+    State(s): State<GwState>,
+    Path(chat_id): Path<String>,
+    Bearer(token): Bearer,
+) -> Result<Json<RenewedToken>, ApiError> {
+    check_chat_id(&chat_id)?;
+    let claims = participant(&s.gw, token.as_deref(), &chat_id)?;
+    let (token, token_expires_at) = issue(&s.gw, claims);
+    Ok(Json(RenewedToken {
+        token,
+        token_expires_at,
     }))
 }
 

@@ -9,6 +9,7 @@
 //! tokens are signed, not stored. Two gateways with the same token secret
 //! serve the same chats.
 
+pub mod agents;
 pub mod api;
 mod pages;
 pub mod pool;
@@ -59,7 +60,9 @@ pub struct Gateway {
         http_body_util::Full<bytes::Bytes>,
     >,
     pub tokens: tokens::TokenKey,
-    pub agent_credential: Option<String>,
+    pub token_ttl: Duration,
+    /// Who may act as an agent.
+    pub agents: Arc<agents::Agents>,
     pub allowed_origins: Vec<String>,
     /// chat id → instance id; a cache of the session store's locations.
     locations: Mutex<HashMap<String, String>>,
@@ -186,32 +189,34 @@ impl Gateway {
             }
             return self.relocate(chat, &m).await;
         }
-        let any = self.pool.any_healthy(None).ok_or_else(no_instance)?;
-        match self
-            .call(&any, Method::GET, &Route::Location.path(chat), None)
-            .await
-        {
-            Ok((StatusCode::OK, record)) => {
-                let owner = record["owner_instance"].as_str().unwrap_or_default();
-                match self.pool.by_id(owner) {
-                    Some(m) if m.is_healthy() => {
-                        self.remember(chat, &m);
-                        Ok(m)
-                    }
-                    // Its owner is gone: restore it now.
-                    Some(m) => self.relocate(chat, &m).await,
-                    None => self.relocate(chat, &any).await,
+        // Any instance can read the session store; one that just died (and
+        // is not marked down yet) is marked now and the next one asked.
+        for _ in 0..self.pool.members.len().max(1) {
+            let any = self.pool.any_healthy(None).ok_or_else(no_instance)?;
+            match self
+                .call(&any, Method::GET, &Route::Location.path(chat), None)
+                .await
+            {
+                Ok((StatusCode::OK, record)) => {
+                    let owner = record["owner_instance"].as_str().unwrap_or_default();
+                    return match self.pool.by_id(owner) {
+                        Some(m) if m.is_healthy() => {
+                            self.remember(chat, &m);
+                            Ok(m)
+                        }
+                        // Its owner is gone: restore it now.
+                        Some(m) => self.relocate(chat, &m).await,
+                        None => self.relocate(chat, &any).await,
+                    };
                 }
-            }
-            Ok(_) => Ok(any),
-            Err(Unreachable(why)) => {
-                self.pool.report_failure(&any, &why);
-                Err(ApiError::unavailable(
-                    "no_instance",
-                    "no chat server instance answered",
-                ))
+                Ok(_) => return Ok(any),
+                Err(Unreachable(why)) => self.pool.report_failure(&any, &why),
             }
         }
+        Err(ApiError::unavailable(
+            "no_instance",
+            "no chat server instance answered",
+        ))
     }
 
     /// The chat's instance `failed` did not serve it: find where it lives
@@ -376,6 +381,10 @@ impl Application {
         if g.instances.is_empty() {
             anyhow::bail!("no instances configured: set gateway.instances (e.g. --instance http://127.0.0.1:7001)");
         }
+        let agents = Arc::new(agents::Agents::new(
+            g.agent_credential.clone(),
+            g.agents_file.clone(),
+        )?);
         let tokens = match &g.token_secret {
             Some(s) => tokens::TokenKey::new(s.as_bytes()),
             None => {
@@ -411,7 +420,8 @@ impl Application {
             secret,
             upstream,
             tokens,
-            agent_credential: g.agent_credential.clone(),
+            token_ttl: g.token_ttl,
+            agents: agents.clone(),
             allowed_origins: g.allowed_origins.clone(),
             locations: Mutex::new(HashMap::new()),
             relocating: Default::default(),
@@ -423,7 +433,7 @@ impl Application {
             g.rate_limit_burst,
             g.trusted_proxies.clone(),
             gateway.tokens.clone(),
-            g.agent_credential.as_deref(),
+            agents.clone(),
         );
         let router = api::router(gateway.clone(), limiter, handle);
         let listener = Listener::bind("gateway", g.listen, &config.http)

@@ -42,7 +42,7 @@ pub struct RateLimiter {
     buckets: Arc<Mutex<HashMap<Who, Bucket>>>,
     trusted_proxies: Arc<[IpNet]>,
     tokens: TokenKey,
-    agent_credential: Option<Arc<str>>,
+    agents: Arc<super::agents::Agents>,
 }
 
 impl RateLimiter {
@@ -51,7 +51,7 @@ impl RateLimiter {
         burst: u32,
         trusted_proxies: Vec<IpNet>,
         tokens: TokenKey,
-        agent_credential: Option<&str>,
+        agents: Arc<super::agents::Agents>,
     ) -> Self {
         RateLimiter {
             per_second: per_second as f64,
@@ -59,7 +59,7 @@ impl RateLimiter {
             buckets: Arc::new(Mutex::new(HashMap::new())),
             trusted_proxies: trusted_proxies.into(),
             tokens,
-            agent_credential: agent_credential.map(Arc::from),
+            agents,
         }
     }
 
@@ -125,16 +125,14 @@ impl RateLimiter {
         forwarded.unwrap_or(peer)
     }
 
-    /// Whose budget this request spends; None: no limit (an agent with the
-    /// agent credential: a contact centre's agents often share one
-    /// address, and they are staff; per-agent limits come with per-agent
-    /// credentials).
+    /// Whose budget this request spends; None: no limit (an agent signed
+    /// in with a credential: a contact centre's agents often share one
+    /// address, and they are staff; a revoked agent's credential counts
+    /// against its address).
     fn who(&self, req: &Request) -> Option<Who> {
         let bearer = crate::auth::bearer(req.headers());
-        if let (Some(given), Some(agent)) = (bearer, &self.agent_credential) {
-            if crate::auth::constant_time_eq(given.as_bytes(), agent.as_bytes()) {
-                return None;
-            }
+        if bearer.is_some_and(|given| self.agents.authenticate(given).is_ok()) {
+            return None;
         }
         let token = bearer
             .or_else(|| super::tokens::from_ws_protocol(req.headers()))
@@ -145,7 +143,8 @@ impl RateLimiter {
                     .split('&')
                     .find_map(|p| p.strip_prefix("token=").map(str::to_owned))
             });
-        if let Some(claims) = token.and_then(|t| self.tokens.verify(&t)) {
+        if let Some(claims) = token.and_then(|t| self.tokens.verify(&t, super::tokens::now()).ok())
+        {
             return Some(Who::Participant(claims.participant_id));
         }
         let peer = req.extensions().get::<ConnectInfo<SocketAddr>>()?.0.ip();
@@ -182,7 +181,7 @@ mod tests {
             3,
             trusted.iter().map(|t| t.parse().unwrap()).collect(),
             TokenKey::random(),
-            None,
+            Arc::new(super::super::agents::Agents::new(None, None).unwrap()),
         )
     }
 

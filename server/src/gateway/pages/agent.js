@@ -62,7 +62,7 @@ async function join(chatId, btn) {
   setStatus('joining…');
   try {
     const d = await api('POST', '/api/v1/chats/' + encodeURIComponent(chatId) + '/join', { nickname }, cred);
-    const chat = { chat_id: chatId, participant_id: d.participant_id, token: d.token, instance_id: d.instance_id };
+    const chat = { chat_id: chatId, participant_id: d.participant_id, token: d.token, token_expires_at: d.token_expires_at, instance_id: d.instance_id };
     session.remember(chat);
     setStatus('');
     session.openChat(chat);

@@ -70,7 +70,7 @@ async function api(method, path, body, token) {
 function create(opts) {
   const KEY = opts.storageKey;
   let S = null;            // the open chat: {chat_id, participant_id, token, instance_id}
-  let lastSeq = 0, closed = false, ws = null, gen = 0, tries = 0, timer = null;
+  let lastSeq = 0, closed = false, ws = null, gen = 0, tries = 0, timer = null, renewal = null;
   const outbox = [];
   let pumping = false;
 
@@ -253,8 +253,26 @@ function create(opts) {
   }
 
   // ---------- lifecycle ----------
+  // Tokens expire (gateway.token-ttl): renew at half the time left.
+  function scheduleRenewal() {
+    clearTimeout(renewal);
+    if (!S || closed || !S.token_expires_at) return;
+    const left = Date.parse(S.token_expires_at) - Date.now();
+    if (!(left > 0)) return;
+    const my = gen;
+    renewal = setTimeout(async () => {
+      if (my !== gen || !S || closed) return;
+      try {
+        const d = await api('POST', chatPath('/token'), {}, S.token);
+        S.token = d.token; S.token_expires_at = d.token_expires_at; save();
+      } catch (e) { /* retried at half the time left */ }
+      scheduleRenewal();
+    }, Math.max(1000, left / 2));
+  }
+
   function openChat(chat) {
     S = chat; lastSeq = 0; closed = false; tries = 0;
+    scheduleRenewal();
     $('log').textContent = '';
     $('chat-id').textContent = S.chat_id;
     $('instance').textContent = S.instance_id || '?';
@@ -267,7 +285,7 @@ function create(opts) {
     });
   }
   function reset() {
-    gen++; clearTimeout(timer);
+    gen++; clearTimeout(timer); clearTimeout(renewal);
     if (ws) { try { ws.close(1000); } catch (e) { /* ignore */ } ws = null; }
     S = null; lastSeq = 0; closed = false;
     $('log').textContent = '';

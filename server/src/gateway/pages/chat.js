@@ -21,7 +21,7 @@ $('start-form').addEventListener('submit', async (e) => {
   setStatus('starting chat…');
   try {
     const d = await api('POST', '/api/v1/chats', body);
-    const chat = { chat_id: d.chat_id, participant_id: d.participant_id, token: d.token, instance_id: d.instance_id };
+    const chat = { chat_id: d.chat_id, participant_id: d.participant_id, token: d.token, token_expires_at: d.token_expires_at, instance_id: d.instance_id };
     session.remember(chat);
     setStatus('');
     session.openChat(chat);
