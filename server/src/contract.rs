@@ -2,6 +2,8 @@
 //! and validators both sides apply to the same input, so that a request the
 //! gateway accepts is one the instance accepts too.
 
+pub mod answers;
+
 use crate::error::ApiError;
 use crate::session::{MAX_CLIENT_MSG_ID_BYTES, MAX_NICKNAME_BYTES, MAX_TEXT_BYTES};
 use serde::{Deserialize, Serialize};

@@ -538,11 +538,12 @@ impl Cluster {
             .await
             .map_err(|e| format!("the supervisor: {}", describe(&e)))?;
         if !answer.status().is_success() {
-            let body: serde_json::Value = answer.json().await.unwrap_or_default();
-            return Err(format!(
-                "the supervisor could not {action} it: {}",
-                body["error"]["message"].as_str().unwrap_or("")
-            ));
+            let why = answer
+                .json::<crate::contract::answers::ErrorBody>()
+                .await
+                .map(|b| b.error.message)
+                .unwrap_or_default();
+            return Err(format!("the supervisor could not {action} it: {why}"));
         }
         self.poke.notify_one();
         Ok(())
@@ -637,21 +638,19 @@ impl Cluster {
             if !answer.status().is_success() {
                 return Err(format!("{id} answered {} for chat {chat}", answer.status()));
             }
-            let page: serde_json::Value = answer.json().await.map_err(|e| describe(&e))?;
-            let events = page["events"].as_array().cloned().unwrap_or_default();
-            let text = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap_or("").to_owned();
-            for e in &events {
-                lines.push(TranscriptLine {
-                    seq: e["seq"].as_u64().unwrap_or(0),
-                    kind: text(e, "kind"),
-                    nickname: text(e, "nickname"),
-                    text: text(e, "text"),
-                    reason: text(e, "reason"),
-                    at: text(e, "at"),
-                });
-            }
+            let page: crate::contract::answers::AdminTranscript =
+                answer.json().await.map_err(|e| describe(&e))?;
+            let empty = page.events.is_empty();
+            lines.extend(page.events.into_iter().map(|e| TranscriptLine {
+                seq: e.seq,
+                kind: e.kind.as_str().to_owned(),
+                nickname: e.nickname.unwrap_or_default(),
+                text: e.text.unwrap_or_default(),
+                reason: e.reason.unwrap_or_default(),
+                at: e.at,
+            }));
             after = lines.last().map_or(after, |l| l.seq);
-            if !page["more"].as_bool().unwrap_or(false) || events.is_empty() {
+            if !page.more || empty {
                 return Ok(lines);
             }
         }

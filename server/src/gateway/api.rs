@@ -1,8 +1,11 @@
 //! The public chat API (`/api/v1`, docs/public-api.md), its OpenAPI
 //! document, and the customer and agent pages.
 
-use super::{no_instance, passthrough, ratelimit, relay, tokens::Claims, Gateway, Unreachable};
+use super::{
+    no_instance, passthrough, ratelimit, relay, request, tokens::Claims, Gateway, Unreachable,
+};
 use crate::auth::bearer;
+use crate::contract::answers::{self, ErrorBody, ErrorDetail};
 use crate::contract::internal::{self, Route};
 use crate::contract::{
     after_param, check_chat_id, check_client_msg_id, check_nickname, check_text, limit_param,
@@ -17,7 +20,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 use utoipa::{OpenApi, ToSchema};
@@ -170,17 +173,6 @@ pub struct LeaveChat {
 #[derive(Serialize, ToSchema)]
 pub struct Left {
     pub state: String,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct ErrorDetail {
-    pub code: String,
-    pub message: String,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
 }
 
 #[derive(Clone)]
@@ -337,12 +329,19 @@ fn raw_answer(status: StatusCode, body: bytes::Bytes) -> Result<Response, ApiErr
     }
 }
 
-fn answer(status: StatusCode, body: Value) -> Result<Value, ApiError> {
-    if status.is_success() {
-        Ok(body)
-    } else {
-        Err(passthrough(status, &body))
+/// A successful instance answer as the contract's type; an error re-issued.
+fn answer<T: serde::de::DeserializeOwned>(status: StatusCode, body: Value) -> Result<T, ApiError> {
+    if !status.is_success() {
+        return Err(passthrough(status, &body));
     }
+    T::deserialize(body).map_err(|e| {
+        tracing::error!(error = %e, "an instance's answer does not match the internal contract");
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "the chat server's answer could not be read",
+        )
+    })
 }
 
 /// Start a chat: an enabled, healthy instance with the fewest chats gets it.
@@ -354,42 +353,35 @@ async fn create_chat(
     JsonBody(b): JsonBody<CreateChat>,
 ) -> Result<Response, ApiError> {
     let nickname = check_nickname(&b.nickname)?;
-    let body = json!({"nickname": nickname, "subject": b.subject});
+    let body = request(&answers::CreateSession {
+        nickname,
+        subject: b.subject,
+    });
     let gw = &s.gw;
     for _ in 0..gw.pool.members.len().max(1) {
         let member = gw.pool.pick(None).ok_or_else(no_instance)?;
         match gw
-            .call(&member, Method::POST, internal::SESSIONS, Some(&body))
+            .call(&member, Method::POST, internal::SESSIONS, body.clone())
             .await
         {
             Ok((StatusCode::CREATED, created)) => {
-                let chat_id = created["session_id"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-                let participant_id = created["participant_id"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
+                let created: answers::Created = answer(StatusCode::CREATED, created)?;
                 let (token, token_expires_at) = issue(
                     gw,
                     Claims {
-                        chat_id: chat_id.clone(),
-                        participant_id: participant_id.clone(),
+                        chat_id: created.session_id.clone(),
+                        participant_id: created.participant_id.clone(),
                         role: Role::Customer,
                         expires_at: None,
                         agent: None,
                     },
                 );
                 let reply = ChatCreated {
-                    chat_id,
-                    participant_id,
+                    chat_id: created.session_id,
+                    participant_id: created.participant_id,
                     token,
                     token_expires_at,
-                    instance_id: created["instance_id"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned(),
+                    instance_id: created.instance_id,
                 };
                 return Ok((StatusCode::CREATED, Json(reply)).into_response());
             }
@@ -423,13 +415,17 @@ async fn post_message(
     let client_msg_id = b
         .client_msg_id
         .unwrap_or_else(|| format!("gw-{}", uuid::Uuid::new_v4().simple()));
-    let body = json!({"participant_id": who.participant_id, "text": b.text, "client_msg_id": client_msg_id});
+    let body = request(&answers::PostMessage {
+        participant_id: who.participant_id,
+        text: b.text,
+        client_msg_id: Some(client_msg_id),
+    });
     let (status, body, _) =
         s.gw.on_chat_raw(
             &chat_id,
             Method::POST,
             &Route::Messages.path(&chat_id),
-            Some(&body),
+            body,
         )
         .await?;
     raw_answer(status, body)
@@ -543,14 +539,10 @@ async fn join(
             &chat_id,
             Method::POST,
             &Route::Join.path(&chat_id),
-            Some(&json!({"nickname": nickname})),
+            request(&answers::JoinSession { nickname }),
         )
         .await?;
-    let body = answer(status, body)?;
-    let participant_id = body["participant_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let answers::Joined { participant_id } = answer(status, body)?;
     let (token, token_expires_at) = issue(
         &s.gw,
         Claims {
@@ -600,20 +592,16 @@ async fn queue(State(s): State<GwState>, headers: HeaderMap) -> Result<Json<Queu
         s.gw.call(&member, Method::GET, &internal::waiting(), None)
             .await
             .map_err(|_| no_instance())?;
-    let body = answer(status, body)?;
-    let chats = body["sessions"]
-        .as_array()
-        .map(|list| {
-            list.iter()
-                .map(|r| QueuedChat {
-                    chat_id: r["session_id"].as_str().unwrap_or_default().to_owned(),
-                    subject: r["subject"].as_str().map(str::to_owned),
-                    nickname: r["nickname"].as_str().map(str::to_owned),
-                    created_at: crate::session::format_ms(r["created_at_ms"].as_i64().unwrap_or(0)),
-                })
-                .collect()
+    let answers::Sessions { sessions } = answer(status, body)?;
+    let chats = sessions
+        .into_iter()
+        .map(|r| QueuedChat {
+            chat_id: r.session_id,
+            subject: r.subject,
+            nickname: r.nickname,
+            created_at: crate::session::format_ms(r.created_at_ms),
         })
-        .unwrap_or_default();
+        .collect();
     Ok(Json(QueueBody { chats }))
 }
 
@@ -627,7 +615,7 @@ async fn leave(
     Path(chat_id): Path<String>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Left>, ApiError> {
     check_chat_id(&chat_id)?;
     let who = participant(&s.gw, bearer(&headers), &chat_id)?;
     // The body is optional: empty means {}.
@@ -643,9 +631,15 @@ async fn leave(
             &chat_id,
             Method::POST,
             &Route::Leave.path(&chat_id),
-            Some(&json!({"participant_id": who.participant_id, "end_chat": end_chat})),
+            request(&answers::LeaveSession {
+                participant_id: who.participant_id,
+                end_chat,
+            }),
         )
         .await?;
     s.gw.forget(&chat_id);
-    answer(status, body).map(Json)
+    let answers::Left { state } = answer(status, body)?;
+    Ok(Json(Left {
+        state: state.as_str().to_owned(),
+    }))
 }

@@ -19,6 +19,7 @@ pub mod sockets;
 pub mod tokens;
 
 use crate::config::Config;
+use crate::contract::answers;
 use crate::contract::internal::Route;
 use crate::error::ApiError;
 use crate::listener::Listener;
@@ -26,6 +27,7 @@ use crate::telemetry::{events, metrics as m};
 use axum::http::{Method, StatusCode};
 use parking_lot::Mutex;
 use pool::{Member, Pool};
+use serde::Deserialize;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::future::Future;
@@ -82,14 +84,9 @@ impl Gateway {
         member: &Member,
         method: Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<bytes::Bytes>,
     ) -> Result<(StatusCode, bytes::Bytes), Unreachable> {
-        let payload = match body {
-            Some(b) => {
-                bytes::Bytes::from(serde_json::to_vec(b).map_err(|e| Unreachable(e.to_string()))?)
-            }
-            None => bytes::Bytes::new(),
-        };
+        let payload = body.unwrap_or_default();
         let down = member.down_token();
         let exchange = async {
             if path.len() > crate::channel::MAX_PATH {
@@ -152,7 +149,7 @@ impl Gateway {
         member: &Member,
         method: Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<bytes::Bytes>,
     ) -> Result<(StatusCode, Value), Unreachable> {
         let (status, bytes) = self.call_raw(member, method, path, body).await?;
         let body = serde_json::from_slice(&bytes)
@@ -198,8 +195,10 @@ impl Gateway {
                 .await
             {
                 Ok((StatusCode::OK, record)) => {
-                    let owner = record["owner_instance"].as_str().unwrap_or_default();
-                    return match self.pool.by_id(owner) {
+                    let owner = serde_json::from_value::<answers::Location>(record)
+                        .map(|r| r.owner_instance)
+                        .unwrap_or_default();
+                    return match self.pool.by_id(&owner) {
                         Some(m) if m.is_healthy() => {
                             self.remember(chat, &m);
                             Ok(m)
@@ -240,7 +239,9 @@ impl Gateway {
                 .call(&any, Method::GET, &Route::Location.path(chat), None)
                 .await
             {
-                let owner = record["owner_instance"].as_str().map(str::to_owned);
+                let owner = serde_json::from_value::<answers::Location>(record)
+                    .ok()
+                    .map(|r| r.owner_instance);
                 if owner != failed_id {
                     if let Some(m) = owner
                         .and_then(|o| self.pool.by_id(&o))
@@ -261,7 +262,8 @@ impl Gateway {
             {
                 Ok((StatusCode::OK, body)) => {
                     self.remember(chat, &target);
-                    if body["restored"].as_bool() == Some(true) {
+                    let restored = serde_json::from_value::<answers::Restored>(body).ok();
+                    if let Some(restored) = restored.filter(|r| r.restored) {
                         metrics::counter!(m::GATEWAY_FAILOVERS).increment(1);
                         self.failovers
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -269,7 +271,7 @@ impl Gateway {
                             event_id = events::GATEWAY_FAILOVER,
                             chat_id = chat,
                             from = failed_id.as_deref().unwrap_or("?"),
-                            to = body["instance_id"].as_str().unwrap_or("?"),
+                            to = restored.instance_id,
                             elapsed_ms = started.elapsed().as_millis() as u64,
                             "chat moved to another instance"
                         );
@@ -304,7 +306,7 @@ impl Gateway {
         chat: &str,
         method: Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<bytes::Bytes>,
     ) -> Result<(StatusCode, Value, Arc<Member>), ApiError> {
         let (status, bytes, member) = self.on_chat_raw(chat, method, path, body).await?;
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
@@ -317,7 +319,7 @@ impl Gateway {
         chat: &str,
         method: Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<bytes::Bytes>,
     ) -> Result<(StatusCode, bytes::Bytes, Arc<Member>), ApiError> {
         let mut failed: Option<Arc<Member>> = None;
         for _ in 0..ATTEMPTS {
@@ -325,7 +327,10 @@ impl Gateway {
                 None => self.locate(chat).await?,
                 Some(f) => self.relocate(chat, &f).await?,
             };
-            match self.call_raw(&member, method.clone(), path, body).await {
+            match self
+                .call_raw(&member, method.clone(), path, body.clone())
+                .await
+            {
                 Ok((StatusCode::MISDIRECTED_REQUEST, _)) => {
                     self.forget(chat);
                     failed = Some(member);
@@ -346,11 +351,17 @@ pub fn no_instance() -> ApiError {
     ApiError::unavailable("no_instance", "no chat server instance is available")
 }
 
+/// A JSON request body for an instance.
+pub fn request(body: &impl serde::Serialize) -> Option<bytes::Bytes> {
+    serde_json::to_vec(body).ok().map(bytes::Bytes::from)
+}
+
 /// An instance's JSON error, passed on with its status.
 pub fn passthrough(status: StatusCode, body: &Value) -> ApiError {
-    let code = body["error"]["code"]
-        .as_str()
-        .and_then(crate::contract::error_code)
+    let error = answers::ErrorBody::deserialize(body).ok().map(|b| b.error);
+    let code = error
+        .as_ref()
+        .and_then(|e| crate::contract::error_code(&e.code))
         .unwrap_or("upstream_error");
     if status == StatusCode::UNAUTHORIZED {
         // The instance refused this gateway (its cluster secret), not the
@@ -362,9 +373,9 @@ pub fn passthrough(status: StatusCode, body: &Value) -> ApiError {
             "the chat server refused this gateway; the operator has been told",
         );
     }
-    let message = body["error"]["message"]
-        .as_str()
-        .unwrap_or("the chat server refused the request");
+    let message = error
+        .map(|e| e.message)
+        .unwrap_or_else(|| "the chat server refused the request".into());
     ApiError::new(status, code, message)
 }
 

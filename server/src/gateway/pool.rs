@@ -239,12 +239,15 @@ impl Pool {
     pub async fn check(&self, member: &Member, timeout: Duration) {
         let result = self
             .client
-            .get(format!("{}/status", member.url))
+            .get(format!("{}{}", member.url, crate::contract::paths::STATUS))
             .timeout(timeout)
             .send()
             .await;
         let (status, refused) = match result {
-            Ok(r) if r.status().is_success() => (r.json::<serde_json::Value>().await.ok(), false),
+            Ok(r) if r.status().is_success() => (
+                r.json::<crate::contract::InstanceStatus>().await.ok(),
+                false,
+            ),
             Ok(_) => (None, false),
             Err(e) => (None, e.is_connect()),
         };
@@ -267,12 +270,10 @@ impl Pool {
         let mut h = member.health.lock();
         let was_healthy = h.healthy;
         let was_enabled = h.enabled;
-        h.instance_id = status["instance_id"].as_str().map(str::to_owned);
-        h.enabled = status["enabled"].as_bool().unwrap_or(false);
-        h.sessions_active = status["sessions_active"].as_i64().unwrap_or(0);
+        h.instance_id = Some(status.instance_id);
         // Not ready for new chats when its session store is down.
-        let store_ok = status["store"]["available"].as_bool().unwrap_or(true);
-        h.enabled &= store_ok;
+        h.enabled = status.enabled && status.store.available;
+        h.sessions_active = i64::try_from(status.sessions_active).unwrap_or(i64::MAX);
         h.failures = 0;
         h.healthy = true;
         member.assigned.store(0, Ordering::Relaxed);

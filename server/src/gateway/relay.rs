@@ -11,7 +11,6 @@ use super::Gateway;
 use crate::ws::{self, SeqFilter};
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite;
@@ -22,6 +21,15 @@ const MAX_FAILOVERS: u32 = 10;
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames a client may send per second (they carry nothing we need).
 const CLIENT_FRAMES_PER_SECOND: u32 = 20;
+
+/// What the relay reads of an instance's event (crate::session::EventView)
+/// to forward it exactly once.
+#[derive(serde::Deserialize)]
+struct Peek {
+    seq: u64,
+    #[serde(default)]
+    ephemeral: bool,
+}
 
 enum Upstream {
     /// The chat closed: the stream is over.
@@ -89,9 +97,8 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                 biased;
                 msg = up_rx.next() => match msg {
                     Some(Ok(tungstenite::Message::Text(text))) => {
-                        if let Ok(event) = serde_json::from_str::<Value>(&text) {
-                            let ephemeral = event["ephemeral"].as_bool().unwrap_or(false);
-                            if !seen.admit(event["seq"].as_u64().unwrap_or(0), ephemeral) {
+                        if let Ok(event) = serde_json::from_str::<Peek>(&text) {
+                            if !seen.admit(event.seq, event.ephemeral) {
                                 continue;
                             }
                         }

@@ -6,8 +6,8 @@
 use super::engine::{participant, state_error, Instance};
 use super::error::{EngineError, EngineResult};
 use super::live::{Live, LiveSession};
-use super::wire::{Created, Posted, TranscriptView};
 use crate::config::{AutoSave, SaveOnError};
+use crate::contract::answers::{Created, Posted, TranscriptView};
 use crate::session::{
     now_ms, reason, Draft, Event, EventKind, EventView, Participant, Role, SessionState, Transcript,
 };

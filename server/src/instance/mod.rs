@@ -11,7 +11,6 @@ pub mod routes;
 pub mod stats;
 mod stream;
 pub mod wall;
-pub mod wire;
 
 use crate::config::{Config, StoreBackend};
 use crate::listener::Listener;

@@ -9,7 +9,7 @@
 use super::engine::Instance;
 use super::error::{EngineError, EngineResult};
 use super::live::LiveSession;
-use super::wire::Restored;
+use crate::contract::answers::Restored;
 use crate::session::{SessionState, Transcript};
 use crate::telemetry::events;
 use std::sync::Arc;

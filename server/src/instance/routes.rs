@@ -28,6 +28,7 @@
 use super::error::EngineError;
 use super::Instance;
 use crate::auth::check_admin;
+use crate::contract::answers;
 use crate::contract::internal::{self, Route};
 use crate::contract::paths;
 use crate::contract::{
@@ -43,7 +44,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -261,7 +261,7 @@ async fn admin_transcript(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<answers::AdminTranscript>, ApiError> {
     check_admin(&headers, s.admin_token.as_deref())?;
     let id = check_chat_id(&id)?;
     let (after, limit) = (after_param(&q)?, limit_param(&q)?);
@@ -273,7 +273,11 @@ async fn admin_transcript(
     let (events, more) = session
         .page(after, limit, crate::contract::PAGE_TEXT_BYTES)
         .await;
-    Ok(Json(json!({"chat_id": id, "events": events, "more": more})))
+    Ok(Json(answers::AdminTranscript {
+        chat_id: id.to_owned(),
+        events,
+        more,
+    }))
 }
 
 /// SIGKILL this process (restoration tests in a real deployment). Off unless
@@ -333,17 +337,9 @@ impl From<EngineError> for ApiError {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateBody {
-    nickname: String,
-    #[serde(default)]
-    subject: Option<String>,
-}
-
 async fn create_session(
     State(s): State<AppState>,
-    JsonBody(b): JsonBody<CreateBody>,
+    JsonBody(b): JsonBody<answers::CreateSession>,
 ) -> Result<Response, ApiError> {
     let nickname = check_nickname(&b.nickname)?;
     if b.subject.as_ref().is_some_and(|s| s.len() > 1024) {
@@ -358,7 +354,7 @@ async fn create_session(
 async fn list_sessions(
     State(s): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<answers::Sessions>, ApiError> {
     let state = match q.get("state") {
         None => None,
         Some(v) => Some(SessionState::parse(v).ok_or_else(|| {
@@ -368,41 +364,28 @@ async fn list_sessions(
         })?),
     };
     let sessions = s.instance.store().list_sessions(state, 1000).await?;
-    Ok(Json(json!({"sessions": sessions})))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JoinBody {
-    nickname: String,
+    Ok(Json(answers::Sessions { sessions }))
 }
 
 async fn join(
     State(s): State<AppState>,
     Path(id): Path<String>,
-    JsonBody(b): JsonBody<JoinBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+    JsonBody(b): JsonBody<answers::JoinSession>,
+) -> Result<Json<answers::Joined>, ApiError> {
     let nickname = check_nickname(&b.nickname)?;
     check_chat_id(&id)?;
     let instance = s.instance.clone();
     let agent = detached(async move { instance.join(&id, nickname).await }).await?;
-    Ok(Json(json!({"participant_id": agent.participant_id})))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MessageBody {
-    participant_id: String,
-    text: String,
-    #[serde(default)]
-    client_msg_id: Option<String>,
+    Ok(Json(answers::Joined {
+        participant_id: agent.participant_id,
+    }))
 }
 
 async fn post_message(
     State(s): State<AppState>,
     Path(id): Path<String>,
-    JsonBody(b): JsonBody<MessageBody>,
-) -> Result<Json<super::wire::Posted>, ApiError> {
+    JsonBody(b): JsonBody<answers::PostMessage>,
+) -> Result<Json<answers::Posted>, ApiError> {
     check_text(&b.text)?;
     check_client_msg_id(&b.client_msg_id)?;
     check_chat_id(&id)?;
@@ -420,7 +403,7 @@ async fn transcript(
     State(s): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<super::wire::TranscriptView>, ApiError> {
+) -> Result<Json<answers::TranscriptView>, ApiError> {
     let (after, limit) = (after_param(&q)?, limit_param(&q)?);
     Ok(Json(
         s.instance
@@ -429,30 +412,22 @@ async fn transcript(
     ))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LeaveBody {
-    participant_id: String,
-    #[serde(default)]
-    end_chat: bool,
-}
-
 async fn leave(
     State(s): State<AppState>,
     Path(id): Path<String>,
-    JsonBody(b): JsonBody<LeaveBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+    JsonBody(b): JsonBody<answers::LeaveSession>,
+) -> Result<Json<answers::Left>, ApiError> {
     check_chat_id(&id)?;
     let instance = s.instance.clone();
     let state =
         detached(async move { instance.leave(&id, &b.participant_id, b.end_chat).await }).await?;
-    Ok(Json(json!({"state": state})))
+    Ok(Json(answers::Left { state }))
 }
 
 async fn restore(
     State(s): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<super::wire::Restored>, ApiError> {
+) -> Result<Json<answers::Restored>, ApiError> {
     check_chat_id(&id)?;
     let instance = s.instance.clone();
     Ok(Json(
@@ -463,7 +438,7 @@ async fn restore(
 async fn location(
     State(s): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<crate::store::SessionRecord>, ApiError> {
+) -> Result<Json<answers::Location>, ApiError> {
     let id = check_chat_id(&id)?;
     s.instance
         .store()
