@@ -50,6 +50,31 @@ pub fn limit_param(q: &HashMap<String, String>) -> Result<usize, ApiError> {
     }
 }
 
+/// Most chats in one listing of the queue.
+pub const MAX_QUEUE: usize = 1000;
+
+/// The queue's `order` (`oldest`, the default, or `newest`) and `limit`
+/// (1 to [`MAX_QUEUE`], all of it by default) query parameters.
+pub fn queue_params(q: &HashMap<String, String>) -> Result<(crate::store::Order, usize), ApiError> {
+    let order = match q.get("order") {
+        None => crate::store::Order::Oldest,
+        Some(v) => crate::store::Order::parse(v).ok_or_else(|| {
+            ApiError::bad_request(format!("`order` must be oldest or newest, got {v:?}"))
+        })?,
+    };
+    let limit = match q.get("limit") {
+        None => MAX_QUEUE,
+        Some(v) => v
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_QUEUE).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("`limit` must be 1 to {MAX_QUEUE}, got {v:?}"))
+            })?,
+    };
+    Ok((order, limit))
+}
+
 /// The `after` query parameter: a sequence number, 0 when absent.
 pub fn after_param(q: &HashMap<String, String>) -> Result<u64, ApiError> {
     match q.get("after") {
@@ -260,9 +285,13 @@ pub mod internal {
         }
     }
 
-    /// Waiting chats, from the session store.
-    pub fn waiting() -> String {
-        format!("{SESSIONS}?state=waiting")
+    /// Waiting chats, from the session store: `limit` of them from the
+    /// `order` end.
+    pub fn waiting(order: crate::store::Order, limit: usize) -> String {
+        format!(
+            "{SESSIONS}?state=waiting&order={}&limit={limit}",
+            order.as_str()
+        )
     }
 
     /// A page of a chat's transcript.

@@ -2,7 +2,7 @@
 //! rate limit, size limits, errors, the OpenAPI document and the pages.
 
 use confab_e2e::cluster::TestCluster;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
@@ -408,4 +408,35 @@ async fn the_queue_shows_each_waiting_chats_nickname() {
         nickname_of(&queue, &bob.id),
         Some(json!("<b>Bob</b> & Ко 🙂"))
     );
+}
+
+#[tokio::test]
+async fn the_queue_is_read_from_either_end() {
+    let c = TestCluster::start(2, &[]).await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(c.create_chat(&format!("Customer {i}")).await.id);
+        // Creation times are in milliseconds: keep them apart.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let queue = |q: &str| format!("{}/api/v1/queue{q}", c.gateway);
+    let ids_of = |v: Value| -> Vec<String> {
+        v["chats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["chat_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let cred = Some(c.agent_credential.as_str());
+    let all = ids_of(c.http.get(&queue(""), cred).await.ok());
+    assert_eq!(all, ids, "oldest first by default");
+    let newest = ids_of(c.http.get(&queue("?order=newest&limit=2"), cred).await.ok());
+    assert_eq!(newest, [ids[3].clone(), ids[2].clone()]);
+    let oldest = ids_of(c.http.get(&queue("?order=oldest&limit=1"), cred).await.ok());
+    assert_eq!(oldest, [ids[0].clone()]);
+    for bad in ["?order=random", "?limit=0", "?limit=1001", "?limit=x"] {
+        let a = c.http.get(&queue(bad), cred).await;
+        assert_eq!((a.status, a.error_code()), (400, "bad_request"), "{bad}");
+    }
 }

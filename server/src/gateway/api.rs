@@ -581,15 +581,22 @@ async fn renew_token(
     }))
 }
 
-/// Chats waiting for an agent, oldest first.
+/// Chats waiting for an agent: `limit` of them (at most 1,000) from the
+/// oldest end (`order=oldest`, the default) or the newest (`order=newest`).
 #[utoipa::path(get, path = "/api/v1/queue", security(("agent_credential" = [])),
-    responses((status = 200, body = QueueBody), (status = 401, body = ErrorBody)))]
+    params(("order" = Option<String>, Query, description = "oldest (default) or newest"), ("limit" = Option<u32>, Query, description = "1 to 1000 (default 1000)")),
+    responses((status = 200, body = QueueBody), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 #[tracing::instrument(level = "debug", name = "gateway", skip_all, fields(route = "queue"))]
-async fn queue(State(s): State<GwState>, headers: HeaderMap) -> Result<Json<QueueBody>, ApiError> {
+async fn queue(
+    State(s): State<GwState>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Json<QueueBody>, ApiError> {
     agent(&s.gw, &headers)?;
+    let (order, limit) = crate::contract::queue_params(&q)?;
     let member = s.gw.pool.any_healthy(None).ok_or_else(no_instance)?;
     let (status, body) =
-        s.gw.call(&member, Method::GET, &internal::waiting(), None)
+        s.gw.call(&member, Method::GET, &internal::waiting(order, limit), None)
             .await
             .map_err(|_| no_instance())?;
     let answers::Sessions { sessions } = answer(status, body)?;

@@ -363,7 +363,12 @@ async fn list_sessions(
             ))
         })?),
     };
-    let sessions = s.instance.store().list_sessions(state, 1000).await?;
+    let (order, limit) = crate::contract::queue_params(&q)?;
+    let sessions = s
+        .instance
+        .store()
+        .list_sessions(state, order, limit)
+        .await?;
     Ok(Json(answers::Sessions { sessions }))
 }
 

@@ -727,12 +727,16 @@ impl SessionStore for CassandraStore {
     async fn list_sessions(
         &self,
         state: Option<SessionState>,
+        order: super::Order,
         limit: usize,
     ) -> StoreResult<Vec<SessionRecord>> {
         let mut rows: Vec<(String, Option<String>, Option<i64>)> =
             self.rows(&self.st.sel_index, (0i32,)).await?;
         rows.retain(|(_, s, _)| state.is_none_or(|want| s.as_deref() == Some(want.as_str())));
         rows.sort_by_key(|r| r.2.unwrap_or(0));
+        if order == super::Order::Newest {
+            rows.reverse();
+        }
         rows.truncate(limit);
         let mut out = Vec::with_capacity(rows.len());
         for (id, _, _) in rows {

@@ -32,6 +32,34 @@ pub struct SessionRecord {
     pub created_at_ms: i64,
 }
 
+/// Which end of a listing comes first: the agents' queue is read from both,
+/// so that a flood of new chats cannot hide the oldest ones, nor a backlog
+/// the newest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    #[default]
+    Oldest,
+    Newest,
+}
+
+impl Order {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Order::Oldest => "oldest",
+            Order::Newest => "newest",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Order> {
+        match s {
+            "oldest" => Some(Order::Oldest),
+            "newest" => Some(Order::Newest),
+            _ => None,
+        }
+    }
+}
+
 /// Events to add to one session, written only if `epoch` is still current.
 #[derive(Debug, Clone)]
 pub struct Append {
@@ -123,10 +151,12 @@ pub trait SessionStore: Send + Sync + 'static {
     /// The session and its transcript, without changing anything.
     async fn load(&self, session_id: &str) -> StoreResult<Option<(SessionRecord, Vec<Event>)>>;
 
-    /// Sessions in `state` (all when None), oldest first, at most `limit`.
+    /// Sessions in `state` (all when None), by creation time in `order`,
+    /// at most `limit`.
     async fn list_sessions(
         &self,
         state: Option<SessionState>,
+        order: Order,
         limit: usize,
     ) -> StoreResult<Vec<SessionRecord>>;
 

@@ -1021,11 +1021,16 @@ impl SessionStore for SqliteStore {
     async fn list_sessions(
         &self,
         state: Option<SessionState>,
+        order: super::Order,
         limit: usize,
     ) -> StoreResult<Vec<SessionRecord>> {
+        let direction = match order {
+            super::Order::Oldest => "ASC",
+            super::Order::Newest => "DESC",
+        };
         self.read(move |c| {
             let mut st = c.prepare_cached(&format!(
-                "SELECT {SESSION_COLUMNS} FROM sessions WHERE (?1 IS NULL OR state = ?1) ORDER BY created_at LIMIT ?2"
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE (?1 IS NULL OR state = ?1) ORDER BY created_at {direction} LIMIT ?2"
             ))?;
             let rows = st.query_map(params![state.map(SessionState::as_str), limit as i64], session_from_row)?;
             rows.collect()
@@ -1243,7 +1248,7 @@ mod tests {
             let record = crate::store::suite::new_record("inst-new");
             store.create_session(record.clone(), vec![]).await.unwrap();
             let waiting = store
-                .list_sessions(Some(SessionState::Waiting), 10)
+                .list_sessions(Some(SessionState::Waiting), crate::store::Order::Oldest, 10)
                 .await
                 .unwrap();
             let nicknames: Vec<_> = waiting

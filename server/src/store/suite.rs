@@ -4,7 +4,9 @@
 //! `a` and `b` are two independent handles on the same store, standing for
 //! two instances: fencing must hold between them, not only within one.
 
-use super::{Append, ContactStore, FinalTranscript, SessionRecord, SessionStore, StoreError};
+use super::{
+    Append, ContactStore, FinalTranscript, Order, SessionRecord, SessionStore, StoreError,
+};
 use crate::session::{now_ms, Draft, Event, Participant, Role, SessionState};
 
 const CUSTOMER_NICKNAME: &str = "Анна 李 🙂";
@@ -323,7 +325,7 @@ pub async fn closed_sessions_cannot_be_claimed_or_appended(
 pub async fn list_by_state_and_unknown_sessions(a: &dyn SessionStore) {
     let record = create(a, "inst-a").await;
     let waiting = a
-        .list_sessions(Some(SessionState::Waiting), 100_000)
+        .list_sessions(Some(SessionState::Waiting), Order::Oldest, 100_000)
         .await
         .unwrap();
     assert!(waiting.iter().any(|r| r.session_id == record.session_id));
@@ -335,16 +337,47 @@ pub async fn list_by_state_and_unknown_sessions(a: &dyn SessionStore) {
         .unwrap();
     assert_eq!(listed.nickname.as_deref(), Some(CUSTOMER_NICKNAME));
     assert_eq!(listed, &record);
-    let all = a.list_sessions(None, 100_000).await.unwrap();
+    let all = a.list_sessions(None, Order::Oldest, 100_000).await.unwrap();
     assert_eq!(
         all.iter().find(|r| r.session_id == record.session_id),
         Some(&record)
     );
     let active = a
-        .list_sessions(Some(SessionState::Active), 100_000)
+        .list_sessions(Some(SessionState::Active), Order::Oldest, 100_000)
         .await
         .unwrap();
     assert!(!active.iter().any(|r| r.session_id == record.session_id));
+    // Either end of the queue first: three chats created a second apart.
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = SessionRecord {
+            created_at_ms: record.created_at_ms + 1_000 * (i + 1),
+            ..new_record("inst-a")
+        };
+        ids.push(r.session_id.clone());
+        let joined = Draft::joined(&customer(), None).into_event(1, r.created_at_ms);
+        a.create_session(r, vec![joined]).await.unwrap();
+    }
+    for (order, expected) in [
+        (Order::Oldest, ids.clone()),
+        (Order::Newest, ids.iter().rev().cloned().collect()),
+    ] {
+        let listed: Vec<String> = a
+            .list_sessions(Some(SessionState::Waiting), order, 100_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.session_id)
+            .filter(|id| ids.contains(id))
+            .collect();
+        assert_eq!(listed, expected, "{order:?}");
+    }
+    let newest = a
+        .list_sessions(Some(SessionState::Waiting), Order::Newest, 1)
+        .await
+        .unwrap();
+    assert_eq!(newest.len(), 1);
+    assert!(newest[0].created_at_ms >= record.created_at_ms + 3_000);
     assert_eq!(a.locate("no-such-session").await.unwrap(), None);
     assert_eq!(
         a.claim("no-such-session", "inst-a").await.unwrap_err(),
