@@ -31,6 +31,11 @@ async fn a_cluster_over_tls_serves_chats_fails_over_and_refuses_plain_http() {
         );
     }
 
+    // The dashboard reaches both instances over https://: its live view
+    // (after signing in, over TLS too) shows them up.
+    let up = dashboard_sees_instances_up(&c, &ca).await;
+    assert_eq!(up, 2, "instances the dashboard sees up over TLS");
+
     let chat = c.create_chat("Customer").await;
     let agent = c.join(&chat, "Agent").await;
     let mut events = EventStream::connect_with(&c.ws_url(&chat, 0), Some(ca.ws_connector()))
@@ -110,4 +115,48 @@ async fn a_cluster_over_tls_serves_chats_fails_over_and_refuses_plain_http() {
     // The dashboard serves HTTPS and reaches the instances over it.
     let a = c.http.get(&format!("{}/healthz", c.dashboard), None).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
+}
+
+/// Sign in to the dashboard and read its live view until every instance
+/// shows up (at most 10 s); how many did.
+async fn dashboard_sees_instances_up(c: &TestCluster, ca: &TestCa) -> usize {
+    let http = confab_e2e::client()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca.ca_pem).unwrap()])
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed = http
+        .post(format!("{}/signin", c.dashboard))
+        .form(&[("token", c.admin_token.as_str())])
+        .send()
+        .await
+        .expect("signing in over https");
+    assert_eq!(signed.status(), 303);
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let session = cookie.split(';').next().unwrap().to_owned();
+    let mut live = http
+        .get(format!("{}/live", c.dashboard))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (mut text, mut up) = (String::new(), 0);
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, live.chunk()).await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let event: String = text.drain(..end + 2).collect();
+            for data in event.lines().filter_map(|l| l.strip_prefix("data:")) {
+                let view: Value = serde_json::from_str(data.trim()).unwrap_or_default();
+                up = view["instances"]
+                    .as_array()
+                    .map(|l| l.iter().filter(|i| i["up"] == true).count())
+                    .unwrap_or(0);
+            }
+            if up == 2 {
+                return up;
+            }
+        }
+    }
+    up
 }
