@@ -82,6 +82,10 @@ fn every_alert_is_tested_firing_and_quiet() {
     }
     for name in &names {
         assert!(firing.contains(name), "{name}: no unit test where it fires");
+        // The watchdog fires always, by design: there is no quiet case.
+        if name == "ConfabWatchdog" {
+            continue;
+        }
         assert!(
             quiet.contains(name),
             "{name}: no unit test where it stays quiet"

@@ -1,8 +1,11 @@
 //! A real Prometheus (Debian's `prometheus`, started by
 //! `confab up --with-prometheus`) scrapes a cluster on the Cassandra store
-//! with confab's alert rules. The CQL test node freezes and an instance is
-//! killed: ConfabCassandraUnavailable and ConfabInstanceDown fire. Bounded
-//! by the rules' own `for` durations (1 and 2 minutes).
+//! with confab's alert rules. One instance is drained and the other
+//! killed, then the CQL test node freezes: ConfabCassandraUnavailable and
+//! ConfabInstanceDown fire; the gateway, seeing no usable instance, fires
+//! ConfabGatewaySeesNoInstance, and a chat of the dead instance that
+//! nothing could take fires ConfabFailoverFailed. The watchdog fires throughout. Bounded by the
+//! rules' own `for` durations (1 and 2 minutes).
 
 use confab_e2e::cluster::TestCluster;
 use confab_e2e::kassandra::{schema_agreement, Node, NO_OUTAGE_COMMANDS};
@@ -104,19 +107,61 @@ async fn cassandra_unavailable_and_instance_down_alerts_fire_in_a_real_prometheu
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let states = alert_states(&c.http, &prometheus).await;
+    // Rules are evaluated: the watchdog fires, and nothing else.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let states = loop {
+        let states = alert_states(&c.http, &prometheus).await;
+        if states.contains_key("ConfabWatchdog") || Instant::now() > deadline {
+            break states;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        states.get("ConfabWatchdog").map(String::as_str),
+        Some("firing")
+    );
     assert!(
-        !states.values().any(|s| s == "firing"),
+        !states
+            .iter()
+            .any(|(name, s)| s == "firing" && name != "ConfabWatchdog"),
         "alerts firing on a healthy cluster: {states:?}"
     );
+    // Chats on both instances (each new chat goes to the least loaded).
+    let mut chats = Vec::new();
+    for i in 0..4 {
+        chats.push(c.create_chat(&format!("Customer {i}")).await);
+    }
+    let stranded = chats
+        .iter()
+        .find(|chat| chat.instance_id == "inst-2")
+        .expect("a chat on inst-2")
+        .clone();
 
-    outages.freeze();
+    // inst-1 drained, inst-2 killed: inst-2's chat has nowhere to go.
+    let inst_1 = c.instance_url("inst-1").await;
+    c.http
+        .post(
+            &format!("{inst_1}/admin/disable"),
+            &serde_json::json!({}),
+            Some(&c.admin_token),
+        )
+        .await
+        .ok();
     c.kill("inst-2").await;
+    let answer = c.send(&stranded, "anyone there?", None).await;
+    assert_eq!(answer.status, 503, "{:?}", answer.body);
+    outages.freeze();
     let start = Instant::now();
     let mut fired: BTreeMap<String, u64> = BTreeMap::new();
-    while fired.len() < 2 {
+    let expected = [
+        "ConfabCassandraUnavailable",
+        "ConfabInstanceDown",
+        "ConfabGatewaySeesNoInstance",
+        "ConfabFailoverFailed",
+    ];
+    while fired.len() < expected.len() {
         let states = alert_states(&c.http, &prometheus).await;
-        for name in ["ConfabCassandraUnavailable", "ConfabInstanceDown"] {
+        for name in expected {
             if states.get(name).map(String::as_str) == Some("firing") && !fired.contains_key(name) {
                 fired.insert(name.into(), start.elapsed().as_secs());
             }

@@ -515,8 +515,9 @@ async fn stream(
         .max_message_size(64 * 1024)
         .max_frame_size(64 * 1024)
         .on_upgrade(move |socket| async move {
+            let open = crate::telemetry::metrics::OpenSocket::new("gateway");
             relay::relay(gw, socket, chat_id, who, after).await;
-            drop((held, connection));
+            drop((held, connection, open));
         }))
 }
 

@@ -255,7 +255,9 @@ impl Gateway {
         }
         let started = std::time::Instant::now();
         for _ in 0..self.pool.members.len().max(1) {
-            let target = self.pool.pick(Some(failed)).ok_or_else(no_instance)?;
+            let Some(target) = self.pool.pick(Some(failed)) else {
+                break;
+            };
             match self
                 .call(&target, Method::POST, &Route::Restore.path(chat), None)
                 .await
@@ -264,7 +266,9 @@ impl Gateway {
                     self.remember(chat, &target);
                     let restored = serde_json::from_value::<answers::Restored>(body).ok();
                     if let Some(restored) = restored.filter(|r| r.restored) {
-                        metrics::counter!(m::GATEWAY_FAILOVERS).increment(1);
+                        metrics::counter!(m::GATEWAY_FAILOVERS, "result" => "ok").increment(1);
+                        metrics::histogram!(m::GATEWAY_FAILOVER_DURATION)
+                            .record(started.elapsed().as_secs_f64());
                         self.failovers
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!(
@@ -292,6 +296,7 @@ impl Gateway {
                 }
             }
         }
+        metrics::counter!(m::GATEWAY_FAILOVERS, "result" => "failed").increment(1);
         tracing::error!(
             event_id = events::GATEWAY_FAILOVER_FAILED,
             chat_id = chat,
@@ -410,7 +415,11 @@ impl Application {
             .build()?;
         let handle = m::install();
         m::describe();
-        metrics::counter!(m::GATEWAY_FAILOVERS).absolute(0);
+        for result in ["ok", "failed"] {
+            metrics::counter!(m::GATEWAY_FAILOVERS, "result" => result).absolute(0);
+        }
+        metrics::gauge!(m::WEBSOCKET_CONNECTIONS, "component" => "gateway").set(0.0);
+        let _ = metrics::histogram!(m::GATEWAY_FAILOVER_DURATION);
         metrics::gauge!(m::GATEWAY_INSTANCES_HEALTHY).set(0.0);
         let secret = crate::contract::ClusterSecret::new(config.cluster_secret()?);
         let pool = Pool::new(&g.instances, client, g.instance_channel, &secret);

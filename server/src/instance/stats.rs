@@ -35,6 +35,7 @@ impl Stats {
     pub fn new() -> Self {
         metrics::gauge!(m::INSTANCE_ENABLED).set(1.0);
         metrics::gauge!(m::SESSIONS_ACTIVE).set(0.0);
+        metrics::gauge!(m::WEBSOCKET_CONNECTIONS, "component" => "instance").set(0.0);
         for result in ["ok", "error"] {
             metrics::counter!(m::TRANSCRIPT_SAVES, "result" => result).absolute(0);
         }

@@ -32,8 +32,9 @@ pub(super) async fn stream(
     Ok(ws
         .max_message_size(64 * 1024)
         .on_upgrade(move |socket| async move {
+            let open = crate::telemetry::metrics::OpenSocket::new("instance");
             push_events(socket, session, after, stop).await;
-            drop(connection);
+            drop((connection, open));
         }))
 }
 

@@ -21,6 +21,8 @@ pub const INSTANCE_ENABLED: &str = "confab_instance_enabled";
 pub const BUILD_INFO: &str = "confab_build_info";
 pub const GATEWAY_FAILOVERS: &str = "confab_gateway_failovers_total";
 pub const GATEWAY_INSTANCES_HEALTHY: &str = "confab_gateway_instances_healthy";
+pub const GATEWAY_FAILOVER_DURATION: &str = "confab_gateway_failover_duration_seconds";
+pub const WEBSOCKET_CONNECTIONS: &str = "confab_websocket_connections";
 pub const HTTP_REQUESTS: &str = "confab_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "confab_http_request_duration_seconds";
 pub const INTERNAL_AUTH_FAILURES: &str = "confab_internal_auth_failures_total";
@@ -60,6 +62,12 @@ pub fn install() -> PrometheusHandle {
                     b.set_buckets_for_metric(
                         Matcher::Full(HTTP_REQUEST_DURATION.into()),
                         HTTP_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(GATEWAY_FAILOVER_DURATION.into()),
+                        RESTORE_BUCKETS,
                     )
                 })
                 .expect("bucket lists are non-empty");
@@ -108,7 +116,16 @@ pub fn describe() {
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
     describe_counter!(
         GATEWAY_FAILOVERS,
-        "Chats the gateway moved to another instance."
+        "Failovers by result: ok (the chat was restored on another instance) or failed (no instance could restore it; event 59703)."
+    );
+    describe_histogram!(
+        GATEWAY_FAILOVER_DURATION,
+        Unit::Seconds,
+        "From the gateway finding a chat's instance gone to the chat live on another (successful failovers)."
+    );
+    describe_gauge!(
+        WEBSOCKET_CONNECTIONS,
+        "Participants' WebSockets open now (the gateway's public ones; an instance's per-chat streams)."
     );
     describe_gauge!(
         GATEWAY_INSTANCES_HEALTHY,
@@ -136,11 +153,36 @@ pub fn describe() {
         "Connections closed before a request: reason per_address (over http.max-connections-per-address) or tls_handshake (failed or too slow)."
     );
     metrics::gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
+    PROCESS.describe();
+    PROCESS.collect();
+}
+
+/// `process_*` metrics (CPU seconds, resident memory, open and max file
+/// descriptors, start time: restarts show on dashboards), read at each
+/// scrape.
+static PROCESS: std::sync::LazyLock<metrics_process::Collector> =
+    std::sync::LazyLock::new(metrics_process::Collector::default);
+
+/// Counts one open participant WebSocket while it lives.
+pub struct OpenSocket(&'static str);
+
+impl OpenSocket {
+    pub fn new(component: &'static str) -> Self {
+        metrics::gauge!(WEBSOCKET_CONNECTIONS, "component" => component).increment(1.0);
+        OpenSocket(component)
+    }
+}
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        metrics::gauge!(WEBSOCKET_CONNECTIONS, "component" => self.0).decrement(1.0);
+    }
 }
 
 /// `GET /metrics`: the Prometheus text format.
 pub fn render(handle: &PrometheusHandle) -> axum::response::Response {
     use axum::response::IntoResponse;
+    PROCESS.collect();
     (
         [(
             axum::http::header::CONTENT_TYPE,
