@@ -247,10 +247,21 @@ async fn every_instance_metric_is_exported_from_start_up() {
         m::INSTANCE_ENABLED,
         m::BUILD_INFO,
         m::INTERNAL_AUTH_FAILURES,
+        m::WEBSOCKET_CONNECTIONS,
+        m::HTTP_CONNECTIONS_OPEN,
+        m::HTTP_CONNECTIONS_REFUSED,
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
     ] {
         assert!(series(name), "{name} missing at start-up:\n{text}");
     }
-    for histogram in [m::TRANSCRIPT_SAVE_DURATION, m::RESTORE_DURATION] {
+    for histogram in [
+        m::TRANSCRIPT_SAVE_DURATION,
+        m::RESTORE_DURATION,
+        m::MESSAGE_ACK_DURATION,
+    ] {
         assert!(
             series(&format!("{histogram}_bucket{{le=\"+Inf\"}} 0")),
             "{histogram} missing (or not zero) at start-up:\n{text}"

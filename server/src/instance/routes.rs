@@ -395,12 +395,15 @@ async fn post_message(
     check_client_msg_id(&b.client_msg_id)?;
     check_chat_id(&id)?;
     let instance = s.instance.clone();
+    let started = std::time::Instant::now();
     let posted = detached(async move {
         instance
             .post_message(&id, &b.participant_id, b.text, b.client_msg_id)
             .await
     })
     .await?;
+    metrics::histogram!(crate::telemetry::metrics::MESSAGE_ACK_DURATION)
+        .record(started.elapsed().as_secs_f64());
     Ok(Json(posted))
 }
 

@@ -49,7 +49,11 @@ impl Stats {
         ] {
             metrics::counter!(name).absolute(0);
         }
-        for name in [m::TRANSCRIPT_SAVE_DURATION, m::RESTORE_DURATION] {
+        for name in [
+            m::TRANSCRIPT_SAVE_DURATION,
+            m::RESTORE_DURATION,
+            m::MESSAGE_ACK_DURATION,
+        ] {
             // Registered now, so that /metrics shows them (all buckets 0)
             // before the first save or restore, not "no data".
             let _ = metrics::histogram!(name);

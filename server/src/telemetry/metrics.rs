@@ -14,6 +14,7 @@ pub const TRANSCRIPT_SAVES: &str = "confab_transcript_saves_total";
 pub const TRANSCRIPT_SAVE_FAILURES: &str = "confab_transcript_save_failures_total";
 pub const TRANSCRIPT_SAVE_DURATION: &str = "confab_transcript_save_duration_seconds";
 pub const RESTORE_DURATION: &str = "confab_restore_duration_seconds";
+pub const MESSAGE_ACK_DURATION: &str = "confab_message_ack_duration_seconds";
 pub const RESTORE_FAILURES: &str = "confab_restore_failures_total";
 pub const STORE_AVAILABLE: &str = "confab_store_available";
 pub const STORE_STATUS_TRANSITIONS: &str = "confab_store_status_transitions_total";
@@ -70,6 +71,12 @@ pub fn install() -> PrometheusHandle {
                         RESTORE_BUCKETS,
                     )
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(MESSAGE_ACK_DURATION.into()),
+                        SAVE_BUCKETS,
+                    )
+                })
                 .expect("bucket lists are non-empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -100,6 +107,11 @@ pub fn describe() {
         TRANSCRIPT_SAVE_DURATION,
         Unit::Seconds,
         "One transcript save, store round trip included."
+    );
+    describe_histogram!(
+        MESSAGE_ACK_DURATION,
+        Unit::Seconds,
+        "A message from its request to its acknowledgement, every save attempt and retry included (acknowledged messages)."
     );
     describe_histogram!(
         RESTORE_DURATION,
