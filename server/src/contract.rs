@@ -38,15 +38,22 @@ pub const PAGE_TEXT_BYTES: usize = 1 << 20;
 /// The `limit` query parameter: 1 to [`MAX_PAGE_EVENTS`], default
 /// [`PAGE_EVENTS`].
 pub fn limit_param(q: &HashMap<String, String>) -> Result<usize, ApiError> {
+    bounded_limit(q, PAGE_EVENTS, MAX_PAGE_EVENTS)
+}
+
+/// The `limit` query parameter: 1 to `max`, `default` when absent.
+fn bounded_limit(
+    q: &HashMap<String, String>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
     match q.get("limit") {
-        None => Ok(PAGE_EVENTS),
+        None => Ok(default),
         Some(v) => v
             .parse()
             .ok()
-            .filter(|n| (1..=MAX_PAGE_EVENTS).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("`limit` must be 1 to {MAX_PAGE_EVENTS}, got {v:?}"))
-            }),
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| ApiError::bad_request(format!("`limit` must be 1 to {max}, got {v:?}"))),
     }
 }
 
@@ -62,17 +69,7 @@ pub fn queue_params(q: &HashMap<String, String>) -> Result<(crate::store::Order,
             ApiError::bad_request(format!("`order` must be oldest or newest, got {v:?}"))
         })?,
     };
-    let limit = match q.get("limit") {
-        None => MAX_QUEUE,
-        Some(v) => v
-            .parse()
-            .ok()
-            .filter(|n| (1..=MAX_QUEUE).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("`limit` must be 1 to {MAX_QUEUE}, got {v:?}"))
-            })?,
-    };
-    Ok((order, limit))
+    Ok((order, bounded_limit(q, MAX_QUEUE, MAX_QUEUE)?))
 }
 
 /// The `after` query parameter: a sequence number, 0 when absent.
