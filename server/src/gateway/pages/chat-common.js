@@ -259,9 +259,10 @@ function create(opts) {
     if (!S || closed || !S.token_expires_at) return;
     const left = Date.parse(S.token_expires_at) - Date.now();
     if (!(left > 0)) return;
-    const my = gen;
+    // The chat, not `gen`: every reconnect of the stream bumps `gen`.
+    const mine = S;
     renewal = setTimeout(async () => {
-      if (my !== gen || !S || closed) return;
+      if (S !== mine || closed) return;
       try {
         const d = await api('POST', chatPath('/token'), {}, S.token);
         S.token = d.token; S.token_expires_at = d.token_expires_at; save();
