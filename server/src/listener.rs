@@ -53,6 +53,9 @@ static OVER_CAP: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
     .into_bytes()
 });
 
+/// How long a stopping listener waits for the requests in flight.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
 /// Open connections per client address.
 #[derive(Default)]
 struct Counts(parking_lot::Mutex<HashMap<IpAddr, usize>>);
@@ -64,8 +67,23 @@ struct Slot {
     component: &'static str,
 }
 
+/// What the cap counts by: the address, or for IPv6 its /64 (one client's
+/// usual allocation, which it can spread connections over).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
+    }
+}
+
 impl Counts {
     fn take(self: &Arc<Self>, ip: IpAddr, cap: usize, component: &'static str) -> Option<Slot> {
+        let ip = client_key(ip);
         let mut counts = self.0.lock();
         let n = counts.entry(ip).or_insert(0);
         if cap > 0 && *n >= cap {
@@ -248,7 +266,18 @@ impl Listener {
         drop(self.tcp);
         stopping.cancel();
         connections.close();
-        connections.wait().await;
+        // Bounded: a client that stops reading its answer would hold the
+        // wait forever (there is no write timeout on a response).
+        if tokio::time::timeout(SHUTDOWN_WAIT, connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                component = self.component,
+                open = connections.len(),
+                "connections still open at shutdown; closing them"
+            );
+        }
         Ok(())
     }
 }
@@ -307,4 +336,19 @@ async fn serve_connection<I, S>(
 async fn refuse(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&OVER_CAP)).await;
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_key;
+    use std::net::IpAddr;
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64_prefix() {
+        let key = |s: &str| client_key(s.parse::<IpAddr>().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+    }
 }

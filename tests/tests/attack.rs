@@ -907,7 +907,14 @@ async fn tokens_expire_unless_renewed_and_a_revoked_agent_is_locked_out() {
     let file = format!("gateway.agents-file={}", agents.display());
     let c = TestCluster::start(
         1,
-        &["--set", "gateway.token-ttl=4s", "--set", file.as_str()],
+        &[
+            "--set",
+            "gateway.token-ttl=4s",
+            "--set",
+            file.as_str(),
+            "--set",
+            "gateway.ws-ping-interval=500ms",
+        ],
     )
     .await;
     let msg = |chat: &str| format!("{}/api/v1/chats/{chat}/messages", c.gateway);
@@ -985,6 +992,16 @@ async fn tokens_expire_unless_renewed_and_a_revoked_agent_is_locked_out() {
         assert_eq!(r.status, 401);
         join(&bob).await.ok()["token"].as_str().unwrap().to_owned()
     };
+    // ann watches the chat: her open socket must end with her access.
+    let ann_ws = confab::tls::websocket_url(
+        &c.gateway,
+        &format!("/api/v1/chats/{}/ws?token={ann_token}", chat.id),
+    );
+    let mut ann_events = confab_e2e::ws::EventStream::connect(&ann_ws).await.unwrap();
+    assert!(ann_events
+        .next(std::time::Duration::from_secs(3))
+        .await
+        .is_some());
     let text = std::fs::read_to_string(&agents).unwrap();
     let kept: String = text
         .lines()
@@ -1002,6 +1019,31 @@ async fn tokens_expire_unless_renewed_and_a_revoked_agent_is_locked_out() {
         )
         .await;
     assert_eq!(a.status, 401, "a revoked agent's token: {:?}", a.body);
+    // Her open socket was closed (policy), within a ping or two.
+    while ann_events
+        .next(std::time::Duration::from_secs(3))
+        .await
+        .is_some()
+    {}
+    assert_eq!(
+        ann_events.closed_with,
+        Some(1008),
+        "ann's socket after revocation"
+    );
+    // A token of an earlier gateway (no expiry) cannot be renewed into one
+    // that looks new.
+    let secret = std::fs::read_to_string(&c.token_secret_file).unwrap();
+    let v1 = confab::gateway::tokens::TokenKey::new(secret.trim().as_bytes()).issue(
+        &confab::gateway::tokens::Claims {
+            chat_id: chat.id.clone(),
+            participant_id: chat.participant_id.clone(),
+            role: confab::session::Role::Customer,
+            expires_at: None,
+            agent: None,
+        },
+    );
+    let r = c.http.post(&renew(&chat.id), &json!({}), Some(&v1)).await;
+    assert_eq!((r.status, r.error_code()), (409, "token_not_renewable"));
     let queue = c
         .http
         .get(&format!("{}/api/v1/queue", c.gateway), Some(&ann))

@@ -282,14 +282,23 @@ fn participant(gw: &Gateway, token: Option<&str>, chat_id: &str) -> Result<Claim
     if claims.chat_id != chat_id {
         return Err(ApiError::forbidden("this token is not valid for this chat"));
     }
-    if let Some(agent) = &claims.agent {
-        if !gw.agents.active(agent) {
-            return Err(ApiError::unauthorized(
-                "this agent's access has been revoked",
-            ));
-        }
+    if !still_allowed(gw, &claims) {
+        return Err(ApiError::unauthorized(
+            "this agent's access has been revoked",
+        ));
     }
     Ok(claims)
+}
+
+/// Whether an agent's token still names an agent who may act: theirs if
+/// it names one, the shared credential's for tokens of earlier gateways
+/// (which name none). Customers' tokens always are.
+pub fn still_allowed(gw: &Gateway, claims: &Claims) -> bool {
+    match (&claims.agent, claims.role) {
+        (Some(agent), _) => gw.agents.active(agent),
+        (None, Role::Agent) => gw.agents.active(super::agents::SHARED),
+        (None, _) => true,
+    }
 }
 
 /// The agent the request's credential belongs to.
@@ -575,6 +584,15 @@ async fn renew_token(
 ) -> Result<Json<RenewedToken>, ApiError> {
     check_chat_id(&chat_id)?;
     let claims = participant(&s.gw, token.as_deref(), &chat_id)?;
+    if claims.expires_at.is_none() {
+        // A token of an earlier gateway never expires; renewing it would
+        // turn it into one that escapes nothing but looks new.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "token_not_renewable",
+            "this token has no expiry (issued by an earlier gateway) and cannot be renewed",
+        ));
+    }
     let (token, token_expires_at) = issue(&s.gw, claims);
     Ok(Json(RenewedToken {
         token,

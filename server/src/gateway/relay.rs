@@ -50,7 +50,7 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
     let mut ping = tokio::time::interval(gw.ws_ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
-    let mut heard = tokio::time::Instant::now();
+    let mut heard;
     loop {
         let member = match failed.take() {
             None => gw.locate(&chat).await,
@@ -91,6 +91,9 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
             continue;
         };
         failures = 0;
+        // A slow failover sent no pings: the silence was ours, not theirs.
+        heard = tokio::time::Instant::now();
+        ping.reset();
         let (mut up_tx, mut up_rx) = upstream.split();
         let outcome = loop {
             tokio::select! {
@@ -125,6 +128,12 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                     if heard.elapsed() > gw.ws_ping_interval * 2 {
                         let _ = up_tx.close().await;
                         return ws::close(client, ws::GOING_AWAY, "no answer to pings").await;
+                    }
+                    // A revoked agent's open socket ends too, not only
+                    // their next request.
+                    if !super::api::still_allowed(&gw, &who) {
+                        let _ = up_tx.close().await;
+                        return ws::close(client, ws::POLICY, "access revoked").await;
                     }
                     let send = client.send(Message::Ping(Default::default()));
                     if !matches!(tokio::time::timeout(SEND_TIMEOUT, send).await, Ok(Ok(()))) {
