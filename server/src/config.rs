@@ -326,11 +326,6 @@ impl HttpConfig {
             "http"
         }
     }
-
-    /// The client side: what `https://` URLs of other components must show.
-    pub fn client_tls(&self) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
-        crate::tls::client_config(self.tls_ca_file.as_deref())
-    }
 }
 
 /// `[cluster]`: what every instance and gateway of one cluster share.

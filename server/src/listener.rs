@@ -182,15 +182,6 @@ impl Listener {
         self.tcp.local_addr()
     }
 
-    /// `https` or `http`: what clients of this listener must speak.
-    pub fn scheme(&self) -> &'static str {
-        if self.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        }
-    }
-
     /// Serve `router` until `shutdown` resolves; then stop accepting and
     /// wait for the requests in flight (upgraded WebSockets excepted: their
     /// owners end them).
