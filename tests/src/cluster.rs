@@ -282,6 +282,21 @@ impl TestCluster {
             .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
             .sum()
     }
+
+    /// Read a counter until it reaches `at_least` or 10 s pass; its last
+    /// value. For counts the server makes after the client has already seen
+    /// the outcome (a TLS handshake the client aborted is counted when the
+    /// server reads the client's alert).
+    pub async fn metric_reaching(&self, base_url: &str, name: &str, at_least: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = self.metric(base_url, name).await;
+            if value >= at_least || Instant::now() > deadline {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// The ports of one `confab up`, free when chosen.
