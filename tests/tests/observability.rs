@@ -97,10 +97,11 @@ fn substitute(expr: &str) -> String {
         .replace("${__rate_interval}", "1m")
         .replace("$__interval", "1m")
         .replace("$__range", "1h")
-        .replace("${job}", "confab")
-        .replace("${instance}", ".*")
-        .replace("$job", "confab")
-        .replace("$instance", ".*");
+        .replace("$cluster", ".*")
+        .replace("$instance_job", "confab")
+        .replace("$instance", ".*")
+        .replace("$gateway_job", "confab-gateway")
+        .replace("$gateway", ".*");
     assert!(!e.contains('$'), "unknown Grafana variable in {expr}");
     e
 }
@@ -183,7 +184,16 @@ async fn dashboards_and_alerts_use_only_exported_metrics_and_valid_promql() {
         "used in grafana/ or alerts/ but not exported: {missing:?}\nexported: {names:?}"
     );
 
-    // Every query parses as PromQL: promtool checks them as recording rules.
+    assert_promql_parses(&exprs);
+    println!(
+        "{} queries over {} metric names checked",
+        exprs.len(),
+        names.len()
+    );
+}
+
+/// Every query parses as PromQL: promtool checks them as recording rules.
+fn assert_promql_parses(exprs: &[(String, String)]) {
     let dir = confab_e2e::data_dir();
     let mut rules = String::from("groups:\n  - name: parse-check\n    rules:\n");
     for (i, (_, expr)) in exprs.iter().enumerate() {
@@ -199,18 +209,103 @@ async fn dashboards_and_alerts_use_only_exported_metrics_and_valid_promql() {
         .args(["check", "rules"])
         .arg(&file)
         .output()
-        .unwrap();
+        .expect("promtool (Debian's prometheus package)");
     assert!(
         out.status.success(),
         "a panel query or rule does not parse:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    println!(
-        "{} queries over {} metric names checked",
-        exprs.len(),
-        names.len()
-    );
+}
+
+/// The dashboards as Grafana would load them: every panel, query and
+/// annotation reads the `datasource` variable (no data source is forced),
+/// every query parses, every `$variable` used is defined, a per-second
+/// panel has a per-second unit, and counts per step use non-overlapping
+/// windows (`increase(...[$__interval])`, not `$__rate_interval`).
+#[test]
+fn dashboards_are_consistent() {
+    let variable_ds = serde_json::json!({"type": "prometheus", "uid": "${datasource}"});
+    let mut checked = 0;
+    for entry in std::fs::read_dir(repo().join("grafana/dashboards")).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.display().to_string();
+        let d: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let variables: BTreeSet<String> = d["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_owned())
+            .collect();
+        for name in [
+            "datasource",
+            "cluster",
+            "instance_job",
+            "instance",
+            "gateway_job",
+            "gateway",
+        ] {
+            assert!(variables.contains(name), "{file}: no variable {name}");
+        }
+        // Every $variable in the whole dashboard is defined (or Grafana's own $__...).
+        let text = d.to_string();
+        for (i, _) in text.match_indices('$') {
+            let rest = text[i + 1..].trim_start_matches('{');
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if name.is_empty() || name.starts_with("__") {
+                continue;
+            }
+            assert!(
+                variables.contains(&name),
+                "{file}: undefined variable ${name}"
+            );
+        }
+        for a in d["annotations"]["list"].as_array().unwrap() {
+            if a["builtIn"] != 1 {
+                assert_eq!(
+                    a["datasource"], variable_ds,
+                    "{file}: annotation {}",
+                    a["name"]
+                );
+            }
+        }
+        let mut exprs = Vec::new();
+        for p in d["panels"].as_array().unwrap() {
+            let title = p["title"].as_str().unwrap_or("?");
+            if p["type"] == "row" {
+                continue;
+            }
+            assert_eq!(p["datasource"], variable_ds, "{file}: panel {title}");
+            let targets = p["targets"].as_array().unwrap();
+            assert!(!targets.is_empty(), "{file}: panel {title} has no query");
+            for t in targets {
+                assert_eq!(t["datasource"], variable_ds, "{file}: panel {title}");
+                let e = t["expr"].as_str().unwrap();
+                assert!(
+                    !(e.contains("increase(") && e.contains("[$__rate_interval]")),
+                    "{file}: panel {title} counts events over overlapping windows: {e}"
+                );
+                exprs.push((title.to_owned(), e.to_owned()));
+            }
+            let per_second = targets.iter().any(|t| {
+                let e = t["expr"].as_str().unwrap();
+                e.contains("rate(") && !e.contains("histogram_quantile") && !e.contains(" / ")
+            });
+            let unit = p["fieldConfig"]["defaults"]["unit"].as_str().unwrap_or("");
+            if per_second {
+                assert!(
+                    unit.ends_with("ps") || unit == "percentunit",
+                    "{file}: panel {title} shows a rate in unit {unit:?}"
+                );
+            }
+            checked += 1;
+        }
+        assert_promql_parses(&exprs);
+    }
+    assert!(checked >= 40, "panels checked: {checked}");
 }
 
 #[test]

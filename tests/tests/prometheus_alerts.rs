@@ -185,9 +185,19 @@ async fn cassandra_unavailable_and_instance_down_alerts_fire_in_a_real_prometheu
         .find(|a| a["labels"]["alertname"] == "ConfabCassandraUnavailable")
         .cloned()
         .unwrap();
-    assert_eq!(cassandra["labels"]["severity"], "page");
+    assert_eq!(cassandra["labels"]["severity"], "critical");
     assert!(cassandra["annotations"]["runbook"]
         .as_str()
         .is_some_and(|r| !r.is_empty()));
+    // `confab up` labels its Prometheus with where the runbooks are.
+    let url = cassandra["annotations"]["runbook_url"]
+        .as_str()
+        .unwrap_or("");
+    let file = url
+        .strip_prefix("file://")
+        .and_then(|u| u.strip_suffix("#confabcassandraunavailable"))
+        .unwrap_or_else(|| panic!("runbook_url {url}"));
+    let runbooks = std::fs::read_to_string(file).expect("the runbooks confab up wrote");
+    assert!(runbooks.contains("### ConfabCassandraUnavailable"));
     outages.resume();
 }

@@ -386,6 +386,7 @@ fn write_config(path: &Path, config: &Config, sections: &[Section]) -> anyhow::R
 
 /// The alert rules, shipped inside the binary so `confab up` works anywhere.
 const ALERT_RULES: &str = include_str!("../../../alerts/confab-rules.yml");
+const ALERT_RUNBOOKS: &str = include_str!("../../../alerts/README.md");
 
 /// Write `<data-dir>/prometheus.yml` (targets: every instance as job
 /// `confab`, the gateway as `confab-gateway`) and the alert rules beside it.
@@ -396,6 +397,9 @@ fn write_prometheus_config(
 ) -> anyhow::Result<PathBuf> {
     let rules = data_dir.join("confab-rules.yml");
     std::fs::write(&rules, ALERT_RULES)?;
+    // The alerts' runbook_url points into the runbooks beside the rules.
+    let runbooks = data_dir.join("confab-alerts.md");
+    std::fs::write(&runbooks, ALERT_RUNBOOKS)?;
     let targets = |kind: Kind| -> String {
         components
             .iter()
@@ -418,15 +422,22 @@ fn write_prometheus_config(
         "global:".into(),
         "  scrape_interval: 5s".into(),
         "  evaluation_interval: 5s".into(),
+        "  external_labels:".into(),
+        format!(
+            "    confab_runbook_url: 'file://{}'",
+            std::path::absolute(&runbooks)?.display()
+        ),
         "rule_files:".into(),
         format!("  - {}", rules.display()),
         "scrape_configs:".into(),
         "  - job_name: confab".into(),
         format!("{tls}    static_configs:"),
         format!("      - targets: [{}]", targets(Kind::Instance)),
+        "        labels: {cluster: 'confab-up'}".into(),
         "  - job_name: confab-gateway".into(),
         format!("{tls}    static_configs:"),
         format!("      - targets: [{}]", targets(Kind::Gateway)),
+        "        labels: {cluster: 'confab-up'}".into(),
         String::new(),
     ]
     .join("\n");
