@@ -2,7 +2,7 @@
 //! node over real TCP, or the real cluster named by CONFAB_TEST_CASSANDRA.
 
 use confab::store::cassandra::{connect, CassandraStore};
-use confab::store::suite::{self, Capabilities};
+use confab::store::suite;
 use confab_e2e::kassandra::{cassandra_config, init_keyspace, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,14 +17,7 @@ async fn cassandra_passes_the_store_suite() {
     let b = CassandraStore::new(connect(&config).await.unwrap(), &config)
         .await
         .unwrap();
-    suite::run_all(
-        &a,
-        &b,
-        Capabilities {
-            refuses_duplicate_seq: false,
-        },
-    )
-    .await;
+    suite::run_all(&a, &b).await;
 }
 
 /// `init` on a keyspace it made already changes nothing (it finds every

@@ -38,6 +38,46 @@ async fn alert_states(http: &confab_e2e::Http, prometheus: &str) -> BTreeMap<Str
     states
 }
 
+/// The query of the overview dashboard's "Instance state" panel, with the
+/// variables at "All": (instance, value) per series.
+async fn instance_state(http: &confab_e2e::Http, prometheus: &str) -> Vec<(String, String)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../grafana/dashboards/confab-overview.json"
+    );
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let panel = d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["title"] == "Instance state (down / draining / enabled)")
+        .expect("the instance state panel");
+    let expr = panel["targets"][0]["expr"]
+        .as_str()
+        .unwrap()
+        .replace("$cluster", ".*")
+        .replace("$instance_job", "confab")
+        .replace("$instance", ".*");
+    let url = reqwest::Url::parse_with_params(
+        &format!("{prometheus}/api/v1/query"),
+        [("query", expr.as_str())],
+    )
+    .unwrap();
+    let answer = http.get(url.as_str(), None).await;
+    answer.body["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            (
+                r["metric"]["instance"].as_str().unwrap_or("").to_owned(),
+                r["value"][1].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cassandra_unavailable_and_instance_down_alerts_fire_in_a_real_prometheus() {
     let installed = std::process::Command::new("prometheus")
@@ -173,6 +213,20 @@ async fn cassandra_unavailable_and_instance_down_alerts_fire_in_a_real_prometheu
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     println!("fired after (s): {fired:?}");
+    // The overview dashboard's instance state, queried as Grafana would:
+    // the drained instance shows "draining" (1), the dead one "down" (0)
+    // instead of vanishing.
+    let state = instance_state(&c.http, &prometheus).await;
+    let port_of = |url: &str| url.rsplit(':').next().unwrap_or("").to_owned();
+    let inst_2 = c.instance_url("inst-2").await;
+    let of = |url: &str| {
+        state
+            .iter()
+            .find(|(instance, _)| port_of(instance) == port_of(url))
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(of(&inst_1).as_deref(), Some("1"), "{state:?}");
+    assert_eq!(of(&inst_2).as_deref(), Some("0"), "{state:?}");
     let alerts: Value = c
         .http
         .get(&format!("{prometheus}/api/v1/alerts"), None)

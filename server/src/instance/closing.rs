@@ -149,16 +149,22 @@ impl Instance {
     /// and written to the session store as soon as it answers again, so
     /// that no other instance restores the chat meanwhile.
     pub(super) fn close_after_save_errors(&self, session: &LiveSession, live: &mut Live) {
+        // The events given up go first, under their own keys: they may
+        // have landed, and the closing event must not take their seqs.
+        let mut events = std::mem::take(&mut live.unsettled);
         let closed = Draft::closed(reason::SAVE_ERROR_CLOSE)
-            .into_event(live.transcript.next_seq(), now_ms());
+            .into_event(live.transcript.next_seq() + events.len() as u64, now_ms());
+        events.push(closed);
         self.spawn_closing_save(Append {
             session_id: session.id.clone(),
             epoch: live.epoch,
-            events: vec![closed.clone()],
+            events: events.clone(),
             state: SessionState::Closed,
         });
-        session.publish([EventView::from(&closed)]);
-        live.transcript.push(closed);
+        session.publish(events.iter().map(EventView::from).collect::<Vec<_>>());
+        for e in events {
+            live.transcript.push(e);
+        }
         self.release_closed(session);
     }
 

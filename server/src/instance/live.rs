@@ -32,6 +32,11 @@ pub struct LiveSession {
 pub(super) struct Live {
     pub epoch: u64,
     pub transcript: Transcript,
+    /// Events whose save was given up with its outcome unknown (they may
+    /// have been stored): resent, identical, before anything else is
+    /// written, since a (seq, epoch) key once tried never takes other
+    /// content (cassandra/README.md, "Fencing").
+    pub unsettled: Vec<crate::session::Event>,
 }
 
 impl LiveSession {
@@ -45,6 +50,7 @@ impl LiveSession {
             inner: Mutex::new(Live {
                 epoch: record.epoch,
                 transcript,
+                unsettled: Vec::new(),
             }),
             push,
             gone: CancellationToken::new(),

@@ -109,6 +109,9 @@ impl Instance {
         let session = self.live(session_id).await?;
         let mut live = session.inner.lock().await;
         let participant = participant(&live.transcript, session_id, participant_id)?;
+        // A retry of a message whose save was given up finds it here once
+        // it is settled.
+        self.settle(&session, &mut live).await?;
         if !live.transcript.present.contains_key(participant_id) {
             return Err(EngineError::Left {
                 chat: session_id.to_owned(),
@@ -194,6 +197,7 @@ impl Instance {
         live: &mut Live,
         drafts: Vec<Draft>,
     ) -> EngineResult<Vec<Event>> {
+        self.settle(session, live).await?;
         let at = now_ms();
         let first = live.transcript.next_seq();
         let mut state = live.transcript.state;
@@ -206,17 +210,36 @@ impl Instance {
         if self.saves_enabled() {
             self.save(session, live, &events, state).await?;
         }
+        self.apply(session, live, &events);
+        Ok(events)
+    }
+
+    /// Store the events of a save given up (identical, under the same
+    /// keys), then apply them: they may have landed already, and nothing
+    /// else may take their seqs. Nothing to do when there are none.
+    async fn settle(&self, session: &LiveSession, live: &mut Live) -> EngineResult<()> {
+        if live.unsettled.is_empty() {
+            return Ok(());
+        }
+        let events = std::mem::take(&mut live.unsettled);
+        let state = events.iter().fold(live.transcript.state, |s, e| s.after(e));
+        self.save(session, live, &events, state).await?;
+        self.apply(session, live, &events);
+        Ok(())
+    }
+
+    /// Push saved events to the transcript and to the chat's readers.
+    fn apply(&self, session: &LiveSession, live: &mut Live, events: &[Event]) {
         let last_seq = events.last().map(|e| e.seq).unwrap_or(0);
         if session.has_listeners() {
             session.publish(events.iter().map(EventView::from).collect::<Vec<_>>());
         }
-        for e in &events {
+        for e in events {
             live.transcript.push(e.clone());
         }
         if self.settings.transcript_auto_save == AutoSave::SaveAndNotify {
             session.publish([notice(last_seq, reason::SAVE, "transcript saved")]);
         }
-        Ok(events)
     }
 
     /// Save with `transcript-resend-attempts` retries `transcript-resend-delay`
@@ -277,6 +300,9 @@ impl Instance {
             }
         }
         let error = last_error.map(|e| e.to_string()).unwrap_or_default();
+        // The last attempt's answer is lost, not its write: these keys are
+        // taken until the same events are stored.
+        live.unsettled = events.to_vec();
         self.give_up_save(session, live, &error);
         Err(EngineError::SaveFailed)
     }

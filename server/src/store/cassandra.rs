@@ -240,6 +240,24 @@ pub struct CassandraStore {
     session: Session,
     st: Statements,
     in_flight: Semaphore,
+    attempted: std::sync::Mutex<std::collections::HashMap<String, Attempted>>,
+}
+
+/// What this handle last tried to write to a session it owns. Inserts are
+/// upserts and a write whose answer was lost may have landed, so a (seq,
+/// epoch) key once tried is never given other content: at or below
+/// `last_seq`, only the events of the last `batch` may be written again,
+/// identical (a resend until the outcome is known, possibly with events
+/// after them). Anything else is refused with `Conflict`
+/// before it is written, and the owner must claim the chat again (which
+/// reads whatever landed). SQLite refuses the same from its stored last
+/// seq; here no lightweight transaction is needed, since only the owner of
+/// an epoch writes its keys.
+#[derive(Debug, Clone)]
+struct Attempted {
+    epoch: i64,
+    last_seq: u64,
+    batch: Vec<Event>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -338,6 +356,7 @@ impl CassandraStore {
             session,
             st,
             in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            attempted: Default::default(),
         })
     }
 
@@ -476,6 +495,49 @@ impl CassandraStore {
             )
             .await
         }
+    }
+
+    /// Refuse `events` if they would give a key this handle has tried
+    /// before other content; otherwise remember them as tried.
+    fn fresh_keys(&self, session_id: &str, epoch: i64, events: &[Event]) -> StoreResult<()> {
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return Ok(());
+        };
+        let (first, last) = (first.seq, last.seq);
+        let mut attempted = self.attempted.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = attempted
+            .entry(session_id.to_owned())
+            .or_insert_with(|| Attempted {
+                epoch,
+                last_seq: 0,
+                batch: Vec::new(),
+            });
+        let tried_before = |e: &Event| entry.batch.iter().any(|b| b == e);
+        if entry.epoch == epoch
+            && events
+                .iter()
+                .any(|e| e.seq <= entry.last_seq && !tried_before(e))
+        {
+            return Err(StoreError::Conflict(format!(
+                "session {session_id} seq {first} at epoch {epoch} may already be stored (tried up to {}): claim the session again",
+                entry.last_seq
+            )));
+        }
+        if entry.epoch != epoch {
+            entry.epoch = epoch;
+            entry.last_seq = 0;
+        }
+        entry.last_seq = entry.last_seq.max(last);
+        entry.batch = events.to_vec();
+        Ok(())
+    }
+
+    /// This handle no longer writes the session (moved, closed, deleted).
+    fn forget(&self, session_id: &str) {
+        self.attempted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session_id);
     }
 
     async fn write_events(
@@ -627,6 +689,7 @@ impl SessionStore for CassandraStore {
             (0i32, id, record.state.as_str(), record.created_at_ms),
         )
         .await?;
+        self.fresh_keys(id, record.epoch as i64, &events)?;
         self.write_events(id, record.epoch as i64, &events).await
     }
 
@@ -634,6 +697,7 @@ impl SessionStore for CassandraStore {
     async fn append_events(&self, a: Append) -> StoreResult<()> {
         let id = a.session_id.as_str();
         let epoch = a.epoch as i64;
+        self.fresh_keys(id, epoch, &a.events)?;
         self.write_events(id, epoch, &a.events).await?;
         let changes_state = a.events.iter().any(|e| {
             e.kind == EventKind::Closed
@@ -646,6 +710,7 @@ impl SessionStore for CassandraStore {
         };
         let current = claims.last().map(|(c, _)| c.epoch).unwrap_or(-1);
         if current != epoch {
+            self.forget(id);
             return Err(StoreError::Fenced {
                 session_id: a.session_id,
                 attempted: a.epoch,
@@ -694,6 +759,8 @@ impl SessionStore for CassandraStore {
         let cut = events.last().map(|e| e.seq as i64).unwrap_or(0);
         self.exec(&self.st.ins_claim, (session_id, epoch, new_owner, cut))
             .await?;
+        // A new epoch: its keys are fresh, whatever the old one tried.
+        self.forget(session_id);
         Ok((
             SessionRecord {
                 owner_instance: new_owner.to_owned(),
@@ -762,6 +829,7 @@ impl SessionStore for CassandraStore {
                 current: current.epoch as u64,
             });
         }
+        self.forget(session_id);
         self.exec(&self.st.del_index, (0i32, session_id)).await?;
         self.exec(&self.st.del_events, (session_id,)).await?;
         self.exec(&self.st.del_session, (session_id,)).await?;

@@ -1277,14 +1277,7 @@ mod tests {
             ..SqliteOptions::default()
         };
         let open = || SqliteStore::open(&path, options).unwrap();
-        crate::store::suite::run_all(
-            &open(),
-            &open(),
-            crate::store::suite::Capabilities {
-                refuses_duplicate_seq: true,
-            },
-        )
-        .await;
+        crate::store::suite::run_all(&open(), &open()).await;
         let contacts = SqliteContactStore::open(&path, options).unwrap();
         crate::store::suite::contact_store(&contacts).await;
     }

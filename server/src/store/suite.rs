@@ -56,23 +56,12 @@ pub(crate) fn append(record: &SessionRecord, epoch: u64, events: Vec<Event>) -> 
     }
 }
 
-/// What a backend guarantees beyond the common contract.
-#[derive(Debug, Clone, Copy)]
-pub struct Capabilities {
-    /// The store itself refuses a second event with a stored seq
-    /// (SQLite: the writer's memory of each session's last seq, under the
-    /// epoch check). Without it (Cassandra, no lightweight transactions)
-    /// the owner's seq counter, under fencing, keeps writes unique.
-    pub refuses_duplicate_seq: bool,
-}
-
-pub async fn run_all(a: &dyn SessionStore, b: &dyn SessionStore, caps: Capabilities) {
+pub async fn run_all(a: &dyn SessionStore, b: &dyn SessionStore) {
     create_and_load_round_trip(a, b).await;
     appends_keep_order_and_text_exactly(a).await;
     stale_owner_is_fenced_after_claim(a, b).await;
-    if caps.refuses_duplicate_seq {
-        stored_events_are_never_overwritten(a).await;
-    }
+    stored_events_are_never_overwritten(a).await;
+    a_fenced_owner_cannot_overwrite_an_acknowledged_event(a, b).await;
     client_msg_id_counts_once_per_session(a, b).await;
     delete_requires_current_epoch(a, b).await;
     closed_sessions_cannot_be_claimed_or_appended(a, b).await;
@@ -236,6 +225,35 @@ pub async fn stored_events_are_never_overwritten(a: &dyn SessionStore) {
     let (_, events) = a.load(&record.session_id).await.unwrap().unwrap();
     assert_eq!(events.len(), 2);
     assert_eq!(events[1].text.as_deref(), Some("original"));
+}
+
+/// The owner's first write of seq 2 landed (acknowledged X); another
+/// instance claims the chat; the old owner, whose answer was lost, writes
+/// seq 2 at its epoch again with other content (its next message, or the
+/// closing event of a save given up). It is refused, and X stays: on
+/// Cassandra an insert is an upsert of the same (session, seq, epoch) key,
+/// so the refusal must come before the write.
+pub async fn a_fenced_owner_cannot_overwrite_an_acknowledged_event(
+    a: &dyn SessionStore,
+    b: &dyn SessionStore,
+) {
+    let record = create(a, "inst-a").await;
+    a.append_events(append(&record, 1, vec![message(2, "acknowledged X", None)]))
+        .await
+        .unwrap();
+    let (claimed, _) = b.claim(&record.session_id, "inst-b").await.unwrap();
+    let err = a
+        .append_events(append(&record, 1, vec![message(2, "stale Y", None)]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict(_) | StoreError::Fenced { .. }),
+        "{err:?}"
+    );
+    let (now, events) = b.load(&record.session_id).await.unwrap().unwrap();
+    assert_eq!(now.epoch, claimed.epoch);
+    let texts: Vec<_> = events.iter().filter_map(|e| e.text.clone()).collect();
+    assert_eq!(texts, vec!["acknowledged X"]);
 }
 
 /// A reused client_msg_id (an owner's bug, or a write whose refusal was
