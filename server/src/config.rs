@@ -117,6 +117,9 @@ pub struct CassandraConfig {
     /// Wait for schema agreement after DDL (`confab cassandra init`). Off
     /// only for single test nodes that cannot report it (empty system.peers).
     pub await_schema_agreement: bool,
+    /// Start even when the consistency levels do not make reads and writes
+    /// overlap (R + W <= RF): fencing no longer holds. Logged loudly.
+    pub unsafe_consistency: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -456,6 +459,12 @@ pub const OPTIONS: &[OptionSpec] = &[
         "await-schema-agreement",
         "true",
         "false only for single test nodes (empty system.peers)",
+    ),
+    opt(
+        "cassandra",
+        "unsafe-consistency",
+        "false",
+        "true: start although R + W <= RF (no fencing)",
     ),
     opt("server", "instance-id", r#""""#, r#""": confab-<port>"#),
     opt(
@@ -1045,6 +1054,7 @@ impl Layers {
             tls_ca_file: self.opt_string("cassandra.tls-ca-file")?.map(PathBuf::from),
             reconnect_timeout: self.duration("cassandra.reconnect-timeout")?,
             await_schema_agreement: self.boolean("cassandra.await-schema-agreement")?,
+            unsafe_consistency: self.boolean("cassandra.unsafe-consistency")?,
         };
         if cassandra.contact_points.is_empty() {
             return Err(ConfigError::Invalid {
@@ -1240,7 +1250,7 @@ impl SaveOnError {
 }
 
 impl Consistency {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Consistency::Any => "ANY",
             Consistency::One => "ONE",
@@ -1357,6 +1367,11 @@ impl Config {
             &mut t,
             "await-schema-agreement",
             Value::Boolean(k.await_schema_agreement),
+        );
+        put(
+            &mut t,
+            "unsafe-consistency",
+            Value::Boolean(k.unsafe_consistency),
         );
         t
     }

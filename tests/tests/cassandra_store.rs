@@ -102,3 +102,52 @@ async fn init_adds_the_columns_an_older_keyspace_lacks() {
         Some(record)
     );
 }
+
+/// Start-up reads the keyspace's replication from `system_schema` and
+/// refuses levels whose reads and writes may miss each other (R + W <= RF)
+/// unless `cassandra.unsafe-consistency` says otherwise. The test node
+/// keeps one replica (every read meets every write, so ONE passes); a real
+/// cluster (CONFAB_TEST_CASSANDRA) with RF >= 2 must refuse ONE for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_enforces_that_reads_meet_writes() {
+    use confab::store::cassandra::consistency::{enforce, replication};
+    use confab_e2e::kassandra::cassandra_config_with;
+
+    let node = Node::get().await;
+    let cp = node.contact_point();
+    let keyspace = init_keyspace(&cp).await;
+    let config = cassandra_config(&cp, &keyspace);
+    let session = connect(&config).await.unwrap();
+    enforce(&session, &config)
+        .await
+        .expect("QUORUM for both always passes");
+    let rep = replication(&session, &keyspace).await.unwrap();
+    let with = |extra: &[(&str, &str)]| {
+        let extra: Vec<(String, String)> = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        cassandra_config_with(&cp, &keyspace, &extra)
+    };
+    let one = [
+        ("cassandra.read-consistency", "ONE"),
+        ("cassandra.write-consistency", "ONE"),
+    ];
+    let weak = enforce(&session, &with(&one)).await;
+    if rep.total() >= 2 {
+        let why = weak
+            .expect_err("ONE for both on several replicas")
+            .to_string();
+        assert!(why.contains("unsafe-consistency"), "{why}");
+        let mut overridden = one.to_vec();
+        overridden.push(("cassandra.unsafe-consistency", "true"));
+        enforce(&session, &with(&overridden))
+            .await
+            .expect("overridden");
+    } else {
+        weak.expect("one replica: ONE reads meet ONE writes");
+    }
+    let missing = cassandra_config(&cp, "no_such_keyspace");
+    let err = enforce(&session, &missing).await.unwrap_err().to_string();
+    assert!(err.contains("does not exist"), "{err}");
+}

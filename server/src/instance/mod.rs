@@ -63,6 +63,7 @@ impl Application {
                 let session = crate::store::cassandra::connect(c).await.with_context(|| {
                     format!("connecting to Cassandra at {}", c.contact_points.join(","))
                 })?;
+                crate::store::cassandra::consistency::enforce(&session, c).await?;
                 Arc::new(
                     crate::store::cassandra::CassandraStore::new(session, c)
                         .await

@@ -22,6 +22,8 @@
 //! its read-back. Epochs carry a random low part, so two instances claiming
 //! at once get distinct epochs and distinct rows.
 
+pub mod consistency;
+
 use super::{Append, SessionRecord, SessionStore, StoreError, StoreResult};
 use crate::config::{CassandraConfig, Consistency as Level};
 use crate::session::{Event, EventKind, Role, SessionState};
@@ -301,20 +303,6 @@ impl CassandraStore {
     /// Prepare every statement once, with its consistency level.
     pub async fn new(session: Session, config: &CassandraConfig) -> StoreResult<Self> {
         let ks = &config.keyspace;
-        let weak = |l: Level| {
-            matches!(
-                l,
-                Level::Any | Level::One | Level::Two | Level::Three | Level::LocalOne
-            )
-        };
-        if weak(config.read_consistency) || weak(config.write_consistency) {
-            // The fencing read-back relies on R + W > RF.
-            tracing::warn!(
-                read = ?config.read_consistency,
-                write = ?config.write_consistency,
-                "Cassandra consistency below QUORUM: a stale owner's write may not be fenced on a multi-node cluster (use QUORUM or LOCAL_QUORUM)"
-            );
-        }
         let (read, write) = (
             level(config.read_consistency),
             level(config.write_consistency),
