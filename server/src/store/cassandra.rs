@@ -50,8 +50,9 @@ pub const TABLES_TTL_CQL: &str = include_str!("../../../cassandra/02-tables-ttl.
 
 /// Requests in flight at once, per instance.
 const MAX_IN_FLIGHT: usize = 512;
-/// Bits of an epoch that are random (the rest counts claims).
-const EPOCH_RANDOM_BITS: u32 = 20;
+/// Low bits of an epoch that name the claiming instance (the rest counts
+/// claims): two instances claiming a chat at once draw different epochs.
+const EPOCH_OWNER_BITS: u32 = 20;
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -258,6 +259,10 @@ pub struct CassandraStore {
 #[derive(Debug, Clone)]
 struct Attempted {
     epoch: i64,
+    /// The instance this handle writes the epoch for, when it created or
+    /// claimed the session itself: compared with the epoch, so that a tie
+    /// of epochs never passes for ownership.
+    owner: Option<String>,
     last_seq: u64,
     batch: Vec<Event>,
 }
@@ -404,11 +409,11 @@ impl CassandraStore {
             }))
     }
 
-    /// Claims in epoch order, with their owners.
+    /// Claims in (epoch, owner) order, with their owners: the last one owns.
     async fn claims(&self, session_id: &str) -> StoreResult<Vec<(Claim, String)>> {
         let mut rows: Vec<(i64, String, Option<i64>)> =
             self.rows(&self.st.sel_claims, (session_id,)).await?;
-        rows.sort_by_key(|r| r.0);
+        rows.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         Ok(rows
             .into_iter()
             .map(|(epoch, owner, cut)| {
@@ -497,6 +502,7 @@ impl CassandraStore {
             .entry(session_id.to_owned())
             .or_insert_with(|| Attempted {
                 epoch,
+                owner: None,
                 last_seq: 0,
                 batch: Vec::new(),
             });
@@ -512,12 +518,48 @@ impl CassandraStore {
             )));
         }
         if entry.epoch != epoch {
-            entry.epoch = epoch;
-            entry.last_seq = 0;
+            *entry = Attempted {
+                epoch,
+                owner: None,
+                last_seq: 0,
+                batch: Vec::new(),
+            };
         }
         entry.last_seq = entry.last_seq.max(last);
         entry.batch = events.to_vec();
         Ok(())
+    }
+
+    /// This handle now writes `epoch` of the session for `owner`.
+    fn owns(&self, session_id: &str, epoch: i64, owner: &str) {
+        self.attempted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                session_id.to_owned(),
+                Attempted {
+                    epoch,
+                    owner: Some(owner.to_owned()),
+                    last_seq: 0,
+                    batch: Vec::new(),
+                },
+            );
+    }
+
+    /// Whether the latest claim is `epoch`, and (when this handle knows
+    /// for whom it writes the epoch) that owner's.
+    fn still_owns(&self, session_id: &str, epoch: i64, latest: Option<&(Claim, String)>) -> bool {
+        let Some((claim, owner)) = latest else {
+            return false;
+        };
+        let known = self
+            .attempted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(session_id)
+            .filter(|a| a.epoch == epoch)
+            .and_then(|a| a.owner.clone());
+        claim.epoch == epoch && known.is_none_or(|k| &k == owner)
     }
 
     /// This handle no longer writes the session (moved, closed, deleted).
@@ -557,15 +599,21 @@ impl CassandraStore {
     }
 }
 
-fn random_bits() -> i64 {
-    let b = *uuid::Uuid::new_v4().as_bytes();
-    (i64::from(b[0]) | i64::from(b[1]) << 8 | i64::from(b[2]) << 16)
-        & ((1 << EPOCH_RANDOM_BITS) - 1)
+/// The low part of the epochs `owner` claims: FNV-1a of its id, so it is
+/// the same in every version and on every host.
+fn owner_bits(owner: &str) -> i64 {
+    let hash = owner.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (hash & ((1 << EPOCH_OWNER_BITS) - 1)) as i64
 }
 
-/// The epoch after `current`: one more claim, a fresh random low part.
-fn next_epoch(current: i64) -> i64 {
-    (((current >> EPOCH_RANDOM_BITS) + 1) << EPOCH_RANDOM_BITS) | random_bits()
+/// The epoch `owner` claims after `current`: one more claim, its own low
+/// part. Two instances claiming at once draw different epochs unless their
+/// ids share the 20-bit hash; the claim then sees the tie and steps back
+/// (`claim`), and owners are compared with epochs everywhere.
+fn next_epoch(current: i64, owner: &str) -> i64 {
+    (((current >> EPOCH_OWNER_BITS) + 1) << EPOCH_OWNER_BITS) | owner_bits(owner)
 }
 
 /// The transcript: the events each claim's epoch wrote between its cut and
@@ -575,14 +623,23 @@ fn valid_events(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Vec<Event> {
         .into_iter()
         .filter(|row| {
             let (seq, epoch) = (row.0, row.1);
-            let Some(i) = claims.iter().position(|(c, _)| c.epoch == epoch) else {
+            // Claims of this epoch: one, or two that drew the same epoch
+            // (a tie; the claimant that saw it stepped back, and wrote no
+            // events): the epoch starts after the smallest cut recorded.
+            let mut same = claims.iter().filter(|(c, _)| c.epoch == epoch).peekable();
+            if same.peek().is_none() {
                 return false;
-            };
-            let lower = claims[i].0.cut.max(0);
-            // The next claim that completed bounds this epoch; one that
-            // was abandoned before recording its cut does not unbound it.
-            let upper = claims[i + 1..]
+            }
+            let lower = same
+                .map(|(c, _)| c.cut)
+                .filter(|c| *c >= 0)
+                .min()
+                .unwrap_or(0);
+            // The next later claim that completed bounds this epoch; one
+            // that was abandoned before recording its cut does not unbound it.
+            let upper = claims
                 .iter()
+                .filter(|(c, _)| c.epoch > epoch)
                 .map(|(c, _)| c.cut)
                 .find(|c| *c >= 0)
                 .unwrap_or(i64::MAX);
@@ -677,6 +734,7 @@ impl SessionStore for CassandraStore {
             (0i32, id, record.state.as_str(), record.created_at_ms),
         )
         .await?;
+        self.owns(id, record.epoch as i64, &record.owner_instance);
         self.fresh_keys(id, record.epoch as i64, &events)?;
         self.write_events(id, record.epoch as i64, &events).await
     }
@@ -697,7 +755,7 @@ impl SessionStore for CassandraStore {
             return Err(StoreError::NotFound(a.session_id));
         };
         let current = claims.last().map(|(c, _)| c.epoch).unwrap_or(-1);
-        if current != epoch {
+        if !self.still_owns(id, epoch, claims.last()) {
             self.forget(id);
             return Err(StoreError::Fenced {
                 session_id: a.session_id,
@@ -727,15 +785,21 @@ impl SessionStore for CassandraStore {
         if record.state == SessionState::Closed {
             return Err(StoreError::Closed(session_id.to_owned()));
         }
-        let epoch = next_epoch(record.epoch as i64);
+        let epoch = next_epoch(record.epoch as i64, new_owner);
         // 1. the claim (cut unknown yet)
         self.exec(&self.st.ins_claim, (session_id, epoch, new_owner, -1i64))
             .await?;
         // 2. the transcript as of now, under the claims as of now
         let claims_now = self.claims(session_id).await?;
         let latest = claims_now.last().map(|(c, _)| c.epoch).unwrap_or(epoch);
-        if latest != epoch {
-            // Another instance claimed after us: it owns the session.
+        let ours = |(c, o): &&(Claim, String)| c.epoch == epoch && o == new_owner;
+        let tie = claims_now
+            .iter()
+            .any(|(c, o)| c.epoch == epoch && o != new_owner);
+        if !claims_now.last().is_some_and(|l| ours(&l)) || tie {
+            // Another instance claimed after us (it owns the session), or
+            // drew the same epoch (its events would share our keys): step
+            // back; the gateway tries again.
             return Err(StoreError::Fenced {
                 session_id: session_id.to_owned(),
                 attempted: epoch as u64,
@@ -748,7 +812,7 @@ impl SessionStore for CassandraStore {
         self.exec(&self.st.ins_claim, (session_id, epoch, new_owner, cut))
             .await?;
         // A new epoch: its keys are fresh, whatever the old one tried.
-        self.forget(session_id);
+        self.owns(session_id, epoch, new_owner);
         Ok((
             SessionRecord {
                 owner_instance: new_owner.to_owned(),
@@ -810,7 +874,7 @@ impl SessionStore for CassandraStore {
         let Some((current, _)) = claims.last() else {
             return Err(StoreError::NotFound(session_id.to_owned()));
         };
-        if current.epoch as u64 != epoch {
+        if !self.still_owns(session_id, epoch as i64, claims.last()) {
             return Err(StoreError::Fenced {
                 session_id: session_id.to_owned(),
                 attempted: epoch,
@@ -854,6 +918,31 @@ mod tests {
 
     fn texts(events: &[Event]) -> Vec<String> {
         events.iter().filter_map(|e| e.text.clone()).collect()
+    }
+
+    #[test]
+    fn a_tie_of_epochs_keeps_the_writers_events_whichever_claim_sorts_first() {
+        // Two instances drew epoch 2; "a" saw the tie and stepped back after
+        // reading the transcript (cut 3, or none recorded), "b" did not and
+        // wrote seqs 3 and 4 after its cut 2. Claims sort by (epoch, owner).
+        for stepper_cut in [3, -1] {
+            let claims = [
+                claim(1, 0),
+                (Claim { epoch: 2, cut: stepper_cut }, "a".to_owned()),
+                (Claim { epoch: 2, cut: 2 }, "b".to_owned()),
+            ];
+            let rows = vec![
+                row(1, 1, "joined", None),
+                row(2, 1, "before", None),
+                row(3, 2, "b's first", None),
+                row(4, 2, "b's second", None),
+            ];
+            assert_eq!(
+                texts(&valid_events(&claims, rows)),
+                ["joined", "before", "b's first", "b's second"],
+                "stepper cut {stepper_cut}"
+            );
+        }
     }
 
     #[test]
@@ -917,11 +1006,13 @@ mod tests {
 
     #[test]
     fn epochs_increase_and_differ_between_concurrent_claims() {
-        let e1 = next_epoch(1);
-        let e2 = next_epoch(1);
+        let e1 = next_epoch(1, "inst-a");
+        let e2 = next_epoch(1, "inst-b");
         assert!(e1 > 1 && e2 > 1);
-        assert_eq!(e1 >> EPOCH_RANDOM_BITS, e2 >> EPOCH_RANDOM_BITS);
-        assert!(next_epoch(e1) > e1.max(e2));
+        assert_ne!(e1, e2, "two instances claiming at once");
+        assert_eq!(e1 >> EPOCH_OWNER_BITS, e2 >> EPOCH_OWNER_BITS);
+        assert!(next_epoch(e1, "inst-a") > e1.max(e2));
+        assert_eq!(next_epoch(1, "inst-a"), e1, "the same in every process");
     }
 
     #[test]

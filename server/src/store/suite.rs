@@ -62,6 +62,7 @@ pub async fn run_all(a: &dyn SessionStore, b: &dyn SessionStore) {
     stale_owner_is_fenced_after_claim(a, b).await;
     stored_events_are_never_overwritten(a).await;
     a_fenced_owner_cannot_overwrite_an_acknowledged_event(a, b).await;
+    concurrent_claims_leave_one_owner(a, b).await;
     client_msg_id_counts_once_per_session(a, b).await;
     delete_requires_current_epoch(a, b).await;
     closed_sessions_cannot_be_claimed_or_appended(a, b).await;
@@ -254,6 +255,59 @@ pub async fn a_fenced_owner_cannot_overwrite_an_acknowledged_event(
     assert_eq!(now.epoch, claimed.epoch);
     let texts: Vec<_> = events.iter().filter_map(|e| e.text.clone()).collect();
     assert_eq!(texts, vec!["acknowledged X"]);
+}
+
+/// Two gateways restore the same chat at once on two instances: whatever
+/// the interleaving, at most one of them acknowledges a write afterwards,
+/// the transcript holds what was acknowledged exactly once (a write that
+/// landed but was refused may show too: its sender got an error), and a
+/// third instance can take the chat over afterwards. Twice: with two
+/// ordinary instance ids, and with two whose ids give the Cassandra store
+/// the same epoch (their FNV-1a hashes share the low 20 bits), the tie the
+/// store must see and step back from.
+pub async fn concurrent_claims_leave_one_owner(a: &dyn SessionStore, b: &dyn SessionStore) {
+    for (owner_a, owner_b) in [("inst-a", "inst-b"), ("inst-768", "inst-4746")] {
+        for _ in 0..10 {
+            let record = create(a, "inst-0").await;
+            let id = record.session_id.as_str();
+            let (claimed_a, claimed_b) = tokio::join!(a.claim(id, owner_a), b.claim(id, owner_b));
+            let mut acknowledged = Vec::new();
+            for (store, claimed, text) in [(a, claimed_a, "from a"), (b, claimed_b, "from b")] {
+                let Ok((rec, events)) = claimed else {
+                    continue;
+                };
+                let seq = events.len() as u64 + 1;
+                let write = append(&record, rec.epoch, vec![message(seq, text, None)]);
+                if store.append_events(write).await.is_ok() {
+                    acknowledged.push(text.to_owned());
+                }
+            }
+            assert!(
+                acknowledged.len() <= 1,
+                "two owners acknowledged: {acknowledged:?} ({owner_a}, {owner_b})"
+            );
+            let (taken, events) = b.claim(id, "inst-c").await.unwrap();
+            let texts: Vec<String> = events.iter().filter_map(|e| e.text.clone()).collect();
+            for text in &acknowledged {
+                assert_eq!(
+                    texts.iter().filter(|t| *t == text).count(),
+                    1,
+                    "{text} in {texts:?} ({owner_a}, {owner_b})"
+                );
+            }
+            let next = events.len() as u64 + 1;
+            b.append_events(append(
+                &record,
+                taken.epoch,
+                vec![message(next, "from c", None)],
+            ))
+            .await
+            .unwrap();
+            let (_, events) = a.load(id).await.unwrap().unwrap();
+            let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+            assert_eq!(seqs, (1..=next).collect::<Vec<_>>(), "{owner_a}, {owner_b}");
+        }
+    }
 }
 
 /// A reused client_msg_id (an owner's bug, or a write whose refusal was
