@@ -122,6 +122,11 @@ impl From<StoreError> for ApiError {
             StoreError::AlreadyExists(_) | StoreError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
+            StoreError::Corrupt(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "history_corrupt",
+                e.to_string(),
+            ),
             StoreError::Unavailable(_) => {
                 tracing::warn!(error = %e, "session store unavailable");
                 ApiError::unavailable("store_unavailable", "the session store is unavailable")

@@ -63,9 +63,9 @@ impl From<StoreError> for EngineError {
             StoreError::NotFound(id) => EngineError::NotFound(id),
             StoreError::Closed(id) => EngineError::Closed(id),
             StoreError::Fenced { session_id, .. } => EngineError::NotOwner(session_id),
-            e @ (StoreError::AlreadyExists(_) | StoreError::Conflict(_)) => {
-                EngineError::Conflict(e.to_string())
-            }
+            e @ (StoreError::AlreadyExists(_)
+            | StoreError::Conflict(_)
+            | StoreError::Corrupt(_)) => EngineError::Conflict(e.to_string()),
             StoreError::Unavailable(reason) => {
                 tracing::warn!(error = %reason, "session store unavailable");
                 EngineError::StoreUnavailable

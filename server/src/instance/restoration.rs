@@ -11,6 +11,7 @@ use super::error::{EngineError, EngineResult};
 use super::live::LiveSession;
 use crate::contract::answers::Restored;
 use crate::session::{SessionState, Transcript};
+use crate::store::StoreError;
 use crate::telemetry::events;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,6 +75,10 @@ impl Instance {
             tracing::warn!(event_id = events::RESTORE_FAILED, sid = %session_id, error = %e, "restoration failed");
         };
         let (record, stored) = self.store.claim(session_id, &self.id).await.map_err(|e| {
+            if matches!(e, StoreError::Corrupt(_)) {
+                self.stats.history_corrupt();
+                tracing::error!(event_id = events::HISTORY_CORRUPT, sid = %session_id, error = %e, "restoration refused: the stored history of the chat has a gap");
+            }
             failed(&e);
             self.store_error(e)
         })?;

@@ -46,6 +46,7 @@ impl Stats {
             m::MESSAGES_SUBMITTED,
             m::RESTORE_FAILURES,
             m::TRANSCRIPT_SAVE_FAILURES,
+            m::STORE_HISTORY_CORRUPT,
         ] {
             metrics::counter!(name).absolute(0);
         }
@@ -110,6 +111,11 @@ impl Stats {
     /// gone): the store did its job, so it is neither `ok` nor `error`.
     pub fn save_refused(&self, took: Duration) {
         metrics::histogram!(m::TRANSCRIPT_SAVE_DURATION).record(took.as_secs_f64());
+    }
+
+    /// A restoration refused: the stored history has a gap (event 59617).
+    pub fn history_corrupt(&self) {
+        metrics::counter!(m::STORE_HISTORY_CORRUPT).increment(1);
     }
 
     /// A save given up after every retry: the sender got an error.

@@ -97,6 +97,11 @@ pub enum StoreError {
     Conflict(String),
     #[error("session store unavailable: {0}")]
     Unavailable(String),
+    /// The stored history contradicts itself (a gap below a completed
+    /// claim's cut: a row lost or expired): the chat cannot be taken over
+    /// without losing acknowledged events.
+    #[error("session history corrupt: {0}")]
+    Corrupt(String),
 }
 
 impl StoreError {

@@ -47,6 +47,10 @@ pub const CLOSING_ABANDONED: u32 = 59615;
 /// A call on the internal API or channel without the cluster secret (or
 /// with a wrong one) was refused (logged at most once a second).
 pub const INTERNAL_AUTH_REFUSED: u32 = 59616;
+/// A restoration was refused because the session store's history of the
+/// chat has a gap below a completed claim's cut (a row lost or expired):
+/// taking it over would drop acknowledged events.
+pub const HISTORY_CORRUPT: u32 = 59617;
 
 /// Dashboard: a sign-in with a wrong admin token was refused.
 pub const DASHBOARD_SIGNIN_REFUSED: u32 = 59620;

@@ -16,6 +16,7 @@ pub const TRANSCRIPT_SAVE_DURATION: &str = "confab_transcript_save_duration_seco
 pub const RESTORE_DURATION: &str = "confab_restore_duration_seconds";
 pub const MESSAGE_ACK_DURATION: &str = "confab_message_ack_duration_seconds";
 pub const RESTORE_FAILURES: &str = "confab_restore_failures_total";
+pub const STORE_HISTORY_CORRUPT: &str = "confab_store_history_corrupt_total";
 pub const STORE_AVAILABLE: &str = "confab_store_available";
 pub const STORE_STATUS_TRANSITIONS: &str = "confab_store_status_transitions_total";
 pub const INSTANCE_ENABLED: &str = "confab_instance_enabled";
@@ -119,6 +120,10 @@ pub fn describe() {
         "Restore request to session live."
     );
     describe_counter!(RESTORE_FAILURES, "Restore requests that failed.");
+    describe_counter!(
+        STORE_HISTORY_CORRUPT,
+        "Restorations refused because the stored history of the chat has a gap below a completed claim's cut (event 59617)."
+    );
     describe_gauge!(STORE_AVAILABLE, "1 when the session store answers, else 0.");
     describe_counter!(
         STORE_STATUS_TRANSITIONS,
