@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 pub mod browser;
 pub mod cluster;
 pub mod cql_node;
+pub mod cql_proxy;
 pub mod kassandra;
 pub mod tls;
 pub mod ws;

@@ -378,3 +378,82 @@ async fn confab_up_runs_on_the_cassandra_store() {
         .ok();
     assert_eq!(status["store"]["backend"], "cassandra");
 }
+
+/// Lost answers: instance A reaches the store through a proxy that drops
+/// the node's answers while its writes still land. A's save of m4 times
+/// out (applied, unacknowledged); instance B takes the chat over; the
+/// answers come back and A, which must resend m4 identical before writing
+/// anything else, finds itself fenced. Every acknowledged message is in B's
+/// transcript exactly once and in order; m4 (stored, never acknowledged)
+/// shows once, and the sender's retry of it is answered as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_answers_while_another_instance_takes_over_lose_nothing() {
+    use confab_e2e::cql_proxy::CqlProxy;
+
+    let node = Node::get().await;
+    let keyspace = init_keyspace(&node.contact_point()).await;
+    let proxy = CqlProxy::start(&node.contact_point()).await;
+    let dir = data_dir();
+    let settings = [
+        "settings.transcript-resend-attempts=1".to_string(),
+        "settings.transcript-resend-delay=100ms".to_string(),
+        "settings.transcript-save-on-error=continue".to_string(),
+    ];
+    let mut through_proxy = cassandra_sets(&node, &keyspace);
+    through_proxy.retain(|s| {
+        !s.starts_with("cassandra.contact-points=")
+            && !s.starts_with("cassandra.reconnect-timeout=")
+    });
+    through_proxy.push(format!(
+        "cassandra.contact-points={}",
+        proxy.contact_point()
+    ));
+    through_proxy.push("cassandra.reconnect-timeout=1s".into());
+    through_proxy.extend(settings.iter().cloned());
+    let mut direct = cassandra_sets(&node, &keyspace);
+    direct.extend(settings.iter().cloned());
+    let a = start(dir.path(), "inst-a", &through_proxy).await;
+    let b = start(dir.path(), "inst-b", &direct).await;
+    let http = Http::default();
+
+    let (chat, pid) = http.create_session(&a, "Ann").await;
+    let mut acknowledged = Vec::new();
+    for i in 1..=3 {
+        let text = format!("m{i}");
+        http.send(&a, &chat, &pid, &text, Some(&format!("c{i}")))
+            .await
+            .ok();
+        acknowledged.push(text);
+    }
+    proxy.drop_answers(true);
+    let lost = http.send(&a, &chat, &pid, "m4", Some("c4")).await;
+    assert_eq!(
+        (lost.status, lost.error_code()),
+        (503, "save_failed"),
+        "no acknowledgement without an answer: {:?}",
+        lost.body
+    );
+    assert!(proxy.dropped() >= 2, "answers dropped: {}", proxy.dropped());
+
+    let taken = http.restore(&b, &chat).await.ok();
+    assert_eq!(taken["instance_id"], "inst-b");
+    proxy.drop_answers(false);
+    // A resends m4 (its keys are taken) and learns it is no longer the owner.
+    let fenced = http.send(&a, &chat, &pid, "m5", Some("c5")).await;
+    assert_eq!(fenced.status, 421, "{:?}", fenced.body);
+
+    // The sender retries m4 and m5 on the new owner.
+    let retry = http.send(&b, &chat, &pid, "m4", Some("c4")).await.ok();
+    assert_eq!(retry["duplicate"], true, "m4 landed before the take-over");
+    acknowledged.push("m4".into());
+    http.send(&b, &chat, &pid, "m5", Some("c5")).await.ok();
+    acknowledged.push("m5".into());
+    let events = http.events(&b, &chat).await;
+    assert_eq!(texts(&events), acknowledged);
+    let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    // What the store holds, read afresh: A takes the chat back.
+    let back = http.restore(&a, &chat).await.ok();
+    assert_eq!(back["instance_id"], "inst-a");
+    assert_eq!(texts(&http.events(&a, &chat).await), acknowledged);
+}
