@@ -300,9 +300,12 @@ impl Instance {
             }
         }
         let error = last_error.map(|e| e.to_string()).unwrap_or_default();
-        // The last attempt's answer is lost, not its write: these keys are
-        // taken until the same events are stored.
-        live.unsettled = events.to_vec();
+        // On a store where the last attempt's write may have landed with
+        // its answer lost, these keys are taken until the same events are
+        // stored (resent before anything else).
+        if self.store.failed_writes_may_land() {
+            live.unsettled = events.to_vec();
+        }
         self.give_up_save(session, live, &error);
         Err(EngineError::SaveFailed)
     }

@@ -23,7 +23,9 @@
 //! at once get distinct epochs and distinct rows.
 
 pub mod consistency;
+pub mod cql;
 
+use self::cql::{Cql, Driver, EventRow, NewClaim, NewHeader};
 use super::{Append, SessionRecord, SessionStore, StoreError, StoreResult};
 use crate::config::{CassandraConfig, Consistency as Level};
 use crate::session::{Event, EventKind, Role, SessionState};
@@ -35,11 +37,9 @@ use scylla::client::session_builder::SessionBuilder;
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::policies::retry::DefaultRetryPolicy;
 use scylla::policies::timestamp_generator::MonotonicTimestampGenerator;
-use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 
 /// The schema scripts (also for cqlsh); `confab.` is replaced by the
 /// configured keyspace.
@@ -48,8 +48,6 @@ pub const KEYSPACE_SINGLE_NODE_CQL: &str =
 pub const TABLES_CQL: &str = include_str!("../../../cassandra/02-tables.cql");
 pub const TABLES_TTL_CQL: &str = include_str!("../../../cassandra/02-tables-ttl.cql");
 
-/// Requests in flight at once, per instance.
-const MAX_IN_FLIGHT: usize = 512;
 /// Low bits of an epoch that name the claiming instance (the rest counts
 /// claims): two instances claiming a chat at once draw different epochs.
 const EPOCH_OWNER_BITS: u32 = 20;
@@ -226,27 +224,10 @@ pub async fn connect_and_init(config: &CassandraConfig, ttl: bool) -> StoreResul
     Ok(session)
 }
 
-struct Statements {
-    ins_session: PreparedStatement,
-    sel_session: PreparedStatement,
-    upd_state: PreparedStatement,
-    ins_claim: PreparedStatement,
-    sel_claims: PreparedStatement,
-    ins_event: PreparedStatement,
-    sel_events: PreparedStatement,
-    ins_index: PreparedStatement,
-    sel_index: PreparedStatement,
-    del_events: PreparedStatement,
-    del_claims: PreparedStatement,
-    del_session: PreparedStatement,
-    del_index: PreparedStatement,
-    ping: PreparedStatement,
-}
-
-pub struct CassandraStore {
-    session: Session,
-    st: Statements,
-    in_flight: Semaphore,
+/// The session store on Cassandra: the protocol of `cassandra/README.md`
+/// over the statements of [`Cql`], on a cluster through [`Driver`].
+pub struct CassandraStore<C: Cql = Driver> {
+    cql: C,
     attempted: std::sync::Mutex<std::collections::HashMap<String, Attempted>>,
 }
 
@@ -289,119 +270,24 @@ struct Header {
     state: SessionState,
 }
 
-/// intx, subject, created_at, state, nickname, as stored (nullable)
-type HeaderRow = (
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<String>,
-    Option<String>,
-);
-
-type EventRow = (
-    i64,
-    i64,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-);
-
-impl CassandraStore {
+impl CassandraStore<Driver> {
     /// Prepare every statement once, with its consistency level.
     pub async fn new(session: Session, config: &CassandraConfig) -> StoreResult<Self> {
-        let ks = &config.keyspace;
-        let (read, write) = (
-            level(config.read_consistency),
-            level(config.write_consistency),
-        );
-        let prepare = |cql: String, c: Consistency| {
-            let session = &session;
-            async move {
-                let mut ps = session.prepare(cql).await.map_err(unavailable)?;
-                ps.set_consistency(c);
-                ps.set_is_idempotent(true);
-                StoreResult::Ok(ps)
-            }
-        };
-        let st = Statements {
-            ins_session: prepare(format!("INSERT INTO {ks}.sessions (session_id, intx, subject, created_at, state, nickname) VALUES (?, ?, ?, ?, ?, ?)"), write).await?,
-            sel_session: prepare(format!("SELECT intx, subject, created_at, state, nickname FROM {ks}.sessions WHERE session_id = ?"), read).await?,
-            upd_state: prepare(format!("INSERT INTO {ks}.sessions (session_id, state) VALUES (?, ?)"), write).await?,
-            ins_claim: prepare(format!("INSERT INTO {ks}.session_claims (session_id, epoch, owner, cut, prev_epoch, prev_owner) VALUES (?, ?, ?, ?, ?, ?)"), write).await?,
-            sel_claims: prepare(format!("SELECT epoch, owner, cut, prev_epoch, prev_owner FROM {ks}.session_claims WHERE session_id = ?"), read).await?,
-            ins_event: prepare(
-                format!("INSERT INTO {ks}.events (session_id, seq, epoch, kind, participant_id, nickname, text, reason, role, client_msg_id, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-                write,
-            )
-            .await?,
-            sel_events: prepare(
-                format!("SELECT seq, epoch, kind, participant_id, nickname, text, reason, role, client_msg_id, at FROM {ks}.events WHERE session_id = ?"),
-                read,
-            )
-            .await?,
-            ins_index: prepare(format!("INSERT INTO {ks}.session_index (bucket, session_id, state, created_at) VALUES (?, ?, ?, ?)"), write).await?,
-            sel_index: prepare(format!("SELECT session_id, state, created_at FROM {ks}.session_index WHERE bucket = ?"), read).await?,
-            del_events: prepare(format!("DELETE FROM {ks}.events WHERE session_id = ?"), write).await?,
-            del_claims: prepare(format!("DELETE FROM {ks}.session_claims WHERE session_id = ?"), write).await?,
-            del_session: prepare(format!("DELETE FROM {ks}.sessions WHERE session_id = ?"), write).await?,
-            del_index: prepare(format!("DELETE FROM {ks}.session_index WHERE bucket = ? AND session_id = ?"), write).await?,
-            ping: prepare("SELECT release_version FROM system.local".to_owned(), Consistency::One).await?,
-        };
-        Ok(CassandraStore {
-            session,
-            st,
-            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+        Ok(Self::over(Driver::prepare(session, config).await?))
+    }
+}
+
+impl<C: Cql> CassandraStore<C> {
+    /// The store's protocol over any implementation of its statements.
+    pub fn over(cql: C) -> Self {
+        CassandraStore {
+            cql,
             attempted: Default::default(),
-        })
-    }
-
-    async fn permit(&self) -> StoreResult<tokio::sync::SemaphorePermit<'_>> {
-        self.in_flight.acquire().await.map_err(unavailable)
-    }
-
-    async fn exec(
-        &self,
-        ps: &PreparedStatement,
-        values: impl scylla::serialize::row::SerializeRow,
-    ) -> StoreResult<()> {
-        let _p = self.permit().await?;
-        self.session
-            .execute_unpaged(ps, values)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
-    }
-
-    /// All rows of a query, across pages (partitions can be long).
-    async fn rows<R>(
-        &self,
-        ps: &PreparedStatement,
-        values: impl scylla::serialize::row::SerializeRow,
-    ) -> StoreResult<Vec<R>>
-    where
-        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm> + Send + 'static,
-    {
-        let _p = self.permit().await?;
-        let pager = self
-            .session
-            .execute_iter(ps.clone(), values)
-            .await
-            .map_err(unavailable)?;
-        pager
-            .rows_stream::<R>()
-            .map_err(unavailable)?
-            .try_collect()
-            .await
-            .map_err(unavailable)
+        }
     }
 
     async fn header(&self, session_id: &str) -> StoreResult<Option<Header>> {
-        let rows: Vec<HeaderRow> = self.rows(&self.st.sel_session, (session_id,)).await?;
+        let rows = self.cql.select_session(session_id).await?;
         Ok(rows
             .into_iter()
             .next()
@@ -418,8 +304,7 @@ impl CassandraStore {
 
     /// Claims in (epoch, owner) order, with their owners: the last one owns.
     async fn claims(&self, session_id: &str) -> StoreResult<Vec<(Claim, String)>> {
-        type Row = (i64, String, Option<i64>, Option<i64>, Option<String>);
-        let mut rows: Vec<Row> = self.rows(&self.st.sel_claims, (session_id,)).await?;
+        let mut rows = self.cql.select_claims(session_id).await?;
         rows.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         Ok(rows
             .into_iter()
@@ -441,7 +326,7 @@ impl CassandraStore {
         session_id: &str,
         claims: &[(Claim, String)],
     ) -> StoreResult<Vec<Event>> {
-        let rows: Vec<EventRow> = self.rows(&self.st.sel_events, (session_id,)).await?;
+        let rows = self.cql.select_events(session_id).await?;
         valid_events(claims, rows)
             .map_err(|why| StoreError::Corrupt(format!("session {session_id}: {why}")))
     }
@@ -478,10 +363,9 @@ impl CassandraStore {
         state: SessionState,
         created_at_ms: Option<i64>,
     ) -> StoreResult<()> {
-        self.exec(&self.st.upd_state, (session_id, state.as_str()))
-            .await?;
+        self.cql.update_state(session_id, state.as_str()).await?;
         if state == SessionState::Closed {
-            self.exec(&self.st.del_index, (0i32, session_id)).await
+            self.cql.delete_index(session_id).await
         } else {
             let created = match created_at_ms {
                 Some(c) => c,
@@ -491,11 +375,9 @@ impl CassandraStore {
                     .map(|h| h.created_at_ms)
                     .unwrap_or(0),
             };
-            self.exec(
-                &self.st.ins_index,
-                (0i32, session_id, state.as_str(), created),
-            )
-            .await
+            self.cql
+                .insert_index(session_id, state.as_str(), created)
+                .await
         }
     }
 
@@ -585,24 +467,9 @@ impl CassandraStore {
         epoch: i64,
         events: &[Event],
     ) -> StoreResult<()> {
-        let writes = events.iter().map(|e| {
-            self.exec(
-                &self.st.ins_event,
-                (
-                    session_id,
-                    e.seq as i64,
-                    epoch,
-                    e.kind.as_str(),
-                    e.participant_id.as_deref(),
-                    e.nickname.as_deref(),
-                    e.text.as_deref(),
-                    e.reason.as_deref(),
-                    e.role.map(Role::as_str),
-                    e.client_msg_id.as_deref(),
-                    e.at_ms,
-                ),
-            )
-        });
+        let writes = events
+            .iter()
+            .map(|e| self.cql.insert_event(session_id, epoch, e));
         futures_util::future::try_join_all(writes).await?;
         Ok(())
     }
@@ -756,9 +623,13 @@ fn contiguous_prefix(mut events: Vec<Event>) -> Vec<Event> {
 }
 
 #[async_trait]
-impl SessionStore for CassandraStore {
+impl<C: Cql> SessionStore for CassandraStore<C> {
     fn backend(&self) -> &'static str {
         "cassandra"
+    }
+
+    fn failed_writes_may_land(&self) -> bool {
+        true
     }
 
     #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "cassandra", op = "create_session", chat_id = %record.session_id))]
@@ -767,35 +638,24 @@ impl SessionStore for CassandraStore {
             return Err(StoreError::AlreadyExists(record.session_id));
         }
         let id = record.session_id.as_str();
-        self.exec(
-            &self.st.ins_session,
-            (
-                id,
-                record.intx.as_str(),
-                record.subject.as_deref(),
-                record.created_at_ms,
-                record.state.as_str(),
-                record.nickname.as_deref(),
-            ),
-        )
-        .await?;
-        self.exec(
-            &self.st.ins_claim,
-            (
-                id,
-                record.epoch as i64,
-                record.owner_instance.as_str(),
-                0i64,
-                None::<i64>,
-                None::<&str>,
-            ),
-        )
-        .await?;
-        self.exec(
-            &self.st.ins_index,
-            (0i32, id, record.state.as_str(), record.created_at_ms),
-        )
-        .await?;
+        let header = NewHeader {
+            intx: &record.intx,
+            subject: record.subject.as_deref(),
+            created_at_ms: record.created_at_ms,
+            state: record.state.as_str(),
+            nickname: record.nickname.as_deref(),
+        };
+        self.cql.insert_session(id, header).await?;
+        let creation = NewClaim {
+            epoch: record.epoch as i64,
+            owner: &record.owner_instance,
+            cut: 0,
+            prev: None,
+        };
+        self.cql.insert_claim(id, creation).await?;
+        self.cql
+            .insert_index(id, record.state.as_str(), record.created_at_ms)
+            .await?;
         self.owns(id, record.epoch as i64, &record.owner_instance);
         self.fresh_keys(id, record.epoch as i64, &events)?;
         self.write_events(id, record.epoch as i64, &events).await
@@ -849,12 +709,13 @@ impl SessionStore for CassandraStore {
         }
         let epoch = next_epoch(record.epoch as i64, new_owner);
         // 1. the claim (cut unknown yet)
-        let no_prev = (None::<i64>, None::<&str>);
-        self.exec(
-            &self.st.ins_claim,
-            (session_id, epoch, new_owner, -1i64, no_prev.0, no_prev.1),
-        )
-        .await?;
+        let pending = NewClaim {
+            epoch,
+            owner: new_owner,
+            cut: -1,
+            prev: None,
+        };
+        self.cql.insert_claim(session_id, pending).await?;
         // 2. the transcript as of now, under the claims as of now
         let claims_now = self.claims(session_id).await?;
         let latest = claims_now.last().map(|(c, _)| c.epoch).unwrap_or(epoch);
@@ -882,18 +743,13 @@ impl SessionStore for CassandraStore {
             .iter()
             .rfind(|(c, _)| c.cut >= 0)
             .map(|(c, o)| (c.epoch, o.as_str()));
-        self.exec(
-            &self.st.ins_claim,
-            (
-                session_id,
-                epoch,
-                new_owner,
-                cut,
-                prev.map(|p| p.0),
-                prev.map(|p| p.1),
-            ),
-        )
-        .await?;
+        let completed = NewClaim {
+            epoch,
+            owner: new_owner,
+            cut,
+            prev,
+        };
+        self.cql.insert_claim(session_id, completed).await?;
         // A new epoch: its keys are fresh, whatever the old one tried.
         self.owns(session_id, epoch, new_owner);
         Ok((
@@ -932,8 +788,7 @@ impl SessionStore for CassandraStore {
         order: super::Order,
         limit: usize,
     ) -> StoreResult<Vec<SessionRecord>> {
-        let mut rows: Vec<(String, Option<String>, Option<i64>)> =
-            self.rows(&self.st.sel_index, (0i32,)).await?;
+        let mut rows = self.cql.select_index().await?;
         rows.retain(|(_, s, _)| state.is_none_or(|want| s.as_deref() == Some(want.as_str())));
         rows.sort_by_key(|r| r.2.unwrap_or(0));
         if order == super::Order::Newest {
@@ -965,14 +820,14 @@ impl SessionStore for CassandraStore {
             });
         }
         self.forget(session_id);
-        self.exec(&self.st.del_index, (0i32, session_id)).await?;
-        self.exec(&self.st.del_events, (session_id,)).await?;
-        self.exec(&self.st.del_session, (session_id,)).await?;
-        self.exec(&self.st.del_claims, (session_id,)).await
+        self.cql.delete_index(session_id).await?;
+        self.cql.delete_events(session_id).await?;
+        self.cql.delete_session(session_id).await?;
+        self.cql.delete_claims(session_id).await
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        self.exec(&self.st.ping, ()).await
+        self.cql.ping().await
     }
 }
 

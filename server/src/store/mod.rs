@@ -134,6 +134,14 @@ pub trait SessionStore: Send + Sync + 'static {
     /// "sqlite" or "cassandra": the `store` label of the metrics.
     fn backend(&self) -> &'static str;
 
+    /// Whether a write that failed as unavailable (a timeout) may have been
+    /// applied all the same. Then the owner resends exactly those events
+    /// before writing anything else (their keys are taken). SQLite rolls a
+    /// failed transaction back: no.
+    fn failed_writes_may_land(&self) -> bool {
+        false
+    }
+
     /// Create a session owned by `record.owner_instance` at `record.epoch`,
     /// with its first events.
     async fn create_session(&self, record: SessionRecord, events: Vec<Event>) -> StoreResult<()>;
