@@ -24,6 +24,8 @@
 
 pub mod consistency;
 pub mod cql;
+#[cfg(test)]
+mod sim;
 
 use self::cql::{Cql, Driver, EventRow, NewClaim, NewHeader};
 use super::{Append, SessionRecord, SessionStore, StoreError, StoreResult};
