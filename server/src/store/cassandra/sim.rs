@@ -13,7 +13,8 @@
 //! and in the order it was acknowledged (a client's retry with the same
 //! client_msg_id answered as a duplicate counts as an acknowledgement).
 //! Odd seeds use two instance ids whose epochs collide (ties). Seeded: a
-//! failing seed is printed and replays exactly (`CONFAB_SIM_SEED`).
+//! failing seed is printed and replays exactly (`CONFAB_SIM_SEED`);
+//! `CONFAB_SIM_SEEDS` and `CONFAB_SIM_STEPS` run a longer hunt.
 //!
 //! Not modelled yet: TTL expiry, tombstones racing writes under skew (the
 //! deletes at closing), read repair, and more than two instances.
@@ -648,13 +649,21 @@ fn check(acknowledged: &[(String, bool)], events: &[Event]) -> Result<(), String
 
 #[tokio::test]
 async fn the_protocol_keeps_every_acknowledged_message_under_faults() {
+    // CONFAB_SIM_SEEDS and CONFAB_SIM_STEPS widen a hunt; CI runs 2,000 x 60.
+    let number = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.parse::<u64>().expect("a number"))
+            .unwrap_or(default)
+    };
     let seeds: Vec<u64> = match std::env::var("CONFAB_SIM_SEED") {
         Ok(s) => vec![s.parse().expect("CONFAB_SIM_SEED: a number")],
-        Err(_) => (1..=2000).collect(),
+        Err(_) => (1..=number("CONFAB_SIM_SEEDS", 2000)).collect(),
     };
+    let steps = number("CONFAB_SIM_STEPS", 60) as usize;
     let mut failures = Vec::new();
     for seed in seeds {
-        if let Err(why) = run(seed, 60).await {
+        if let Err(why) = run(seed, steps).await {
             failures.push(why);
         }
     }
