@@ -323,13 +323,14 @@ impl<C: Cql> CassandraStore<C> {
             .collect())
     }
 
-    async fn events(
+    /// Every event the claims make valid ([`stored_history`]).
+    async fn history(
         &self,
         session_id: &str,
         claims: &[(Claim, String)],
     ) -> StoreResult<Vec<Event>> {
         let rows = self.cql.select_events(session_id).await?;
-        valid_events(claims, rows)
+        stored_history(claims, rows)
             .map_err(|why| StoreError::Corrupt(format!("session {session_id}: {why}")))
     }
 
@@ -384,10 +385,11 @@ impl<C: Cql> CassandraStore<C> {
     }
 
     /// Refuse `events` if they would give a key this handle has tried
-    /// before other content; otherwise remember them as tried.
-    fn fresh_keys(&self, session_id: &str, epoch: i64, events: &[Event]) -> StoreResult<()> {
+    /// before other content; otherwise remember them as tried. `true` when
+    /// every one of them was tried before (a resend).
+    fn fresh_keys(&self, session_id: &str, epoch: i64, events: &[Event]) -> StoreResult<bool> {
         let (Some(first), Some(last)) = (events.first(), events.last()) else {
-            return Ok(());
+            return Ok(false);
         };
         let (first, last) = (first.seq, last.seq);
         let mut attempted = self.attempted.lock().unwrap_or_else(|p| p.into_inner());
@@ -400,6 +402,7 @@ impl<C: Cql> CassandraStore<C> {
                 batch: Vec::new(),
             });
         let tried_before = |e: &Event| entry.batch.iter().any(|b| b == e);
+        let resend = entry.epoch == epoch && events.iter().all(tried_before);
         if entry.epoch == epoch
             && events
                 .iter()
@@ -420,7 +423,7 @@ impl<C: Cql> CassandraStore<C> {
         }
         entry.last_seq = entry.last_seq.max(last);
         entry.batch = events.to_vec();
-        Ok(())
+        Ok(resend)
     }
 
     /// This handle now writes `epoch` of the session for `owner`.
@@ -547,8 +550,9 @@ fn chain(claims: &[(Claim, String)]) -> Result<Vec<&(Claim, String)>, String> {
 /// completed claim's epoch everything after its cut (its open tail). Every
 /// seq up to that cut must be there: a gap below a completed cut is
 /// corruption (history rewritten: a lost or expired row), and an error.
-/// A client_msg_id counts once.
-fn valid_events(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Result<Vec<Event>, String> {
+/// Every stored row, repeated client_msg_ids included: a claim's cut is
+/// taken over seqs, before they are dropped.
+fn stored_history(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Result<Vec<Event>, String> {
     let chain = chain(claims)?;
     let bounds: Vec<(i64, i64, i64)> = chain
         .iter()
@@ -607,7 +611,7 @@ fn valid_events(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Result<Vec<E
             "seq {missing} is missing below the cut {closed_cut} of the latest completed claim"
         ));
     }
-    Ok(super::first_of_each_client_msg_id(events))
+    Ok(events)
 }
 
 /// The events up to the first gap in seq: an append writes its events in
@@ -659,7 +663,7 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
             .insert_index(id, record.state.as_str(), record.created_at_ms)
             .await?;
         self.owns(id, record.epoch as i64, &record.owner_instance);
-        self.fresh_keys(id, record.epoch as i64, &events)?;
+        let _ = self.fresh_keys(id, record.epoch as i64, &events)?;
         self.write_events(id, record.epoch as i64, &events).await
     }
 
@@ -667,7 +671,7 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
     async fn append_events(&self, a: Append) -> StoreResult<()> {
         let id = a.session_id.as_str();
         let epoch = a.epoch as i64;
-        self.fresh_keys(id, epoch, &a.events)?;
+        let resend = self.fresh_keys(id, epoch, &a.events)?;
         self.write_events(id, epoch, &a.events).await?;
         let changes_state = a.events.iter().any(|e| {
             e.kind == EventKind::Closed
@@ -688,6 +692,14 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
             });
         }
         if header.state == SessionState::Closed {
+            // The resend of a closing whose first try closed the session but
+            // lost its answer (or failed after the state): it is done; finish
+            // what may be missing. Anything else on a closed session: no.
+            if resend && a.state == SessionState::Closed {
+                self.set_state(id, a.state, Some(header.created_at_ms))
+                    .await?;
+                return Ok(());
+            }
             return Err(StoreError::Closed(a.session_id));
         }
         if changes_state && header.state != a.state {
@@ -703,12 +715,15 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         session_id: &str,
         new_owner: &str,
     ) -> StoreResult<(SessionRecord, Vec<Event>)> {
-        let Some((record, _)) = self.record(session_id).await? else {
+        let Some((record, claims_before)) = self.record(session_id).await? else {
             return Err(StoreError::NotFound(session_id.to_owned()));
         };
         if record.state == SessionState::Closed {
             return Err(StoreError::Closed(session_id.to_owned()));
         }
+        // A corrupt history is refused before writing anything: a pending
+        // claim would fence the owner that still holds the chat in memory.
+        self.history(session_id, &claims_before).await?;
         let epoch = next_epoch(record.epoch as i64, new_owner);
         // 1. the claim (cut unknown yet)
         let pending = NewClaim {
@@ -737,10 +752,11 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         }
         // A gap below the latest completed cut refuses the claim (Corrupt):
         // this claim stays without a cut, so it changes nothing.
-        let events = contiguous_prefix(self.events(session_id, &claims_now).await?);
+        let stored = contiguous_prefix(self.history(session_id, &claims_now).await?);
         // 3. the cut: what was valid when this claim took over, and whose
         // history it continues (the latest completed claim it read).
-        let cut = events.last().map(|e| e.seq as i64).unwrap_or(0);
+        let cut = stored.last().map(|e| e.seq as i64).unwrap_or(0);
+        let events = super::first_of_each_client_msg_id(stored);
         let prev = claims_now
             .iter()
             .rfind(|(c, _)| c.cut >= 0)
@@ -774,7 +790,7 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         let Some((record, claims)) = self.record(session_id).await? else {
             return Ok(None);
         };
-        let events = self.events(session_id, &claims).await?;
+        let events = super::first_of_each_client_msg_id(self.history(session_id, &claims).await?);
         Ok(Some((record, events)))
     }
 
@@ -836,6 +852,11 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The transcript a reader serves: a client_msg_id counted once.
+    fn valid_events(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Result<Vec<Event>, String> {
+        stored_history(claims, rows).map(crate::store::first_of_each_client_msg_id)
+    }
 
     fn row(seq: i64, epoch: i64, text: &str, cmid: Option<&str>) -> EventRow {
         (
@@ -1015,6 +1036,26 @@ mod tests {
             row(3, 9, "no such claim", None),
         ];
         assert_eq!(valid(&claims, rows), ["first"]);
+    }
+
+    #[test]
+    fn a_repeated_client_msg_id_does_not_cut_the_history_short() {
+        // Seqs 2 and 3 share an id (a store that took the repeat); seq 4
+        // was acknowledged. The claim's contiguous prefix is taken over
+        // seqs, so its cut is 4, not 2.
+        let claims = [claim(1, 0)];
+        let rows = vec![
+            row(1, 1, "joined", None),
+            row(2, 1, "first", Some("m1")),
+            row(3, 1, "repeat", Some("m1")),
+            row(4, 1, "acknowledged", None),
+        ];
+        let stored = contiguous_prefix(stored_history(&claims, rows).unwrap());
+        assert_eq!(stored.last().map(|e| e.seq), Some(4));
+        assert_eq!(
+            texts(&crate::store::first_of_each_client_msg_id(stored)),
+            ["joined", "first", "acknowledged"]
+        );
     }
 
     #[test]

@@ -146,10 +146,21 @@ struct Cluster {
     partial: u64,
     failed: u64,
     log: Vec<String>,
+    /// Outcomes for the next writes, before the random plan: `true` the
+    /// write is applied and its answer lost, `false` it goes through.
+    forced: std::collections::VecDeque<bool>,
 }
 
 impl Cluster {
     fn write(&mut self, m: Mutation) -> StoreResult<()> {
+        if let Some(lose_answer) = self.forced.pop_front() {
+            self.replicas.iter_mut().for_each(|r| r.apply(&m));
+            return if lose_answer {
+                Err(StoreError::Unavailable("timeout (applied)".into()))
+            } else {
+                Ok(())
+            };
+        }
         let roll = self.rng.below(100);
         if roll < self.lost_answer {
             self.log.push("write applied, answer lost".into());
@@ -438,6 +449,7 @@ async fn run(seed: u64, steps: usize) -> Result<(), String> {
         partial: 8,
         failed: 4,
         log: Vec::new(),
+        forced: Default::default(),
     }));
     let clock = Arc::new(Mutex::new(1_000_000));
     let node = |name: &'static str, skew: i64| Node {
@@ -673,4 +685,123 @@ async fn the_protocol_keeps_every_acknowledged_message_under_faults() {
         failures.len(),
         failures[0]
     );
+}
+
+/// A cluster without random faults, and a handle on it for `owner`.
+fn quiet_cluster() -> Arc<Mutex<Cluster>> {
+    Arc::new(Mutex::new(Cluster {
+        replicas: vec![Replica::default(); 3],
+        in_flight: Vec::new(),
+        rng: Rng(1),
+        lost_answer: 0,
+        partial: 0,
+        failed: 0,
+        log: Vec::new(),
+        forced: Default::default(),
+    }))
+}
+
+fn handle(cluster: &Arc<Mutex<Cluster>>) -> CassandraStore<Sim> {
+    CassandraStore::over(Sim {
+        cluster: cluster.clone(),
+        clock: Arc::new(Mutex::new(1_000_000)),
+        skew: 0,
+    })
+}
+
+async fn created(store: &CassandraStore<Sim>, id: &str) -> SessionRecord {
+    let record = SessionRecord {
+        session_id: id.into(),
+        intx: "intx".into(),
+        owner_instance: "inst-a".into(),
+        epoch: 1,
+        state: SessionState::Waiting,
+        subject: None,
+        nickname: None,
+        created_at_ms: 1,
+    };
+    let joined = Draft::joined(&customer(), None).into_event(1, 1);
+    store
+        .create_session(record.clone(), vec![joined])
+        .await
+        .unwrap();
+    record
+}
+
+/// The closing's first try closed the session but its answer was lost; the
+/// resend of the same events is answered as done, not "closed", so the
+/// instance goes on to store the final transcript.
+#[tokio::test]
+async fn a_resent_closing_whose_first_try_landed_succeeds() {
+    let cluster = quiet_cluster();
+    let a = handle(&cluster);
+    let record = created(&a, "closing").await;
+    let closing = Append {
+        session_id: record.session_id.clone(),
+        epoch: 1,
+        events: vec![Draft::closed("left").into_event(2, 1)],
+        state: SessionState::Closed,
+    };
+    // The event lands; the state is written, and its answer lost.
+    cluster.lock().unwrap().forced.extend([false, true]);
+    let first = a.append_events(closing.clone()).await;
+    assert!(
+        matches!(first, Err(StoreError::Unavailable(_))),
+        "{first:?}"
+    );
+    assert_eq!(a.append_events(closing).await, Ok(()));
+    let (now, _) = a.load("closing").await.unwrap().unwrap();
+    assert_eq!(now.state, SessionState::Closed);
+    // Other writes on the closed session are still refused.
+    let late = Append {
+        session_id: record.session_id.clone(),
+        epoch: 1,
+        events: vec![Draft::message(&customer(), "late".into(), None).into_event(3, 1)],
+        state: SessionState::Closed,
+    };
+    assert!(matches!(
+        a.append_events(late).await,
+        Err(StoreError::Closed(_))
+    ));
+}
+
+/// A claim that finds a gap below the completed cut refuses without
+/// writing: the owner holding the chat in memory is not fenced by it.
+#[tokio::test]
+async fn a_corrupt_history_refuses_the_claim_without_fencing_the_owner() {
+    let cluster = quiet_cluster();
+    let (a, b) = (handle(&cluster), handle(&cluster));
+    let record = created(&a, "gap").await;
+    for seq in 2..=3 {
+        let m = Draft::message(&customer(), format!("m{seq}"), None).into_event(seq, 1);
+        a.append_events(Append {
+            session_id: record.session_id.clone(),
+            epoch: 1,
+            events: vec![m],
+            state: SessionState::Waiting,
+        })
+        .await
+        .unwrap();
+    }
+    // A takes its own chat over (cut 3), then seq 2 is lost from every replica.
+    let (mine, _) = a.claim("gap", "inst-a").await.unwrap();
+    for r in &mut cluster.lock().unwrap().replicas {
+        r.rows
+            .retain(|(t, _, c, _), _| !(*t == "events" && c.first() == Some(&2)));
+    }
+    let refused = b.claim("gap", "inst-b").await;
+    assert!(
+        matches!(refused, Err(StoreError::Corrupt(_))),
+        "{refused:?}"
+    );
+    let m = Draft::message(&customer(), "m4".into(), None).into_event(4, 1);
+    let still = a
+        .append_events(Append {
+            session_id: record.session_id.clone(),
+            epoch: mine.epoch,
+            events: vec![m],
+            state: SessionState::Waiting,
+        })
+        .await;
+    assert_eq!(still, Ok(()), "the owner was fenced by a refused claim");
 }
