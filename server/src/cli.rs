@@ -48,13 +48,24 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum AgentsCommand {
     /// Make a secret for a new agent, append its hash to the agents file
-    /// and print the secret (once: the file keeps only its hash). To revoke
-    /// an agent, delete its line; gateways read the file again within a
-    /// second or two.
+    /// and print the secret (once: the file keeps only its hash).
     Add {
         /// The agent's id (letters, digits, '-', '_', '.', '@').
         id: String,
         /// The agents file (made 0600 if new).
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Remove an agent's line: within a second or two every gateway reading
+    /// the file refuses their secret and their chat tokens, and closes their
+    /// open WebSockets at the next ping.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// The agent ids the file lists.
+    List {
         #[arg(long)]
         file: PathBuf,
     },
@@ -291,6 +302,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "agent {id} added to {}; hand them the secret above (it is not kept)",
                 file.display()
             );
+            Ok(())
+        }
+        Command::Agents {
+            command: AgentsCommand::Revoke { id, file },
+        } => {
+            crate::gateway::agents::revoke(&file, &id)?;
+            eprintln!("agent {id} removed from {}", file.display());
+            Ok(())
+        }
+        Command::Agents {
+            command: AgentsCommand::List { file },
+        } => {
+            for id in crate::gateway::agents::list(&file)? {
+                println!("{id}");
+            }
             Ok(())
         }
         Command::Config {

@@ -27,6 +27,20 @@ pub fn check_chat_id(id: &str) -> Result<&str, ApiError> {
     }
 }
 
+/// The `reader` query parameter of the internal transcript and stream
+/// routes: the participant the gateway reads for (from their signed token),
+/// whose view ends where they left (`Transcript::read_limit`); absent for
+/// the dashboard's reads. Ids are made like chat ids.
+pub fn reader_param(q: &HashMap<String, String>) -> Result<Option<&str>, ApiError> {
+    match q.get("reader") {
+        None => Ok(None),
+        Some(id) if check_chat_id(id).is_ok() => Ok(Some(id.as_str())),
+        Some(id) => Err(ApiError::bad_request(format!(
+            "`reader` must be a participant id, got {id:?}"
+        ))),
+    }
+}
+
 /// Transcript reads answer at most this many events by default…
 pub const PAGE_EVENTS: usize = 500;
 /// …and at most this many when asked (`limit`).
@@ -153,6 +167,7 @@ pub const ERROR_CODES: &[&str] = &[
     "chat_closed",
     "conflict",
     "client_msg_id_reused",
+    "participant_left",
     "transcript_full",
     "restoration_disabled",
     "too_large",
@@ -291,17 +306,21 @@ pub mod internal {
         )
     }
 
-    /// A page of a chat's transcript.
-    pub fn transcript_page(chat_id: &str, after: u64, limit: usize) -> String {
+    /// A page of a chat's transcript, as participant `reader` may see it
+    /// (an id from a signed token: [`super::reader_param`] checks it).
+    pub fn transcript_page(chat_id: &str, after: u64, limit: usize, reader: &str) -> String {
         format!(
-            "{}?after={after}&limit={limit}",
+            "{}?after={after}&limit={limit}&reader={reader}",
             Route::Transcript.path(chat_id)
         )
     }
 
-    /// A chat's event stream from `after` on.
-    pub fn stream(chat_id: &str, after: u64) -> String {
-        format!("{}?after={after}", Route::Stream.path(chat_id))
+    /// A chat's event stream from `after` on, for participant `reader`.
+    pub fn stream(chat_id: &str, after: u64, reader: &str) -> String {
+        format!(
+            "{}?after={after}&reader={reader}",
+            Route::Stream.path(chat_id)
+        )
     }
 }
 
@@ -449,12 +468,12 @@ mod route_tests {
             assert!(!path.contains('{'), "{path}");
         }
         assert_eq!(
-            internal::transcript_page("c", 3, 10),
-            "/internal/v1/sessions/c/transcript?after=3&limit=10"
+            internal::transcript_page("c", 3, 10, "p"),
+            "/internal/v1/sessions/c/transcript?after=3&limit=10&reader=p"
         );
         assert_eq!(
-            internal::stream("c", 0),
-            "/internal/v1/sessions/c/ws?after=0"
+            internal::stream("c", 0, "p"),
+            "/internal/v1/sessions/c/ws?after=0&reader=p"
         );
     }
 }

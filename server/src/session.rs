@@ -335,6 +335,37 @@ impl Transcript {
             .ok_or_else(|| StateError::NotParticipant(participant_id.to_owned()))
     }
 
+    /// How far `participant_id` may read this chat: `None` for all of it;
+    /// `Some(seq)` for an agent who left while it went on, whose view ends
+    /// at their leaving (and at the closing right after it when they ended
+    /// the chat). A customer's leaving closes the chat, so a customer reads
+    /// the whole of it.
+    pub fn read_limit(&self, participant_id: &str) -> Result<Option<u64>, StateError> {
+        let p = self
+            .known
+            .get(participant_id)
+            .ok_or_else(|| StateError::NotParticipant(participant_id.to_owned()))?;
+        if p.role == Role::Customer || self.present.contains_key(participant_id) {
+            return Ok(None);
+        }
+        let Some(left) = self
+            .events
+            .iter()
+            .rev()
+            .find(|e| {
+                e.kind == EventKind::Left && e.participant_id.as_deref() == Some(participant_id)
+            })
+            .map(|e| e.seq)
+        else {
+            return Ok(None);
+        };
+        let ended_by_them = self
+            .after(left)
+            .first()
+            .is_some_and(|e| e.seq == left + 1 && e.kind == EventKind::Closed);
+        Ok(Some(if ended_by_them { left + 1 } else { left }))
+    }
+
     pub fn check_open(&self) -> Result<(), StateError> {
         if self.state == SessionState::Closed {
             Err(StateError::Closed)
@@ -502,6 +533,34 @@ mod tests {
         assert_eq!(r.known.len(), 2);
         assert_eq!(r.client_ids.get("m-1"), Some(&3));
         assert_eq!(r.next_seq(), 5);
+    }
+
+    #[test]
+    fn an_agent_who_left_reads_up_to_their_leaving_and_the_customer_reads_all() {
+        let mut t = Transcript::new();
+        push(&mut t, Draft::joined(&customer(), None));
+        push(&mut t, Draft::joined(&agent(), None));
+        // A restoration's disconnected/reconnected is not a leaving.
+        for d in t.restoration_drafts() {
+            push(&mut t, d);
+        }
+        assert_eq!(t.read_limit("a1"), Ok(None));
+        push(&mut t, Draft::left(&agent(), reason::LEFT));
+        let left = t.last_seq();
+        push(&mut t, Draft::message(&customer(), "after".into(), None));
+        assert_eq!(t.read_limit("a1"), Ok(Some(left)));
+        assert_eq!(t.read_limit("c1"), Ok(None));
+        assert_eq!(
+            t.read_limit("zz"),
+            Err(StateError::NotParticipant("zz".into()))
+        );
+        // An agent who ended the chat sees its closing.
+        let mut t = Transcript::new();
+        push(&mut t, Draft::joined(&customer(), None));
+        push(&mut t, Draft::joined(&agent(), None));
+        push(&mut t, Draft::left(&agent(), reason::LEFT));
+        push(&mut t, Draft::closed(reason::AGENT_ENDED));
+        assert_eq!(t.read_limit("a1"), Ok(Some(t.last_seq())));
     }
 
     #[test]

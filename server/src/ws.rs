@@ -18,6 +18,8 @@ pub const UNAVAILABLE: u16 = 1011;
 pub const MOVED: u16 = 1012;
 /// The client sent a frame over the size limit.
 pub const TOO_BIG: u16 = 1009;
+/// The reader left the chat: nothing after their leaving is theirs to see.
+pub const LEFT: u16 = 4001;
 
 /// Whether a receive failed because the peer's frame or message was over
 /// the limit (tungstenite's capacity error), which deserves close 1009

@@ -585,12 +585,22 @@ async fn a_flood_of_chats_from_one_address_neither_hides_others_nor_stays() {
 }
 
 #[tokio::test]
-async fn a_participant_who_left_cannot_post_and_tokens_stay_out_of_urls() {
+async fn a_participant_who_left_cannot_post_or_read_on_and_tokens_stay_out_of_urls() {
     use futures_util::StreamExt;
     let c = TestCluster::start(1, &[]).await;
     let chat = c.create_chat("Ann").await;
     let agent = c.join(&chat, "Bob").await;
     c.send(&agent, "hello, Bob here", None).await.ok();
+    // The agent's socket, open while they leave, ends after their leaving.
+    let (mut agent_socket, _) = tokio_tungstenite::connect_async(c.ws_url(&agent, 0))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), agent_socket.next())
+        .await
+        .expect("the backlog")
+        .unwrap()
+        .unwrap();
+    assert!(first.is_text(), "{first:?}");
     let left = c
         .http
         .post(
@@ -603,13 +613,54 @@ async fn a_participant_who_left_cannot_post_and_tokens_stay_out_of_urls() {
     let after_leaving = c.send(&agent, "still here?", None).await;
     assert_eq!(
         (after_leaving.status, after_leaving.error_code()),
-        (403, "forbidden"),
+        (403, "participant_left"),
         "{:?}",
         after_leaving.body
     );
     assert_eq!(
         c.send(&chat, "the customer goes on", None).await.status,
         200
+    );
+    let (seen, code) = read_until_close(&mut agent_socket).await;
+    assert_eq!(code, Some(4001), "the left agent's socket: {seen:?}");
+    let last = seen.last().expect("events before the close");
+    assert_eq!(
+        (last["kind"].as_str(), last["participant_id"].as_str()),
+        (Some("left"), Some(agent.participant_id.as_str())),
+        "{seen:?}"
+    );
+    // Reading again: the transcript ends at their leaving…
+    let theirs = c.transcript(&agent).await;
+    let texts = confab_e2e::texts(theirs["events"].as_array().unwrap());
+    assert!(
+        !texts.iter().any(|t| t == "the customer goes on"),
+        "{texts:?}"
+    );
+    assert_eq!(theirs["left_at"], last["seq"], "{theirs}");
+    // …while the customer's goes on.
+    let customers = c.transcript(&chat).await;
+    assert!(confab_e2e::texts(customers["events"].as_array().unwrap())
+        .iter()
+        .any(|t| t == "the customer goes on"));
+    // A new socket is closed with 4001 at once, and the token is not renewed.
+    let (mut again, _) = tokio_tungstenite::connect_async(c.ws_url(&agent, 0))
+        .await
+        .unwrap();
+    let (seen, code) = read_until_close(&mut again).await;
+    assert_eq!((seen.len(), code), (0, Some(4001)), "{seen:?}");
+    let renewed = c
+        .http
+        .post(
+            &format!("{}/api/v1/chats/{}/token", c.gateway, chat.id),
+            &json!({}),
+            Some(&agent.token),
+        )
+        .await;
+    assert_eq!(
+        (renewed.status, renewed.error_code()),
+        (403, "participant_left"),
+        "{:?}",
+        renewed.body
     );
 
     // The token as a subprotocol: no token in the URL, the protocol echoed.
@@ -653,7 +704,7 @@ async fn a_participant_who_left_cannot_post_and_tokens_stay_out_of_urls() {
 
 #[tokio::test]
 async fn an_oversized_frame_gets_close_1009_not_a_reset() {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let c = TestCluster::start(1, &[]).await;
     let chat = c.create_chat("Ann").await;
@@ -664,16 +715,27 @@ async fn an_oversized_frame_gets_close_1009_not_a_reset() {
         .send(Message::Text("x".repeat(70 * 1024).into()))
         .await
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let code = loop {
-        assert!(std::time::Instant::now() < deadline, "no close frame");
-        match tokio::time::timeout(std::time::Duration::from_secs(10), socket.next()).await {
-            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| u16::from(f.code)),
-            Ok(Some(Ok(_))) => continue, // the chat's events
-            other => panic!("the socket ended without a close frame: {other:?}"),
-        }
-    };
+    let (_, code) = read_until_close(&mut socket).await;
     assert_eq!(code, Some(1009));
+}
+
+/// The events a socket receives until it is closed, and the close code.
+async fn read_until_close(
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> (Vec<Value>, Option<u16>) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), socket.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => return (seen, frame.map(|f| u16::from(f.code))),
+            Ok(Some(Ok(Message::Text(t)))) => seen.push(serde_json::from_str(&t).unwrap()),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("the socket ended without a close frame: {other:?} after {seen:?}"),
+        }
+    }
 }
 
 /// Connect to `base` (`http://host:port`) with a raw TCP socket.

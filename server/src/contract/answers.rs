@@ -91,6 +91,10 @@ pub struct TranscriptView {
     pub events: Vec<EventView>,
     /// Another page follows: ask again with `after` = the last seq here.
     pub more: bool,
+    /// The reader (an agent) left this chat while it went on: their view
+    /// ends at this seq.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_at: Option<u64>,
 }
 
 /// A page of an instance's `GET /admin/sessions/{id}/transcript` (what the

@@ -5,23 +5,25 @@
 //!
 //! The file has one agent per line, `<agent-id> <sha256 of the secret, hex>`
 //! (`#` starts a comment); `confab agents add <id>` makes a secret and
-//! appends its line. Secrets are random 256-bit strings, so a plain SHA-256
-//! is enough to keep the file from revealing them. The gateway reads the
-//! file again when it changes (checked at most once a second): deleting an
-//! agent's line refuses their secret and every chat token issued to them
-//! from then on, on every gateway that reads the file.
+//! appends its line, `confab agents revoke <id>` removes it. Secrets are
+//! random 256-bit strings, so a plain SHA-256 is enough to keep the file
+//! from revealing them. The gateway reads the file again once a second and
+//! takes it when its text changed (not its modification time, which a
+//! rewrite within one clock tick leaves as it was): removing an agent's line
+//! refuses their secret and every chat token issued to them from then on,
+//! on every gateway that reads the file.
 
 use crate::auth::constant_time_eq;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// The agent id of the shared credential.
 pub const SHARED: &str = "shared";
 
-/// How often the file's modification time is looked at.
+/// How often the file is read again.
 const RECHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, PartialEq, Eq)]
@@ -41,7 +43,8 @@ pub struct Agents {
 struct Loaded {
     /// Secret hash (hex) → agent id.
     by_hash: HashMap<String, String>,
-    modified: Option<SystemTime>,
+    /// The text `by_hash` was read from.
+    text: String,
     checked: Option<Instant>,
 }
 
@@ -104,7 +107,7 @@ impl Agents {
                 .map_err(|e| anyhow::anyhow!("gateway.agents-file {}: {e}", path.display()))?;
             let mut loaded = agents.loaded.lock();
             loaded.by_hash = by_hash;
-            loaded.modified = modified(path);
+            loaded.text = text;
             loaded.checked = Some(Instant::now());
         }
         Ok(agents)
@@ -151,18 +154,15 @@ impl Agents {
             return;
         }
         loaded.checked = Some(Instant::now());
-        let now = modified(path);
-        if now == loaded.modified {
-            return;
-        }
-        match std::fs::read_to_string(path)
-            .map_err(|e| e.to_string())
-            .and_then(|t| parse(&t))
-        {
-            Ok(by_hash) => {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) if text == loaded.text => return,
+            other => other.map_err(|e| e.to_string()),
+        };
+        match text.and_then(|t| parse(&t).map(|by_hash| (t, by_hash))) {
+            Ok((text, by_hash)) => {
                 tracing::info!(file = %path.display(), agents = by_hash.len(), "agents file read again");
                 loaded.by_hash = by_hash;
-                loaded.modified = now;
+                loaded.text = text;
             }
             // Keep the agents we had: a half-written file must not lock
             // everyone out (nor let anyone in).
@@ -171,10 +171,6 @@ impl Agents {
             }
         }
     }
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// `confab agents add <id>`: a new random secret for `id`, appended to
@@ -207,6 +203,44 @@ pub fn add(file: &Path, id: &str) -> anyhow::Result<String> {
     Ok(secret)
 }
 
+/// `confab agents revoke <id>`: remove `id`'s line from `file` (comments
+/// and the other agents' lines kept as they are). Every gateway reading the
+/// file refuses the agent's secret and chat tokens within a second or two.
+pub fn revoke(file: &Path, id: &str) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let names = |line: &&str| {
+        line.split('#')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            == Some(id)
+    };
+    if !text.lines().any(|l| names(&l)) {
+        anyhow::bail!("{} lists no agent {id}", file.display());
+    }
+    let kept: String = text
+        .lines()
+        .filter(|l| !names(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    Ok(crate::supervisor::data_dir::write_private(file, &kept)?)
+}
+
+/// `confab agents list`: the agent ids `file` lists, sorted.
+pub fn list(file: &Path) -> anyhow::Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let mut ids: Vec<String> = parse(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+        .into_values()
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,23 +257,27 @@ mod tests {
         assert_eq!(agents.authenticate(&bob), Ok("bob".into()));
         assert_eq!(agents.authenticate("shared-secret"), Ok(SHARED.into()));
         assert_eq!(agents.authenticate("guess"), Err(Refused::Unknown));
-        // Revoke ann: her line goes; the file is read again.
-        let text = std::fs::read_to_string(&file).unwrap();
-        let kept: String = text
-            .lines()
-            .filter(|l| !l.starts_with("ann "))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        std::thread::sleep(Duration::from_millis(20));
-        std::fs::write(&file, kept).unwrap();
+        // Revoke ann: her line goes; the file is read again at once (no
+        // wait for the clock: the text changed).
+        revoke(&file, "ann").unwrap();
+        assert!(revoke(&file, "ann").is_err(), "ann is gone already");
+        assert_eq!(list(&file).unwrap(), vec!["bob".to_owned()]);
         agents.loaded.lock().checked = None;
         assert_eq!(agents.authenticate(&ann), Err(Refused::Unknown));
         assert!(!agents.active("ann") && agents.active("bob") && agents.active(SHARED));
+        // A new secret under the same id, written at once: the old one is
+        // refused though the file's length is the same.
+        let before = std::fs::read_to_string(&file).unwrap();
+        revoke(&file, "bob").unwrap();
+        let bob2 = add(&file, "bob").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap().len(), before.len());
+        agents.loaded.lock().checked = None;
+        assert_eq!(agents.authenticate(&bob), Err(Refused::Unknown));
+        assert_eq!(agents.authenticate(&bob2), Ok("bob".into()));
         // A broken file keeps the agents read before.
-        std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&file, "bob not-a-hash\n").unwrap();
         agents.loaded.lock().checked = None;
-        assert_eq!(agents.authenticate(&bob), Ok("bob".into()));
+        assert_eq!(agents.authenticate(&bob2), Ok("bob".into()));
     }
 
     #[test]

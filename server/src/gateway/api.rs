@@ -452,13 +452,13 @@ async fn transcript(
     Bearer(token): Bearer,
 ) -> Result<Response, ApiError> {
     check_chat_id(&chat_id)?;
-    participant(&s.gw, token.as_deref(), &chat_id)?;
+    let who = participant(&s.gw, token.as_deref(), &chat_id)?;
     let (after, limit) = (after_param(&q)?, limit_param(&q)?);
     let (status, body, _) =
         s.gw.on_chat_raw(
             &chat_id,
             Method::GET,
-            &internal::transcript_page(&chat_id, after, limit),
+            &internal::transcript_page(&chat_id, after, limit, &who.participant_id),
             None,
         )
         .await?;
@@ -592,6 +592,33 @@ async fn renew_token(
             "token_not_renewable",
             "this token has no expiry (issued by an earlier gateway) and cannot be renewed",
         ));
+    }
+    // An agent who left keeps no token for the chat. Only the instance
+    // knows who left; when it cannot say (the chat closed, or no instance
+    // answers), the token is renewed: every use is checked there again.
+    if let Ok((status, body, _)) =
+        s.gw.on_chat(
+            &chat_id,
+            Method::GET,
+            &internal::transcript_page(&chat_id, u64::MAX, 1, &claims.participant_id),
+            None,
+        )
+        .await
+    {
+        let view: Result<answers::TranscriptView, _> = answer(status, body);
+        match view {
+            Ok(answers::TranscriptView {
+                left_at: Some(_), ..
+            }) => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "participant_left",
+                    "you left this chat; its token cannot be renewed",
+                ))
+            }
+            Err(e) if e.status == StatusCode::FORBIDDEN => return Err(e),
+            _ => {}
+        }
     }
     let (token, token_expires_at) = issue(&s.gw, claims);
     Ok(Json(RenewedToken {

@@ -34,6 +34,8 @@ struct Peek {
 enum Upstream {
     /// The chat closed: the stream is over.
     Closed,
+    /// The participant left the chat: nothing after it is theirs.
+    Left,
     /// The participant went away.
     ClientGone,
     /// The instance stream ended otherwise: fail over.
@@ -69,17 +71,24 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
         };
         let url = crate::tls::websocket_url(
             &member.url,
-            &crate::contract::internal::stream(&chat, seen.last()),
+            &crate::contract::internal::stream(&chat, seen.last(), &who.participant_id),
         );
         let down = member.down_token();
         let connected = tokio::select! {
             r = async {
                 let request = gw.secret.websocket_request(&url).ok()?;
-                crate::tls::websocket(request, None).await.ok()
+                Some(crate::tls::websocket(request, None).await)
             } => r,
             _ = down.cancelled() => None,
         };
-        let Some((upstream, _)) = connected else {
+        // The instance refuses a reader who left (403): final, not a fault
+        // to fail over from.
+        if let Some(Err(tungstenite::Error::Http(refused))) = &connected {
+            if refused.status() == axum::http::StatusCode::FORBIDDEN {
+                return ws::close(client, ws::LEFT, "you left this chat").await;
+            }
+        }
+        let Some(Ok((upstream, _))) = connected else {
             failures += 1;
             if failures > MAX_FAILOVERS {
                 return ws::close(client, ws::UNAVAILABLE, "no instance could serve the chat")
@@ -114,7 +123,11 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                     }
                     Some(Ok(tungstenite::Message::Close(frame))) => {
                         let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
-                        break if code == ws::CHAT_CLOSED { Upstream::Closed } else { Upstream::Lost };
+                        break match code {
+                            ws::CHAT_CLOSED => Upstream::Closed,
+                            ws::LEFT => Upstream::Left,
+                            _ => Upstream::Lost,
+                        };
                     }
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => break Upstream::Lost,
@@ -164,6 +177,7 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
         let _ = up_tx.close().await;
         match outcome {
             Upstream::Closed => return ws::close(client, ws::CHAT_CLOSED, "chat closed").await,
+            Upstream::Left => return ws::close(client, ws::LEFT, "you left this chat").await,
             Upstream::ClientGone => return,
             Upstream::Lost => {
                 tracing::info!(chat_id = %chat, participant = %who.participant_id, instance = ?member.id(), last_seq = seen.last(), "instance stream lost; reconnecting participant");

@@ -3,6 +3,7 @@
 //! channel for its WebSocket readers, and the registry that maps chat ids
 //! to them.
 
+use super::error::EngineResult;
 use crate::session::{EventView, SessionState, Transcript};
 use crate::store::SessionRecord;
 use parking_lot::RwLock;
@@ -67,6 +68,14 @@ impl LiveSession {
             self.push.subscribe(),
             live.transcript.state == SessionState::Closed,
         )
+    }
+
+    /// How far participant `reader` may read (`Transcript::read_limit`).
+    pub async fn read_limit(&self, reader: &str) -> EngineResult<Option<u64>> {
+        let live = self.inner.lock().await;
+        live.transcript
+            .read_limit(reader)
+            .map_err(|e| super::engine::state_error(&self.id, e))
     }
 
     /// Up to `limit` stored events after `after`, ending after about

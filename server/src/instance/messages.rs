@@ -172,18 +172,34 @@ impl Instance {
         session_id: &str,
         after: u64,
         limit: usize,
+        reader: Option<&str>,
     ) -> EngineResult<TranscriptView> {
         let session = self.live(session_id).await?;
         let live = session.inner.lock().await;
+        let left_at = match reader {
+            Some(p) => live
+                .transcript
+                .read_limit(p)
+                .map_err(|e| state_error(session_id, e))?,
+            None => None,
+        };
+        let end = left_at.unwrap_or(u64::MAX);
         let (page, more) = live
             .transcript
             .page(after, limit, crate::contract::PAGE_TEXT_BYTES);
+        let events: Vec<EventView> = page
+            .iter()
+            .take_while(|e| e.seq <= end)
+            .map(EventView::from)
+            .collect();
+        let more = more && events.last().is_some_and(|e| e.seq < end);
         Ok(TranscriptView {
             chat_id: session_id.to_owned(),
             instance_id: self.id.clone(),
             state: live.transcript.state,
-            events: page.iter().map(EventView::from).collect(),
+            events,
             more,
+            left_at,
         })
     }
 

@@ -33,7 +33,7 @@ use crate::contract::internal::{self, Route};
 use crate::contract::paths;
 use crate::contract::{
     after_param, check_chat_id, check_client_msg_id, check_nickname, check_text, limit_param,
-    MAX_BODY_BYTES,
+    reader_param, MAX_BODY_BYTES,
 };
 use crate::contract::{InstanceStatus, StoreStatus};
 use crate::error::{ApiError, JsonBody};
@@ -322,9 +322,8 @@ impl From<EngineError> for ApiError {
             EngineError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             EngineError::Closed(_) => (StatusCode::CONFLICT, "chat_closed"),
             EngineError::NotOwner(_) => (StatusCode::MISDIRECTED_REQUEST, "not_owner"),
-            EngineError::NotParticipant { .. } | EngineError::Left { .. } => {
-                (StatusCode::FORBIDDEN, "forbidden")
-            }
+            EngineError::NotParticipant { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+            EngineError::Left { .. } => (StatusCode::FORBIDDEN, "participant_left"),
             EngineError::Disabled { .. } => (StatusCode::SERVICE_UNAVAILABLE, "instance_disabled"),
             EngineError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             EngineError::SaveFailed => (StatusCode::SERVICE_UNAVAILABLE, "save_failed"),
@@ -415,7 +414,7 @@ async fn transcript(
     let (after, limit) = (after_param(&q)?, limit_param(&q)?);
     Ok(Json(
         s.instance
-            .transcript(check_chat_id(&id)?, after, limit)
+            .transcript(check_chat_id(&id)?, after, limit, reader_param(&q)?)
             .await?,
     ))
 }

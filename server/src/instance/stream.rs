@@ -2,11 +2,14 @@
 //! opened by the gateway for each participant's socket): the backlog after
 //! `after`, then every new event as it is saved, each exactly once in seq
 //! order (ephemeral notices included), until the chat closes (1000), moves
-//! to another instance (1012) or the instance shuts down (1001).
+//! to another instance (1012), the instance shuts down (1001) or the reader
+//! leaves the chat (4001: an agent who left sees nothing after their
+//! leaving, see `Transcript::read_limit`; one who has left is refused, 403).
 
+use super::error::EngineError;
 use super::routes::AppState;
 use super::LiveSession;
-use crate::contract::{after_param, check_chat_id};
+use crate::contract::{after_param, check_chat_id, reader_param};
 use crate::error::ApiError;
 use crate::session::{EventKind, EventView};
 use crate::ws::{self, SeqFilter};
@@ -27,13 +30,24 @@ pub(super) async fn stream(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let after = after_param(&q)?;
-    let session = s.instance.live(check_chat_id(&id)?).await?;
+    let id = check_chat_id(&id)?;
+    let session = s.instance.live(id).await?;
+    let reader = reader_param(&q)?.map(str::to_owned);
+    if let Some(p) = &reader {
+        if session.read_limit(p).await?.is_some() {
+            return Err(EngineError::Left {
+                chat: id.to_owned(),
+                participant: p.clone(),
+            }
+            .into());
+        }
+    }
     let stop = s.stop.clone();
     Ok(ws
         .max_message_size(64 * 1024)
         .on_upgrade(move |socket| async move {
             let open = crate::telemetry::metrics::OpenSocket::new("instance");
-            push_events(socket, session, after, stop).await;
+            push_events(socket, session, after, reader, stop).await;
             drop((connection, open));
         }))
 }
@@ -42,11 +56,12 @@ async fn push_events(
     mut socket: WebSocket,
     session: Arc<LiveSession>,
     after: u64,
+    reader: Option<String>,
     stop: CancellationToken,
 ) {
     let (mut rx, closed) = session.subscribe().await;
     let mut seen = SeqFilter::after(after);
-    match send_stored(&mut socket, &session, &mut seen).await {
+    match send_stored(&mut socket, &session, &mut seen, u64::MAX).await {
         Sent::All => {}
         Sent::Closed => return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await,
         Sent::Gone => return,
@@ -68,8 +83,25 @@ async fn push_events(
                     if v.kind == EventKind::Closed {
                         return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await;
                     }
+                    if v.kind == EventKind::Left && v.participant_id.is_some() && v.participant_id == reader {
+                        // The reader's own leaving (not a restoration's
+                        // disconnect, after which they are back): what
+                        // they may still see (the closing, if they ended
+                        // the chat), then the end of their stream.
+                        let limit = match &reader {
+                            Some(p) => session.read_limit(p).await.ok().flatten(),
+                            None => None,
+                        };
+                        if let Some(limit) = limit {
+                            return match send_stored(&mut socket, &session, &mut seen, limit).await {
+                                Sent::All => ws::close(socket, ws::LEFT, "you left this chat").await,
+                                Sent::Closed => ws::close(socket, ws::CHAT_CLOSED, "chat closed").await,
+                                Sent::Gone => {}
+                            };
+                        }
+                    }
                 }
-                Err(RecvError::Lagged(_)) => match send_stored(&mut socket, &session, &mut seen).await {
+                Err(RecvError::Lagged(_)) => match send_stored(&mut socket, &session, &mut seen, u64::MAX).await {
                     Sent::All => {}
                     Sent::Closed => return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await,
                     Sent::Gone => return,
@@ -104,13 +136,18 @@ enum Sent {
     Gone,
 }
 
-/// Send the stored events after `seen`, a page at a time.
-async fn send_stored(socket: &mut WebSocket, session: &LiveSession, seen: &mut SeqFilter) -> Sent {
+/// Send the stored events after `seen` up to seq `limit`, a page at a time.
+async fn send_stored(
+    socket: &mut WebSocket,
+    session: &LiveSession,
+    seen: &mut SeqFilter,
+    limit: u64,
+) -> Sent {
     loop {
         let (page, more) = session
             .page(seen.last(), BACKLOG_PAGE, BACKLOG_PAGE_BYTES)
             .await;
-        for v in &page {
+        for v in page.iter().take_while(|v| v.seq <= limit) {
             seen.admit(v.seq, false);
             if send_event(socket, v).await.is_err() {
                 return Sent::Gone;
@@ -119,7 +156,7 @@ async fn send_stored(socket: &mut WebSocket, session: &LiveSession, seen: &mut S
                 return Sent::Closed;
             }
         }
-        if !more {
+        if !more || seen.last() >= limit {
             return Sent::All;
         }
     }

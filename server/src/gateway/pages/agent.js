@@ -46,7 +46,10 @@ async function refreshQueue(force) {
   if (!cred) { lastQueueJson = null; renderQueue(null, 'Enter the agent credential to see waiting chats.'); return; }
   queueBusy = true;
   try {
-    const d = await api('GET', '/api/v1/queue', undefined, cred);
+    // Oldest first by default; newest first so that a flood of old chats
+    // (or of new ones, the other way round) hides no customer.
+    const order = $('queue-order').value === 'newest' ? 'newest' : 'oldest';
+    const d = await api('GET', '/api/v1/queue?order=' + order, undefined, cred);
     if (session.current()) return;
     const chats = (d && d.chats) || [];
     const j = JSON.stringify(chats);
@@ -78,6 +81,7 @@ $('queue').addEventListener('click', (e) => {
   if (b && !b.disabled) join(b.dataset.chatId, b);
 });
 $('refresh').addEventListener('click', () => refreshQueue(true));
+$('queue-order').addEventListener('change', () => refreshQueue(true));
 $('credential').addEventListener('input', () => { saveLogin(); lastQueueJson = null; });
 $('credential').addEventListener('change', () => refreshQueue(true));
 $('agent-nickname').addEventListener('input', saveLogin);

@@ -176,7 +176,7 @@ function create(opts) {
       const d = await api('GET', chatPath('/transcript?after=' + lastSeq), undefined, S.token);
       if (d && d.instance_id) setInstance(d.instance_id);
       ((d && d.events) || []).forEach((ev) => handle(ev, false));
-      if (d && d.state === 'closed') markClosed();
+      if (d && (d.state === 'closed' || d.left_at)) markClosed();
       if (!(d && d.more) || lastSeq === before) break;
     }
   }
@@ -201,6 +201,8 @@ function create(opts) {
       if (my !== gen) return;
       ws = null;
       if (e.code === 1000) { resync().catch(() => {}).then(markClosed); return; }
+      // 4001: this participant left the chat; nothing after that is theirs.
+      if (e.code === 4001) { markClosed(); setStatus('you left this chat', 'warn'); return; }
       if (!closed) scheduleReconnect(my);
     };
   }
