@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod sockets;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
     /// The message path against one instance, against the raw store rate.
@@ -40,6 +42,12 @@ pub enum Scenario {
     /// each behind its own gateway, against one another: messages/s,
     /// latency, CPU idle and disk writes per acknowledged message.
     Cluster,
+    /// `--sockets` idle customer WebSockets through one gateway in front
+    /// of the largest of `--instances`: memory and descriptors per socket
+    /// on the gateway and the instances, then a fan-out of `--fanout-rate`
+    /// messages/s over the chats for `--duration` (exactly-once delivery,
+    /// acknowledgement-to-delivery latency).
+    Sockets,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -78,6 +86,12 @@ pub struct BenchArgs {
     /// Cluster sizes the `cluster` scenario compares.
     #[arg(long, value_delimiter = ',', default_value = "1,3")]
     pub instances: Vec<usize>,
+    /// WebSockets the `sockets` scenario opens (one customer per chat).
+    #[arg(long, default_value_t = 15_000)]
+    pub sockets: usize,
+    /// Messages/s of the `sockets` scenario's fan-out.
+    #[arg(long, default_value_t = 1_000)]
+    pub fanout_rate: u64,
 }
 
 struct Latencies(Vec<u32>);
@@ -129,6 +143,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Restore => return restoration(&dir, &args).await,
         Scenario::Cassandra => return cassandra_vs_sqlite(&dir, &args, &text).await,
         Scenario::Cluster => return clusters(&dir, &args, &text).await,
+        Scenario::Sockets => return sockets::sockets(&dir, &args, &text).await,
     }
     let raw = raw_store_rate(&dir.join("raw.db"), synchronous, &args, &text).await?;
     println!("raw SQLite group-commit appends: {raw:.0} rows/s (no HTTP)");

@@ -257,18 +257,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(args) => {
             let config = args.config.load(&args.flags())?;
+            crate::process::raise_and_log_descriptor_limit();
             let app = crate::instance::Application::build(&config).await?;
             app.run_until_stopped(crate::process::shutdown_signal())
                 .await
         }
         Command::Gateway(args) => {
             let config = args.config.load(&args.flags())?;
+            crate::process::raise_and_log_descriptor_limit();
             let app = crate::gateway::Application::build(&config).await?;
             app.run_until_stopped(crate::process::shutdown_signal())
                 .await
         }
         Command::Dashboard(args) => {
             let config = args.config.load(&args.flags())?;
+            crate::process::raise_and_log_descriptor_limit();
             let app = crate::dashboard::Application::build(&config).await?;
             app.run_until_stopped(crate::process::shutdown_signal())
                 .await

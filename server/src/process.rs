@@ -7,8 +7,52 @@
 //! (and answer a request) for milliseconds after kill(2) returned. Whoever
 //! needs "the process is frozen now" — the supervisor's pause action, the
 //! fencing tests — waits until every thread reports the stopped state.
+//!
+//! Also the process's descriptor limit, which bounds how many sockets a
+//! gateway or an instance can hold.
 
 use std::time::{Duration, Instant};
+
+/// Raise the soft limit on open descriptors to the hard one (every
+/// WebSocket is a descriptor, and the usual soft limit of 1,024 would cap a
+/// gateway near a thousand chats). Returns the limits before and after.
+pub fn raise_descriptor_limit() -> std::io::Result<(u64, u64)> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = l.rlim_cur as u64;
+    if l.rlim_cur < l.rlim_max {
+        l.rlim_cur = l.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((before, l.rlim_cur as u64))
+}
+
+/// [`raise_descriptor_limit`], said in the log.
+pub fn raise_and_log_descriptor_limit() {
+    match raise_descriptor_limit() {
+        Ok((before, after)) if before < after => tracing::info!(
+            limit = after,
+            was = before,
+            "open descriptor limit raised to the hard limit: at most about {after} sockets"
+        ),
+        Ok((_, after)) => tracing::info!(
+            limit = after,
+            "open descriptor limit: at most about {after} sockets (the hard limit)"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "the open descriptor limit could not be read or raised")
+        }
+    }
+}
 
 /// Send `sig` to `pid`.
 pub fn signal(pid: u32, sig: i32) -> std::io::Result<()> {

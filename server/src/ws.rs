@@ -21,6 +21,32 @@ pub const TOO_BIG: u16 = 1009;
 /// The reader left the chat: nothing after their leaving is theirs to see.
 pub const LEFT: u16 = 4001;
 
+/// Largest message a participant (or the gateway, upstream) may send on a
+/// chat's WebSocket.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// The read buffer of each chat WebSocket, both legs. tungstenite
+/// allocates and zeroes a socket's whole read buffer when it opens (128 KiB
+/// by default), which was most of what an idle socket cost; the peers of
+/// these sockets send small frames (pings, pongs, closes), and the buffer
+/// still grows for a larger one.
+pub const READ_BUFFER: usize = 4 * 1024;
+
+/// A chat WebSocket's server side, sized as above.
+pub fn chat_upgrade(
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> axum::extract::ws::WebSocketUpgrade {
+    ws.read_buffer_size(READ_BUFFER)
+        .max_message_size(MAX_MESSAGE)
+        .max_frame_size(MAX_MESSAGE)
+}
+
+/// A chat WebSocket's client side (the gateway's leg to an instance).
+pub fn chat_client_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+}
+
 /// Whether a receive failed because the peer's frame or message was over
 /// the limit (tungstenite's capacity error), which deserves close 1009
 /// rather than a dropped connection.

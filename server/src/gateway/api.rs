@@ -520,14 +520,13 @@ async fn stream(
         Some(t) => ws.protocols([format!("{}{t}", super::tokens::WS_TOKEN_PROTOCOL)]),
         None => ws,
     };
-    Ok(ws
-        .max_message_size(64 * 1024)
-        .max_frame_size(64 * 1024)
-        .on_upgrade(move |socket| async move {
+    Ok(
+        crate::ws::chat_upgrade(ws).on_upgrade(move |socket| async move {
             let open = crate::telemetry::metrics::OpenSocket::new("gateway");
             relay::relay(gw, socket, chat_id, who, after).await;
             drop((held, connection, open));
-        }))
+        }),
+    )
 }
 
 /// An agent joins a chat.

@@ -77,7 +77,7 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
         let connected = tokio::select! {
             r = async {
                 let request = gw.secret.websocket_request(&url).ok()?;
-                Some(crate::tls::websocket(request, None).await)
+                Some(crate::tls::websocket(request, Some(ws::chat_client_config())).await)
             } => r,
             _ = down.cancelled() => None,
         };

@@ -43,13 +43,11 @@ pub(super) async fn stream(
         }
     }
     let stop = s.stop.clone();
-    Ok(ws
-        .max_message_size(64 * 1024)
-        .on_upgrade(move |socket| async move {
-            let open = crate::telemetry::metrics::OpenSocket::new("instance");
-            push_events(socket, session, after, reader, stop).await;
-            drop((connection, open));
-        }))
+    Ok(ws::chat_upgrade(ws).on_upgrade(move |socket| async move {
+        let open = crate::telemetry::metrics::OpenSocket::new("instance");
+        push_events(socket, session, after, reader, stop).await;
+        drop((connection, open));
+    }))
 }
 
 async fn push_events(
