@@ -25,7 +25,7 @@ pub fn raise_descriptor_limit() -> std::io::Result<(u64, u64)> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let before = l.rlim_cur as u64;
+    let before = l.rlim_cur;
     if l.rlim_cur < l.rlim_max {
         l.rlim_cur = l.rlim_max;
         // SAFETY: as above.
@@ -33,7 +33,7 @@ pub fn raise_descriptor_limit() -> std::io::Result<(u64, u64)> {
             return Err(std::io::Error::last_os_error());
         }
     }
-    Ok((before, l.rlim_cur as u64))
+    Ok((before, l.rlim_cur))
 }
 
 /// [`raise_descriptor_limit`], said in the log.
