@@ -17,6 +17,18 @@
 //! flight on it (the gateway fails over and retries with the message's
 //! `client_msg_id`); an instance that stops (SIGTERM) reads no new request,
 //! answers the ones it has, then closes.
+//!
+//! Participants' event streams travel here too (a *watch*), so that a
+//! gateway holds one descriptor per participant, not two, and an instance
+//! none: a request frame with method [`WATCH`] and the stream route's path
+//! (`…/ws?after=N&reader=P`) is answered by any number of answer frames with
+//! status [`EVENT`] (one event's JSON each), ended by one with status
+//! [`END`] (the WebSocket close code, u16, then the reason), or refused
+//! with an error status and its JSON body before any event. A request frame
+//! with method [`UNWATCH`] and the watch's id ends it (no answer). Watches
+//! end with the channel: the gateway then fails over as when an instance's
+//! WebSocket drops. An instance without watches answers `WATCH` 405 (no
+//! such method on the route) and the gateway opens a WebSocket instead.
 
 use crate::error::ApiError;
 use axum::body::Body;
@@ -34,6 +46,15 @@ use tower::ServiceExt;
 
 /// The instance's route for the channel.
 pub const PATH: &str = "/internal/v1/channel";
+/// Method of a request frame that opens a watch (see the module doc).
+pub const WATCH: &str = "WATCH";
+/// Method of a request frame that ends the watch with its id.
+pub const UNWATCH: &str = "UNWATCH";
+/// Status of an answer frame that carries one event of a watch.
+pub const EVENT: u16 = 290;
+/// Status of an answer frame that ends a watch.
+pub const END: u16 = 291;
+
 /// Largest answer frame (transcripts can be large).
 pub const MAX_FRAME: usize = 64 << 20;
 /// Largest request frame the instance reads: a body is at most 1 MiB.
@@ -99,6 +120,20 @@ pub fn encode_answer(id: u64, status: StatusCode, body: &[u8]) -> Bytes {
     b.freeze()
 }
 
+fn encode_frame(id: u64, status: u16, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(10 + body.len());
+    b.put_u64(id);
+    b.put_u16(status);
+    b.put_slice(body);
+    b.freeze()
+}
+
+/// The method of a request frame, without decoding the rest.
+fn method_of(frame: &[u8]) -> Option<&[u8]> {
+    let n = *frame.get(8)? as usize;
+    frame.get(9..9 + n)
+}
+
 pub fn decode_answer(mut b: Bytes) -> Option<(u64, StatusCode, Bytes)> {
     if b.remaining() < 10 {
         return None;
@@ -108,12 +143,63 @@ pub fn decode_answer(mut b: Bytes) -> Option<(u64, StatusCode, Bytes)> {
     Some((id, status, b))
 }
 
-/// Instance side: serve requests from one gateway through `router` until
-/// the connection closes or `stop` fires; on stop, answer what was read,
-/// then close.
-pub async fn serve(socket: WebSocket, router: axum::Router, stop: CancellationToken) {
+/// What an instance does with a watch: serve the event stream at `path`
+/// (the stream route's path and query) into `outlet` until the stream ends
+/// or the outlet is cancelled.
+pub trait Watches: Send + Sync + 'static {
+    fn watch(&self, path: String, outlet: Outlet) -> futures_util::future::BoxFuture<'static, ()>;
+}
+
+/// Instance side: where one watch's frames go.
+pub struct Outlet {
+    id: u64,
+    out: mpsc::UnboundedSender<Bytes>,
+    cancel: CancellationToken,
+}
+
+impl Outlet {
+    /// One event (its JSON); fails once the channel is gone.
+    pub fn event(&self, json: &[u8]) -> Result<(), ChannelClosed> {
+        self.out
+            .send(encode_frame(self.id, EVENT, json))
+            .map_err(|_| ChannelClosed)
+    }
+
+    /// The end of the stream, with a WebSocket close code and reason.
+    pub fn end(&self, code: u16, reason: &str) {
+        let mut body = Vec::with_capacity(2 + reason.len());
+        body.extend_from_slice(&code.to_be_bytes());
+        body.extend_from_slice(reason.as_bytes());
+        let _ = self.out.send(encode_frame(self.id, END, &body));
+    }
+
+    /// The watch is refused (before any event).
+    pub fn refuse(&self, e: &ApiError) {
+        let _ = self.out.send(encode_answer(
+            self.id,
+            e.status,
+            e.body().to_string().as_bytes(),
+        ));
+    }
+
+    /// Fires when the gateway ends the watch or the channel closes.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+}
+
+/// Instance side: serve requests (and watches, with `watches`) from one
+/// gateway through `router` until the connection closes or `stop` fires;
+/// on stop, answer what was read, then close.
+pub async fn serve(
+    socket: WebSocket,
+    router: axum::Router,
+    watches: Option<Arc<dyn Watches>>,
+    stop: CancellationToken,
+) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut queue) = mpsc::unbounded_channel::<Bytes>();
+    let watching: Arc<Mutex<HashMap<u64, CancellationToken>>> = Default::default();
     // Reader and writer are one future: when it is dropped, the socket goes.
     let writer = async move {
         if write_batched(&mut queue, &mut sink, Message::Binary, |_| true)
@@ -138,6 +224,27 @@ pub async fn serve(socket: WebSocket, router: axum::Router, stop: CancellationTo
                 tracing::warn!("malformed frame on the gateway channel; closing it");
                 break;
             };
+            if call.method.as_str() == UNWATCH {
+                if let Some(cancel) = watching.lock().remove(&call.id) {
+                    cancel.cancel();
+                }
+                continue;
+            }
+            if let (WATCH, Some(watches)) = (call.method.as_str(), &watches) {
+                let cancel = CancellationToken::new();
+                watching.lock().insert(call.id, cancel.clone());
+                let outlet = Outlet {
+                    id: call.id,
+                    out: out.clone(),
+                    cancel,
+                };
+                let (serving, watching) = (watches.watch(call.path, outlet), watching.clone());
+                tokio::spawn(async move {
+                    serving.await;
+                    watching.lock().remove(&call.id);
+                });
+                continue;
+            }
             let (router, out) = (router.clone(), out.clone());
             // Its own task, as an HTTP request has: it finishes (and its
             // save is acknowledged) even if the channel closes meanwhile.
@@ -146,7 +253,11 @@ pub async fn serve(socket: WebSocket, router: axum::Router, stop: CancellationTo
                 let _ = out.send(encode_answer(call.id, status, &body));
             });
         }
-        // The writer ends once every request task has sent its answer.
+        // Watches end with the channel (each drops its sender)…
+        for (_, cancel) in watching.lock().drain() {
+            cancel.cancel();
+        }
+        // …and the writer ends once every request task has sent its answer.
         drop(out);
         stream
     };
@@ -228,12 +339,53 @@ fn error_answer(e: ApiError) -> (StatusCode, Bytes) {
 }
 
 type Waiting = Mutex<Option<HashMap<u64, oneshot::Sender<(StatusCode, Bytes)>>>>;
+type Watching = Mutex<Option<HashMap<u64, mpsc::UnboundedSender<WatchFrame>>>>;
+
+/// Gateway side: what a watch receives.
+#[derive(Debug)]
+pub enum WatchFrame {
+    /// One event's JSON.
+    Event(Bytes),
+    /// The stream ended with this WebSocket close code.
+    End(u16),
+    /// The instance refused the watch (status and JSON error body).
+    Refused(StatusCode, Bytes),
+}
+
+/// Gateway side: one open watch; dropping it ends the watch on the
+/// instance. Its frames stop (`None`) when the channel closes.
+pub struct Watch {
+    id: u64,
+    channel: Arc<Channel>,
+    pub frames: mpsc::UnboundedReceiver<WatchFrame>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let open = self
+            .channel
+            .watching
+            .lock()
+            .as_mut()
+            .and_then(|w| w.remove(&self.id))
+            .is_some();
+        if open {
+            let unwatch = Method::from_bytes(UNWATCH.as_bytes()).unwrap_or(Method::DELETE);
+            let _ = self
+                .channel
+                .out
+                .send(encode_request(self.id, &unwatch, "", b""));
+        }
+    }
+}
 
 /// Gateway side: one open channel to an instance.
 pub struct Channel {
     out: mpsc::UnboundedSender<Bytes>,
     /// Requests sent and not yet answered; None once the link is closed.
     waiting: Arc<Waiting>,
+    /// Open watches; None once the link is closed.
+    watching: Arc<Watching>,
     next_id: AtomicU64,
     closed: CancellationToken,
 }
@@ -286,24 +438,33 @@ impl Channel {
         let (mut sink, mut stream) = socket.split();
         let (out, mut queue) = mpsc::unbounded_channel::<Bytes>();
         let waiting: Arc<Waiting> = Arc::new(Mutex::new(Some(HashMap::new())));
+        let watching: Arc<Watching> = Arc::new(Mutex::new(Some(HashMap::new())));
         let closed = CancellationToken::new();
         let link = Arc::new(Channel {
             out,
             waiting: waiting.clone(),
+            watching: watching.clone(),
             next_id: AtomicU64::new(1),
             closed: closed.clone(),
         });
         use tokio_tungstenite::tungstenite::Message as M;
-        let (writer_closed, writer_waiting) = (closed.clone(), waiting.clone());
+        let (writer_closed, writer_waiting, writer_watching) =
+            (closed.clone(), waiting.clone(), watching.clone());
         tokio::spawn(async move {
-            // A request whose caller gave up (timeout, failover) is not sent.
+            // A request whose caller gave up (timeout, failover) is not sent,
+            // nor a watch already ended; an unwatch always is.
             let wanted = |frame: &Bytes| {
-                let id = frame
+                let Some(id) = frame
                     .get(..8)
                     .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes);
-                let waiting = writer_waiting.lock();
-                matches!((id, waiting.as_ref()), (Some(id), Some(w)) if w.contains_key(&id))
+                    .map(u64::from_be_bytes)
+                else {
+                    return false;
+                };
+                let pending = |m: Option<bool>| m.unwrap_or(false);
+                pending(writer_waiting.lock().as_ref().map(|w| w.contains_key(&id)))
+                    || pending(writer_watching.lock().as_ref().map(|w| w.contains_key(&id)))
+                    || method_of(frame) == Some(UNWATCH.as_bytes())
             };
             tokio::select! {
                 _ = write_batched(&mut queue, &mut sink, M::Binary, wanted) => {}
@@ -326,6 +487,8 @@ impl Channel {
                         let waiter = waiting.lock().as_mut().and_then(|w| w.remove(&id));
                         if let Some(w) = waiter {
                             let _ = w.send((status, body));
+                        } else {
+                            deliver(&watching, id, status, body);
                         }
                     }
                     Some(Ok(M::Ping(_) | M::Pong(_) | M::Frame(_))) => {}
@@ -333,10 +496,33 @@ impl Channel {
                 }
             }
             closed.cancel();
-            // Every request still waiting fails: its sender is dropped.
+            // Every request still waiting fails, every watch ends: their
+            // senders are dropped.
             waiting.lock().take();
+            watching.lock().take();
         });
         Ok(link)
+    }
+
+    /// Open a watch of the stream at `path` (the stream route's path and
+    /// query).
+    pub fn watch(self: &Arc<Self>, path: &str) -> Result<Watch, ChannelClosed> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, frames) = mpsc::unbounded_channel();
+        match self.watching.lock().as_mut() {
+            Some(w) => w.insert(id, tx),
+            None => return Err(ChannelClosed),
+        };
+        let watch = Watch {
+            id,
+            channel: self.clone(),
+            frames,
+        };
+        let method = Method::from_bytes(WATCH.as_bytes()).map_err(|_| ChannelClosed)?;
+        self.out
+            .send(encode_request(id, &method, path, b""))
+            .map_err(|_| ChannelClosed)?;
+        Ok(watch)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -377,6 +563,31 @@ impl Channel {
         let answer = rx.await.map_err(|_| ChannelClosed);
         drop(forget);
         answer
+    }
+}
+
+/// An answer frame for a watch, to its receiver; the watch is forgotten
+/// when it ends (or its receiver is gone).
+fn deliver(watching: &Watching, id: u64, status: StatusCode, body: Bytes) {
+    let mut watching = watching.lock();
+    let Some(w) = watching.as_mut() else { return };
+    let frame = match status.as_u16() {
+        EVENT => {
+            if w.get(&id)
+                .is_some_and(|tx| tx.send(WatchFrame::Event(body)).is_err())
+            {
+                w.remove(&id);
+            }
+            return;
+        }
+        END => WatchFrame::End(
+            body.get(..2)
+                .map_or(1005, |c| u16::from_be_bytes([c[0], c[1]])),
+        ),
+        _ => WatchFrame::Refused(status, body),
+    };
+    if let Some(tx) = w.remove(&id) {
+        let _ = tx.send(frame);
     }
 }
 
@@ -436,6 +647,15 @@ mod tests {
     /// `stop` stops it as SIGTERM does, `kill` drops its channels' sockets
     /// as the death of the process does.
     async fn server(channel: bool, stop: CancellationToken, kill: CancellationToken) -> String {
+        server_with(channel, None, stop, kill).await
+    }
+
+    async fn server_with(
+        channel: bool,
+        watches: Option<Arc<dyn Watches>>,
+        stop: CancellationToken,
+        kill: CancellationToken,
+    ) -> String {
         use axum::routing::{get, post};
         let routes = axum::Router::new()
             .route("/echo", post(|body: Bytes| async move { body }))
@@ -453,10 +673,11 @@ mod tests {
                 PATH,
                 get(move |ws: axum::extract::WebSocketUpgrade| {
                     let (inner, stop, kill) = (inner.clone(), stop.clone(), kill.clone());
+                    let watches = watches.clone();
                     async move {
                         ws.on_upgrade(move |s| async move {
                             tokio::select! {
-                                _ = serve(s, inner, stop) => {}
+                                _ = serve(s, inner, watches, stop) => {}
                                 _ = kill.cancelled() => {}
                             }
                         })
@@ -512,6 +733,100 @@ mod tests {
             .await
             .expect("an answer");
         assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    /// Watches of "/count/N": the events 1..=N, then the end (1000);
+    /// "/forever": one event, then nothing until unwatched; anything else
+    /// refused (404).
+    struct Counting(Arc<AtomicU64>);
+
+    impl Watches for Counting {
+        fn watch(
+            &self,
+            path: String,
+            outlet: Outlet,
+        ) -> futures_util::future::BoxFuture<'static, ()> {
+            let unwatched = self.0.clone();
+            Box::pin(async move {
+                if let Some(n) = path
+                    .strip_prefix("/count/")
+                    .and_then(|n| n.parse::<u64>().ok())
+                {
+                    for i in 1..=n {
+                        let _ = outlet.event(format!("{{\"seq\":{i}}}").as_bytes());
+                    }
+                    outlet.end(1000, "done");
+                } else if path == "/forever" {
+                    let _ = outlet.event(b"{}");
+                    outlet.cancelled().await;
+                    unwatched.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    outlet.refuse(&ApiError::not_found("no such stream"));
+                }
+            })
+        }
+    }
+
+    async fn frame(watch: &mut Watch) -> Option<WatchFrame> {
+        tokio::time::timeout(std::time::Duration::from_secs(5), watch.frames.recv())
+            .await
+            .expect("a frame in time")
+    }
+
+    #[tokio::test]
+    async fn watches_carry_events_then_their_end_beside_requests() {
+        let unwatched = Arc::new(AtomicU64::new(0));
+        let kill = CancellationToken::new();
+        let url = server_with(
+            true,
+            Some(Arc::new(Counting(unwatched.clone()))),
+            CancellationToken::new(),
+            kill.clone(),
+        )
+        .await;
+        let link = Channel::connect(&url, &crate::contract::ClusterSecret::new("test"))
+            .await
+            .expect("a channel");
+        let mut counted = link.watch("/count/3").unwrap();
+        for i in 1..=3 {
+            match frame(&mut counted).await {
+                Some(WatchFrame::Event(json)) => {
+                    assert_eq!(&json[..], format!("{{\"seq\":{i}}}").as_bytes())
+                }
+                other => panic!("event {i}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            frame(&mut counted).await,
+            Some(WatchFrame::End(1000))
+        ));
+        let mut refused = link.watch("/nowhere").unwrap();
+        assert!(matches!(
+            frame(&mut refused).await,
+            Some(WatchFrame::Refused(StatusCode::NOT_FOUND, _))
+        ));
+        // Requests go on beside the watches.
+        let (status, _) = link.call(&Method::GET, "/teapot", b"").await.unwrap();
+        assert_eq!(status, StatusCode::IM_A_TEAPOT);
+        // Dropping a watch ends it on the server.
+        let mut forever = link.watch("/forever").unwrap();
+        assert!(matches!(
+            frame(&mut forever).await,
+            Some(WatchFrame::Event(_))
+        ));
+        drop(forever);
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while unwatched.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the server saw the unwatch");
+        // A watch ends (no frame) when the channel goes, as with kill -9.
+        let mut open = link.watch("/forever").unwrap();
+        assert!(matches!(frame(&mut open).await, Some(WatchFrame::Event(_))));
+        kill.cancel();
+        assert!(frame(&mut open).await.is_none());
     }
 
     #[tokio::test]

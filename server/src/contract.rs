@@ -290,6 +290,12 @@ pub mod internal {
             }
         }
 
+        /// The chat a path of this route names (not checked).
+        pub fn chat_in(self, path: &str) -> Option<&str> {
+            let (before, after) = self.pattern().split_once("{id}")?;
+            path.strip_prefix(before)?.strip_suffix(after)
+        }
+
         /// The path for one chat (its id is checked by the caller:
         /// [`super::check_chat_id`] allows no `/`, `?` or `%`).
         pub fn path(self, chat_id: &str) -> String {
@@ -475,6 +481,10 @@ mod route_tests {
             internal::stream("c", 0, "p"),
             "/internal/v1/sessions/c/ws?after=0&reader=p"
         );
+        for route in Route::ALL {
+            assert_eq!(route.chat_in(&route.path("c-1")), Some("c-1"));
+        }
+        assert_eq!(Route::Stream.chat_in("/internal/v1/sessions/c/join"), None);
     }
 }
 

@@ -42,6 +42,7 @@ async fn a_thousand_idle_sockets_cost_kilobytes_and_every_message_arrives_once()
 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (gw_before, inst_before) = (sockets::rss_kib(gateway), instances_rss());
+    let fds_before = sockets::descriptors(gateway);
     let subscriptions: Vec<Subscription> = chats
         .iter()
         .map(|chat| Subscription {
@@ -60,7 +61,11 @@ async fn a_thousand_idle_sockets_cost_kilobytes_and_every_message_arrives_once()
     let per = |after: u64, before: u64| after.saturating_sub(before) as f64 / SOCKETS as f64;
     let gw = per(sockets::rss_kib(gateway), gw_before);
     let inst = per(instances_rss(), inst_before);
-    println!("{SOCKETS} idle sockets: gateway {gw:.1} KiB per socket, instances {inst:.1} KiB per socket");
+    let fds = (sockets::descriptors(gateway) - fds_before) as f64 / SOCKETS as f64;
+    println!("{SOCKETS} idle sockets: gateway {gw:.1} KiB and {fds:.2} descriptors per socket, instances {inst:.1} KiB per socket");
+    // One descriptor per participant: streams travel over the gateway's
+    // channel to each instance, not a socket of their own.
+    assert!(fds < 1.05, "gateway: {fds:.2} descriptors per socket");
     assert!(gw <= BOUND_KIB, "gateway: {gw:.1} KiB per socket");
     assert!(inst <= BOUND_KIB, "instances: {inst:.1} KiB per socket");
 

@@ -42,6 +42,9 @@ pub struct Member {
     connecting: tokio::sync::Mutex<()>,
     /// The instance has no channel route (an older version): plain HTTP.
     http_only: AtomicBool,
+    /// The instance answers no watches on its channel (an earlier
+    /// version): participants' streams go over WebSockets of their own.
+    no_watches: AtomicBool,
     /// Presented on every internal call and channel.
     secret: crate::contract::ClusterSecret,
 }
@@ -98,6 +101,18 @@ impl Member {
                 Ok(Route::Http)
             }
             Err(crate::channel::ConnectError::Failed(why)) => Err(why),
+        }
+    }
+
+    /// Whether participants' streams may be watches over the channel.
+    pub fn takes_watches(&self) -> bool {
+        !self.no_watches.load(Ordering::Relaxed)
+    }
+
+    /// The instance answered a watch 405: it has none.
+    pub fn refuses_watches(&self) {
+        if !self.no_watches.swap(true, Ordering::Relaxed) {
+            tracing::info!(instance = %self.url, "instance takes no watches (an earlier version): participants' streams use WebSockets to it");
         }
     }
 
@@ -158,6 +173,7 @@ impl Pool {
                     channel: Mutex::new(None),
                     connecting: tokio::sync::Mutex::new(()),
                     http_only: AtomicBool::new(!channel),
+                    no_watches: AtomicBool::new(false),
                     secret: secret.clone(),
                 })
             })

@@ -6,10 +6,13 @@
 //! reconnects after the same seq: no gap, no duplicate, and the restoration
 //! notices arrive as ordinary events.
 
+use super::pool::{Member, Route};
 use super::tokens::Claims;
 use super::Gateway;
+use crate::channel::WatchFrame;
 use crate::ws::{self, SeqFilter};
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use axum::http::StatusCode;
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +34,8 @@ struct Peek {
     ephemeral: bool,
 }
 
-enum Upstream {
+/// How one instance stream of the relay ended.
+enum Outcome {
     /// The chat closed: the stream is over.
     Closed,
     /// The participant left the chat: nothing after it is theirs.
@@ -40,12 +44,110 @@ enum Upstream {
     ClientGone,
     /// The instance stream ended otherwise: fail over.
     Lost,
+    /// The instance refused the watch (the chat is not there, say): fail
+    /// over as from a connection that could not be made.
+    Refused,
+    /// The instance takes no watches (an earlier version): open a
+    /// WebSocket to it instead.
+    NoWatches,
+}
+
+/// The chat's stream from its instance: a watch over the gateway's channel
+/// to it (no descriptor of its own), or a WebSocket for instances without
+/// watches (an earlier version, or `gateway.instance-channel = false`).
+enum Source {
+    Watch(crate::channel::Watch),
+    Socket(
+        Box<
+            tokio_tungstenite::WebSocketStream<
+                tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+            >,
+        >,
+    ),
+}
+
+/// What a source yields.
+enum Frame {
+    Event(axum::extract::ws::Utf8Bytes),
+    /// The stream ended with this close code.
+    End(u16),
+    Refused(axum::http::StatusCode),
+    Lost,
+}
+
+/// Why a source could not be opened.
+enum Refusal {
+    /// The instance refused a reader who left the chat (403).
+    Left,
+    Failed,
+}
+
+impl Source {
+    async fn open(gw: &Gateway, member: &Member, path: &str) -> Result<Source, Refusal> {
+        if member.takes_watches() {
+            match member.route().await {
+                Ok(Route::Channel(channel)) => {
+                    return channel
+                        .watch(path)
+                        .map(Source::Watch)
+                        .map_err(|_| Refusal::Failed)
+                }
+                Ok(Route::Http) => {}
+                Err(_) => return Err(Refusal::Failed),
+            }
+        }
+        let url = crate::tls::websocket_url(&member.url, path);
+        let request = gw
+            .secret
+            .websocket_request(&url)
+            .map_err(|_| Refusal::Failed)?;
+        match crate::tls::websocket(request, Some(ws::chat_client_config())).await {
+            Ok((socket, _)) => Ok(Source::Socket(Box::new(socket))),
+            Err(tungstenite::Error::Http(r)) if r.status() == StatusCode::FORBIDDEN => {
+                Err(Refusal::Left)
+            }
+            Err(_) => Err(Refusal::Failed),
+        }
+    }
+
+    async fn next(&mut self) -> Frame {
+        match self {
+            Source::Watch(watch) => match watch.frames.recv().await {
+                Some(WatchFrame::Event(json)) => {
+                    Utf8Bytes::try_from(json).map_or(Frame::Lost, Frame::Event)
+                }
+                Some(WatchFrame::End(code)) => Frame::End(code),
+                Some(WatchFrame::Refused(status, _)) => Frame::Refused(status),
+                None => Frame::Lost,
+            },
+            Source::Socket(socket) => loop {
+                match socket.next().await {
+                    Some(Ok(tungstenite::Message::Text(text))) => {
+                        return Utf8Bytes::try_from(bytes::Bytes::from(text))
+                            .map_or(Frame::Lost, Frame::Event)
+                    }
+                    Some(Ok(tungstenite::Message::Close(frame))) => {
+                        return Frame::End(frame.map_or(1005, |f| u16::from(f.code)))
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return Frame::Lost,
+                }
+            },
+        }
+    }
+
+    /// End the stream (dropping a watch ends it on the instance).
+    async fn close(self) {
+        if let Source::Socket(mut socket) = self {
+            let _ = SinkExt::close(&mut socket).await;
+        }
+    }
 }
 
 pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: Claims, after: u64) {
     let mut seen = SeqFilter::after(after);
     let mut failures = 0;
-    let mut failed: Option<Arc<super::pool::Member>> = None;
+    let mut failed: Option<Arc<Member>> = None;
     let mut frames = (tokio::time::Instant::now(), 0u32);
     // Pings keep proxies from timing the socket out, and find clients that
     // vanished without a close (a half-open TCP connection is never read).
@@ -61,7 +163,7 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
         let member = match member {
             Ok(m) => m,
             Err(e) => {
-                let code = if e.status == axum::http::StatusCode::CONFLICT {
+                let code = if e.status == StatusCode::CONFLICT {
                     ws::CHAT_CLOSED
                 } else {
                     ws::UNAVAILABLE
@@ -69,46 +171,42 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                 return ws::close(client, code, "chat unavailable").await;
             }
         };
-        let url = crate::tls::websocket_url(
-            &member.url,
-            &crate::contract::internal::stream(&chat, seen.last(), &who.participant_id),
-        );
+        let path = crate::contract::internal::stream(&chat, seen.last(), &who.participant_id);
         let down = member.down_token();
-        let connected = tokio::select! {
-            r = async {
-                let request = gw.secret.websocket_request(&url).ok()?;
-                Some(crate::tls::websocket(request, Some(ws::chat_client_config())).await)
-            } => r,
-            _ = down.cancelled() => None,
+        let opened = tokio::select! {
+            r = Source::open(&gw, &member, &path) => r,
+            _ = down.cancelled() => Err(Refusal::Failed),
         };
-        // The instance refuses a reader who left (403): final, not a fault
-        // to fail over from.
-        if let Some(Err(tungstenite::Error::Http(refused))) = &connected {
-            if refused.status() == axum::http::StatusCode::FORBIDDEN {
-                return ws::close(client, ws::LEFT, "you left this chat").await;
+        let mut source = match opened {
+            Ok(source) => source,
+            // A reader who left: final, not a fault to fail over from.
+            Err(Refusal::Left) => return ws::close(client, ws::LEFT, "you left this chat").await,
+            Err(Refusal::Failed) => {
+                failures += 1;
+                if failures > MAX_FAILOVERS {
+                    return ws::close(client, ws::UNAVAILABLE, "no instance could serve the chat")
+                        .await;
+                }
+                gw.forget(&chat);
+                failed = Some(member);
+                tokio::time::sleep(Duration::from_millis(50 * failures as u64)).await;
+                continue;
             }
+        };
+        // A socket that opened is working; a watch is once it sends an
+        // event (a refusal comes before any).
+        if matches!(source, Source::Socket(_)) {
+            failures = 0;
         }
-        let Some(Ok((upstream, _))) = connected else {
-            failures += 1;
-            if failures > MAX_FAILOVERS {
-                return ws::close(client, ws::UNAVAILABLE, "no instance could serve the chat")
-                    .await;
-            }
-            gw.forget(&chat);
-            failed = Some(member);
-            tokio::time::sleep(Duration::from_millis(50 * failures as u64)).await;
-            continue;
-        };
-        failures = 0;
         // A slow failover sent no pings: the silence was ours, not theirs.
         heard = tokio::time::Instant::now();
         ping.reset();
-        let (mut up_tx, mut up_rx) = upstream.split();
         let outcome = loop {
             tokio::select! {
                 biased;
-                msg = up_rx.next() => match msg {
-                    Some(Ok(tungstenite::Message::Text(text))) => {
+                frame = source.next() => match frame {
+                    Frame::Event(text) => {
+                        failures = 0;
                         if let Ok(event) = serde_json::from_str::<Peek>(&text) {
                             if !seen.admit(event.seq, event.ephemeral) {
                                 continue;
@@ -116,49 +214,48 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                         }
                         // A participant who stops reading is dropped, not
                         // buffered for.
-                        let send = client.send(Message::Text(text.as_str().into()));
+                        let send = client.send(Message::Text(text));
                         if !matches!(tokio::time::timeout(SEND_TIMEOUT, send).await, Ok(Ok(()))) {
-                            break Upstream::ClientGone;
+                            break Outcome::ClientGone;
                         }
                     }
-                    Some(Ok(tungstenite::Message::Close(frame))) => {
-                        let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
-                        break match code {
-                            ws::CHAT_CLOSED => Upstream::Closed,
-                            ws::LEFT => Upstream::Left,
-                            _ => Upstream::Lost,
-                        };
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => break Upstream::Lost,
+                    Frame::End(code) => break match code {
+                        ws::CHAT_CLOSED => Outcome::Closed,
+                        ws::LEFT => Outcome::Left,
+                        _ => Outcome::Lost,
+                    },
+                    Frame::Refused(StatusCode::FORBIDDEN) => break Outcome::Left,
+                    Frame::Refused(StatusCode::METHOD_NOT_ALLOWED) => break Outcome::NoWatches,
+                    Frame::Refused(_) => break Outcome::Refused,
+                    Frame::Lost => break Outcome::Lost,
                 },
-                _ = down.cancelled() => break Upstream::Lost,
+                _ = down.cancelled() => break Outcome::Lost,
                 _ = gw.stop.cancelled() => {
-                    let _ = up_tx.close().await;
+                    source.close().await;
                     return ws::close(client, ws::GOING_AWAY, "gateway shutting down").await;
                 }
                 _ = ping.tick() => {
                     if heard.elapsed() > gw.ws_ping_interval * 2 {
-                        let _ = up_tx.close().await;
+                        source.close().await;
                         return ws::close(client, ws::GOING_AWAY, "no answer to pings").await;
                     }
                     // A revoked agent's open socket ends too, not only
                     // their next request.
                     if !super::api::still_allowed(&gw, &who) {
-                        let _ = up_tx.close().await;
+                        source.close().await;
                         return ws::close(client, ws::POLICY, "access revoked").await;
                     }
                     let send = client.send(Message::Ping(Default::default()));
                     if !matches!(tokio::time::timeout(SEND_TIMEOUT, send).await, Ok(Ok(()))) {
-                        break Upstream::ClientGone;
+                        break Outcome::ClientGone;
                     }
                 }
                 incoming = client.recv() => match incoming {
                     Some(Err(e)) if ws::is_too_big(&e) => {
-                        let _ = up_tx.close().await;
+                        source.close().await;
                         return ws::close(client, ws::TOO_BIG, "frame too big (64 KiB at most)").await;
                     }
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Upstream::ClientGone,
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Outcome::ClientGone,
                     Some(Ok(_)) => {
                         let now = tokio::time::Instant::now();
                         heard = now;
@@ -167,19 +264,33 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                         }
                         frames.1 += 1;
                         if frames.1 > CLIENT_FRAMES_PER_SECOND {
-                            let _ = up_tx.close().await;
+                            source.close().await;
                             return ws::close(client, ws::POLICY, "too many frames").await;
                         }
                     }
                 },
             }
         };
-        let _ = up_tx.close().await;
+        source.close().await;
         match outcome {
-            Upstream::Closed => return ws::close(client, ws::CHAT_CLOSED, "chat closed").await,
-            Upstream::Left => return ws::close(client, ws::LEFT, "you left this chat").await,
-            Upstream::ClientGone => return,
-            Upstream::Lost => {
+            Outcome::Closed => return ws::close(client, ws::CHAT_CLOSED, "chat closed").await,
+            Outcome::Left => return ws::close(client, ws::LEFT, "you left this chat").await,
+            Outcome::ClientGone => return,
+            Outcome::NoWatches => {
+                member.refuses_watches();
+                failed = None;
+            }
+            Outcome::Refused => {
+                failures += 1;
+                if failures > MAX_FAILOVERS {
+                    return ws::close(client, ws::UNAVAILABLE, "no instance could serve the chat")
+                        .await;
+                }
+                gw.forget(&chat);
+                failed = Some(member);
+                tokio::time::sleep(Duration::from_millis(50 * failures as u64)).await;
+            }
+            Outcome::Lost => {
                 tracing::info!(chat_id = %chat, participant = %who.participant_id, instance = ?member.id(), last_seq = seen.last(), "instance stream lost; reconnecting participant");
                 gw.forget(&chat);
                 failed = Some(member);

@@ -123,11 +123,13 @@ async fn channel(
     if let Err(e) = state.wall.check(&headers, crate::channel::PATH) {
         return e.into_response();
     }
+    let watches: Arc<dyn crate::channel::Watches> =
+        Arc::new(super::stream::ChannelWatches(state.clone()));
     let (stop, channels) = (state.stop, state.channels);
     ws.max_message_size(crate::channel::MAX_REQUEST_FRAME)
         .on_upgrade(move |socket| {
             channels.track_future(async move {
-                crate::channel::serve(socket, routes, stop).await;
+                crate::channel::serve(socket, routes, Some(watches), stop).await;
                 drop(connection);
             })
         })

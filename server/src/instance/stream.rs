@@ -1,14 +1,20 @@
-//! A chat's WebSocket on the instance (`GET /internal/v1/sessions/{id}/ws`,
-//! opened by the gateway for each participant's socket): the backlog after
+//! A chat's event stream on the instance, for one reader: the backlog after
 //! `after`, then every new event as it is saved, each exactly once in seq
 //! order (ephemeral notices included), until the chat closes (1000), moves
 //! to another instance (1012), the instance shuts down (1001) or the reader
 //! leaves the chat (4001: an agent who left sees nothing after their
 //! leaving, see `Transcript::read_limit`; one who has left is refused, 403).
+//!
+//! A gateway reads it as a watch over its channel to this instance
+//! ([`ChannelWatches`], crate::channel: no socket of its own), or as a
+//! WebSocket (`GET /internal/v1/sessions/{id}/ws`, for gateways without
+//! watches); the stream is the same either way ([`Reader`]).
 
 use super::error::EngineError;
 use super::routes::AppState;
 use super::LiveSession;
+use crate::channel::Outlet;
+use crate::contract::internal::Route;
 use crate::contract::{after_param, check_chat_id, reader_param};
 use crate::error::ApiError;
 use crate::session::{EventKind, EventView};
@@ -29,10 +35,57 @@ pub(super) async fn stream(
     connection: Option<axum::Extension<crate::listener::Connection>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let after = after_param(&q)?;
-    let id = check_chat_id(&id)?;
+    let opened = open(&s, &id, &q).await?;
+    let stop = s.stop.clone();
+    Ok(ws::chat_upgrade(ws).on_upgrade(move |socket| async move {
+        let open = crate::telemetry::metrics::OpenSocket::new("instance");
+        push_events(Socket(socket), opened, stop).await;
+        drop((connection, open));
+    }))
+}
+
+/// Watches over the gateways' channels: the stream route's path and query
+/// arrive in a `WATCH` frame, the events leave as channel frames.
+pub(super) struct ChannelWatches(pub AppState);
+
+impl crate::channel::Watches for ChannelWatches {
+    fn watch(&self, path: String, outlet: Outlet) -> futures_util::future::BoxFuture<'static, ()> {
+        let s = self.0.clone();
+        Box::pin(async move {
+            let opened = match watched(&path) {
+                Some((id, q)) => open(&s, &id, &q).await,
+                None => Err(ApiError::not_found("no such stream")),
+            };
+            match opened {
+                Ok(opened) => push_events(Watched(outlet), opened, s.stop.clone()).await,
+                Err(e) => outlet.refuse(&e),
+            }
+        })
+    }
+}
+
+/// The chat and query of a watch's path.
+fn watched(path: &str) -> Option<(String, HashMap<String, String>)> {
+    let uri: axum::http::Uri = path.parse().ok()?;
+    let id = Route::Stream.chat_in(uri.path())?.to_owned();
+    let Query(q) = Query::<HashMap<String, String>>::try_from_uri(&uri).ok()?;
+    Some((id, q))
+}
+
+/// A stream's start, checked.
+struct Opened {
+    session: Arc<LiveSession>,
+    after: u64,
+    reader: Option<String>,
+}
+
+/// Check a stream's request: the chat is here, `after` and `reader` are
+/// well formed, and the reader has not left the chat.
+async fn open(s: &AppState, id: &str, q: &HashMap<String, String>) -> Result<Opened, ApiError> {
+    let after = after_param(q)?;
+    let id = check_chat_id(id)?;
     let session = s.instance.live(id).await?;
-    let reader = reader_param(&q)?.map(str::to_owned);
+    let reader = reader_param(q)?.map(str::to_owned);
     if let Some(p) = &reader {
         if session.read_limit(p).await?.is_some() {
             return Err(EngineError::Left {
@@ -42,30 +95,82 @@ pub(super) async fn stream(
             .into());
         }
     }
-    let stop = s.stop.clone();
-    Ok(ws::chat_upgrade(ws).on_upgrade(move |socket| async move {
-        let open = crate::telemetry::metrics::OpenSocket::new("instance");
-        push_events(socket, session, after, reader, stop).await;
-        drop((connection, open));
-    }))
+    Ok(Opened {
+        session,
+        after,
+        reader,
+    })
 }
 
-async fn push_events(
-    mut socket: WebSocket,
-    session: Arc<LiveSession>,
-    after: u64,
-    reader: Option<String>,
-    stop: CancellationToken,
-) {
+/// Where a stream's events go.
+trait Reader: Send {
+    /// One event; an error when the reader is gone or does not take it.
+    async fn send(&mut self, v: &EventView) -> Result<(), ()>;
+    async fn close(self, code: u16, reason: &'static str);
+    /// Resolves when the reader goes away.
+    async fn gone(&mut self);
+}
+
+/// A reader on a WebSocket of its own.
+struct Socket(WebSocket);
+
+impl Reader for Socket {
+    async fn send(&mut self, v: &EventView) -> Result<(), ()> {
+        let text = serde_json::to_string(v).unwrap_or_default();
+        match tokio::time::timeout(SEND_TIMEOUT, self.0.send(Message::Text(text.into()))).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    async fn close(self, code: u16, reason: &'static str) {
+        ws::close(self.0, code, reason).await
+    }
+
+    async fn gone(&mut self) {
+        loop {
+            match self.0.recv().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// A reader at the other end of a gateway's channel: a slow participant is
+/// the gateway's to drop, the channel's queue takes every event.
+struct Watched(Outlet);
+
+impl Reader for Watched {
+    async fn send(&mut self, v: &EventView) -> Result<(), ()> {
+        let json = serde_json::to_vec(v).unwrap_or_default();
+        self.0.event(&json).map_err(|_| ())
+    }
+
+    async fn close(self, code: u16, reason: &'static str) {
+        self.0.end(code, reason)
+    }
+
+    async fn gone(&mut self) {
+        self.0.cancelled().await
+    }
+}
+
+async fn push_events<R: Reader>(mut socket: R, opened: Opened, stop: CancellationToken) {
+    let Opened {
+        session,
+        after,
+        reader,
+    } = opened;
     let (mut rx, closed) = session.subscribe().await;
     let mut seen = SeqFilter::after(after);
     match send_stored(&mut socket, &session, &mut seen, u64::MAX).await {
         Sent::All => {}
-        Sent::Closed => return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await,
+        Sent::Closed => return socket.close(ws::CHAT_CLOSED, "chat closed").await,
         Sent::Gone => return,
     }
     if closed {
-        return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await;
+        return socket.close(ws::CHAT_CLOSED, "chat closed").await;
     }
     loop {
         tokio::select! {
@@ -75,11 +180,11 @@ async fn push_events(
                     if !seen.admit(v.seq, v.ephemeral) {
                         continue;
                     }
-                    if send_event(&mut socket, &v).await.is_err() {
+                    if socket.send(&v).await.is_err() {
                         return;
                     }
                     if v.kind == EventKind::Closed {
-                        return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await;
+                        return socket.close(ws::CHAT_CLOSED, "chat closed").await;
                     }
                     if v.kind == EventKind::Left && v.participant_id.is_some() && v.participant_id == reader {
                         // The reader's own leaving (not a restoration's
@@ -92,8 +197,8 @@ async fn push_events(
                         };
                         if let Some(limit) = limit {
                             return match send_stored(&mut socket, &session, &mut seen, limit).await {
-                                Sent::All => ws::close(socket, ws::LEFT, "you left this chat").await,
-                                Sent::Closed => ws::close(socket, ws::CHAT_CLOSED, "chat closed").await,
+                                Sent::All => socket.close(ws::LEFT, "you left this chat").await,
+                                Sent::Closed => socket.close(ws::CHAT_CLOSED, "chat closed").await,
                                 Sent::Gone => {}
                             };
                         }
@@ -101,17 +206,14 @@ async fn push_events(
                 }
                 Err(RecvError::Lagged(_)) => match send_stored(&mut socket, &session, &mut seen, u64::MAX).await {
                     Sent::All => {}
-                    Sent::Closed => return ws::close(socket, ws::CHAT_CLOSED, "chat closed").await,
+                    Sent::Closed => return socket.close(ws::CHAT_CLOSED, "chat closed").await,
                     Sent::Gone => return,
                 },
-                Err(RecvError::Closed) => return ws::close(socket, ws::MOVED, "session moved").await,
+                Err(RecvError::Closed) => return socket.close(ws::MOVED, "session moved").await,
             },
-            _ = session.gone.cancelled() => return ws::close(socket, ws::MOVED, "session moved").await,
-            _ = stop.cancelled() => return ws::close(socket, ws::GOING_AWAY, "instance shutting down").await,
-            incoming = socket.recv() => match incoming {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            },
+            _ = session.gone.cancelled() => return socket.close(ws::MOVED, "session moved").await,
+            _ = stop.cancelled() => return socket.close(ws::GOING_AWAY, "instance shutting down").await,
+            _ = socket.gone() => return,
         }
     }
 }
@@ -135,8 +237,8 @@ enum Sent {
 }
 
 /// Send the stored events after `seen` up to seq `limit`, a page at a time.
-async fn send_stored(
-    socket: &mut WebSocket,
+async fn send_stored<R: Reader>(
+    socket: &mut R,
     session: &LiveSession,
     seen: &mut SeqFilter,
     limit: u64,
@@ -147,7 +249,7 @@ async fn send_stored(
             .await;
         for v in page.iter().take_while(|v| v.seq <= limit) {
             seen.admit(v.seq, false);
-            if send_event(socket, v).await.is_err() {
+            if socket.send(v).await.is_err() {
                 return Sent::Gone;
             }
             if v.kind == EventKind::Closed {
@@ -157,13 +259,5 @@ async fn send_stored(
         if !more || seen.last() >= limit {
             return Sent::All;
         }
-    }
-}
-
-async fn send_event(socket: &mut WebSocket, v: &EventView) -> Result<(), ()> {
-    let text = serde_json::to_string(v).unwrap_or_default();
-    match tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
     }
 }
