@@ -132,10 +132,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let text = "x".repeat(args.text_bytes);
     println!("# confab bench ({:?})\n", args.scenario);
     println!("machine: {}", machine());
-    println!(
-        "settings: {} chats, {} concurrent senders, {:?} per phase, {}-byte messages, synchronous={}\n",
-        args.sessions, args.concurrency, args.duration, args.text_bytes, args.synchronous
-    );
+    if args.scenario == Scenario::Sockets {
+        println!(
+            "settings: {} sockets, fan-out of {} msgs/s for {:?}, {}-byte messages, synchronous={}\n",
+            args.sockets, args.fanout_rate, args.duration, args.text_bytes, args.synchronous
+        );
+    } else {
+        println!(
+            "settings: {} chats, {} concurrent senders, {:?} per phase, {}-byte messages, synchronous={}\n",
+            args.sessions, args.concurrency, args.duration, args.text_bytes, args.synchronous
+        );
+    }
 
     match args.scenario {
         Scenario::Message => {}
@@ -443,6 +450,8 @@ struct Chat {
     messages_url: String,
     participant_id: Option<String>,
     token: Option<String>,
+    /// The instance the chat was created on.
+    instance: Option<String>,
 }
 
 async fn create_chats(client: &reqwest::Client, url: &str, n: usize) -> anyhow::Result<Vec<Chat>> {
@@ -482,6 +491,7 @@ async fn create_chats_at(
                     messages_url: format!("{url}/api/v1/chats/{id}/messages"),
                     participant_id: None,
                     token: r["token"].as_str().map(str::to_owned),
+                    instance: r["instance_id"].as_str().map(str::to_owned),
                 }
             } else {
                 let id = r["session_id"].as_str().unwrap_or_default();
@@ -489,6 +499,7 @@ async fn create_chats_at(
                     messages_url: format!("{url}/internal/v1/sessions/{id}/messages"),
                     participant_id: r["participant_id"].as_str().map(str::to_owned),
                     token: None,
+                    instance: r["instance_id"].as_str().map(str::to_owned),
                 }
             })
         });

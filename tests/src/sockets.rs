@@ -43,6 +43,10 @@ pub struct Book {
     pub duplicates: AtomicU64,
     /// Sockets closed by the server, and how (code → count).
     pub closes: Mutex<HashMap<u16, usize>>,
+    /// `joined`/`reconnected` events received (a restoration elsewhere
+    /// after the chat's instance died), and when the last one came.
+    pub reconnected: AtomicUsize,
+    pub last_reconnected: Mutex<Option<Instant>>,
 }
 
 enum Mark {
@@ -91,6 +95,11 @@ impl Book {
             .values()
             .filter(|m| matches!(m, Mark::Acknowledged(_)))
             .count()
+    }
+
+    /// Forget the latencies recorded so far (a new phase begins).
+    pub fn clear_latencies(&self) {
+        self.latencies_us.lock().clear();
     }
 
     /// The `p` quantile (0 to 1) of acknowledgement-to-delivery times.
@@ -180,6 +189,10 @@ async fn read(i: usize, s: &Subscription, book: &Book, permit: tokio::sync::Owne
                 if event.kind == "message" {
                     book.delivered(i, event.seq);
                 }
+                if event.kind == "joined" && event.reason.as_deref() == Some("reconnected") {
+                    *book.last_reconnected.lock() = Some(Instant::now());
+                    book.reconnected.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Ok(Message::Close(frame)) => {
                 let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
@@ -196,6 +209,8 @@ async fn read(i: usize, s: &Subscription, book: &Book, permit: tokio::sync::Owne
 struct Peek {
     seq: u64,
     kind: String,
+    #[serde(default)]
+    reason: Option<String>,
     #[serde(default)]
     ephemeral: bool,
 }

@@ -8,10 +8,15 @@
 //!    against the same processes before the sockets opened;
 //! 3. a fan-out: `--fanout-rate` messages/s spread over the chats for
 //!    `--duration`, each acknowledged message checked to arrive exactly
-//!    once on its chat's socket; acknowledgement-to-delivery p50/p99.
+//!    once on its chat's socket; acknowledgement-to-delivery p50/p99;
+//! 4. kill -9 of the instance with the most chats: the time until every
+//!    socket of its chats has its `reconnected` notice (the gateway moved
+//!    the chat and resubscribed the socket after its last seq), then a
+//!    second fan-out over every chat.
 
 use super::*;
 use confab_e2e::sockets::{self as fleet, Book, Subscription};
+use std::collections::HashMap;
 
 pub(super) async fn sockets(dir: &Path, args: &BenchArgs, text: &str) -> anyhow::Result<()> {
     let n = args.sockets;
@@ -86,11 +91,55 @@ pub(super) async fn sockets(dir: &Path, args: &BenchArgs, text: &str) -> anyhow:
     if args.fanout_rate > 0 && opened > 0 {
         fan_out(&client, &chats, &book, args, text).await;
     }
+    kill_one(&mut instances, &chats, &book).await;
+    if args.fanout_rate > 0 && opened > 0 {
+        println!("after the kill:");
+        fan_out(&client, &chats, &book, args, text).await;
+    }
     let closes = book.closes.lock().clone();
     if !closes.is_empty() {
         println!("sockets closed by the server: {closes:?}");
     }
     Ok(())
+}
+
+/// Kill -9 the instance hosting the most chats; report how long until
+/// every socket of its chats was resubscribed elsewhere.
+async fn kill_one(instances: &mut [ServerProcess], chats: &[Chat], book: &Book) {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for c in chats {
+        *counts
+            .entry(c.instance.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    let Some((victim, moved)) = counts.into_iter().max_by_key(|(_, n)| *n) else {
+        return;
+    };
+    let Some(k) = victim
+        .strip_prefix('i')
+        .and_then(|k| k.parse::<usize>().ok())
+        .filter(|k| (1..=instances.len()).contains(k))
+    else {
+        println!("kill -9: no instance {victim:?} to kill");
+        return;
+    };
+    let before = book.reconnected.load(Ordering::Relaxed);
+    let killed = Instant::now();
+    instances[k - 1].stop();
+    let deadline = killed + Duration::from_secs(120);
+    while book.reconnected.load(Ordering::Relaxed) - before < moved && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let done = book.reconnected.load(Ordering::Relaxed) - before;
+    let last = book
+        .last_reconnected
+        .lock()
+        .map(|t| t.saturating_duration_since(killed))
+        .unwrap_or_default();
+    println!(
+        "kill -9 of {victim} with {moved} subscribed sockets: {done} resubscribed with their reconnected notice, the last {:.2} s after the kill",
+        last.as_secs_f64()
+    );
 }
 
 /// `--fanout-rate` messages/s over the chats, open loop, for
@@ -106,6 +155,13 @@ async fn fan_out(
     let every = Duration::from_secs_f64(1.0 / args.fanout_rate as f64);
     let nonce = phase_nonce();
     let errors = Arc::new(AtomicU64::new(0));
+    book.clear_latencies();
+    let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let (acknowledged, delivered, duplicates) = (
+        count(&book.acknowledged),
+        count(&book.delivered),
+        count(&book.duplicates),
+    );
     let start = tokio::time::Instant::now();
     let mut sends = tokio::task::JoinSet::new();
     for i in 0..total {
@@ -138,11 +194,11 @@ async fn fan_out(
         "fan-out: {total} messages offered at {} msgs/s over {:.1} s: {} acknowledged, {} errors, {} delivered, {} acknowledged but not delivered, {} duplicated",
         args.fanout_rate,
         sent_for.as_secs_f64(),
-        book.acknowledged.load(Ordering::Relaxed),
-        errors.load(Ordering::Relaxed),
-        book.delivered.load(Ordering::Relaxed),
+        count(&book.acknowledged) - acknowledged,
+        count(&errors),
+        count(&book.delivered) - delivered,
         book.undelivered(),
-        book.duplicates.load(Ordering::Relaxed),
+        count(&book.duplicates) - duplicates,
     );
     println!(
         "acknowledgement to delivery: p50 {}, p99 {}, max {}",

@@ -156,9 +156,12 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
     ping.tick().await;
     let mut heard;
     loop {
+        // The futures of finding the chat and opening its stream are
+        // large (HTTP and TLS clients) and short-lived: boxed, they are not
+        // part of the relay's own future, which every open socket keeps.
         let member = match failed.take() {
-            None => gw.locate(&chat).await,
-            Some(f) => gw.relocate(&chat, &f).await,
+            None => Box::pin(gw.locate(&chat)).await,
+            Some(f) => Box::pin(gw.relocate(&chat, &f)).await,
         };
         let member = match member {
             Ok(m) => m,
@@ -174,7 +177,7 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
         let path = crate::contract::internal::stream(&chat, seen.last(), &who.participant_id);
         let down = member.down_token();
         let opened = tokio::select! {
-            r = Source::open(&gw, &member, &path) => r,
+            r = Box::pin(Source::open(&gw, &member, &path)) => r,
             _ = down.cancelled() => Err(Refusal::Failed),
         };
         let mut source = match opened {
@@ -296,5 +299,23 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                 failed = Some(member);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output_size<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every open participant socket keeps one relay future: it must not
+    /// hold the large futures of finding a chat or opening its stream
+    /// (unboxed, they made it 25 KB).
+    #[test]
+    fn a_relay_keeps_a_small_future() {
+        let size = output_size(relay);
+        assert!(size <= 4096, "the relay future is {size} bytes");
     }
 }

@@ -261,3 +261,23 @@ async fn send_stored<R: Reader>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output_size<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every open stream keeps one of these futures.
+    #[test]
+    fn a_stream_keeps_a_small_future() {
+        for (reader, size) in [
+            ("watch", output_size(push_events::<Watched>)),
+            ("socket", output_size(push_events::<Socket>)),
+        ] {
+            assert!(size <= 4096, "a {reader} stream's future is {size} bytes");
+        }
+    }
+}
