@@ -45,6 +45,11 @@ const TOOLS: &[Tool] = &[
         package: "chromium-driver",
         why: "drives that browser (WebDriver)",
     },
+    Tool {
+        command: "ip",
+        package: "iproute2",
+        why: "the multi-host tests make their hosts as network namespaces",
+    },
 ];
 
 fn main() -> ExitCode {

@@ -1,0 +1,394 @@
+//! Across hosts: a cluster spread over test hosts made as network
+//! namespaces on this machine (crate::netns): the CQL test node on one
+//! host, three instances on three hosts, two gateways on two more, and the
+//! load on a client host, all with the real `confab` binary. Chats send
+//! continuously through both gateways while a fault happens; one history
+//! checker then reads every chat and requires each acknowledged message
+//! exactly once, in the order it was acknowledged.
+//!
+//! Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) for the namespaces; without
+//! it the test fails with the reason. The session store is the CQL test
+//! node (kassandra): a real Cassandra cannot run inside these namespaces.
+
+use confab_e2e::netns::{Host, Net};
+use confab_e2e::{confab_bin, CLUSTER_SECRET};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 8080;
+const CQL_PORT: u16 = 9042;
+
+struct Hosts {
+    /// Held so that every host and process goes when the test ends.
+    _net: Net,
+    instances: Vec<Arc<Host>>,
+    gateways: Vec<Arc<Host>>,
+    client: Arc<Host>,
+    _dir: tempfile::TempDir,
+}
+
+fn url(host: &Host) -> String {
+    format!("http://{}:{PORT}", host.addr)
+}
+
+/// Start the cluster and wait until both gateways see three instances.
+fn start() -> Hosts {
+    let net = Net::new().unwrap_or_else(|e| panic!("the multi-host tests need their hosts: {e}"));
+    let dir = confab_e2e::data_dir();
+    let host = |name: &str, last: u8| net.host(name, last).unwrap_or_else(|e| panic!("{e}"));
+    let store = host("store", 2);
+    let instances: Vec<Arc<Host>> = (1..=3).map(|k| host(&format!("i{k}"), 10 + k)).collect();
+    let gateways: Vec<Arc<Host>> = (1..=2).map(|k| host(&format!("g{k}"), 20 + k)).collect();
+    let client = host("client", 100);
+
+    store
+        .spawn(
+            std::path::Path::new(env!("CARGO_BIN_EXE_cql-test-node")),
+            &["--listen".into(), format!("{}:{CQL_PORT}", store.addr)],
+            &dir.path().join("store.log"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let contact_point = format!("{}:{CQL_PORT}", store.addr);
+    let keyspace = client
+        .run({
+            let contact_point = contact_point.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while tokio::net::TcpStream::connect(&contact_point)
+                    .await
+                    .is_err()
+                {
+                    assert!(Instant::now() < deadline, "the CQL test node did not start");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                confab_e2e::kassandra::init_keyspace(&contact_point).await
+            }
+        })
+        .join()
+        .expect("the client host")
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let secret = format!("cluster.secret={CLUSTER_SECRET}");
+    for (k, h) in instances.iter().enumerate() {
+        let args: Vec<String> = [
+            "--log-format",
+            "json",
+            "server",
+            "--listen",
+            &format!("{}:{PORT}", h.addr),
+            "--instance-id",
+            &format!("i{}", k + 1),
+            "--sqlite-path",
+            &dir.path()
+                .join(format!("i{}-contacts.db", k + 1))
+                .display()
+                .to_string(),
+            "--set",
+            &secret,
+            "--set",
+            "server.store=cassandra",
+            "--set",
+            &format!("cassandra.contact-points={contact_point}"),
+            "--set",
+            &format!("cassandra.keyspace={keyspace}"),
+            "--set",
+            "cassandra.local-dc=",
+            "--set",
+            "cassandra.await-schema-agreement=false",
+            "--set",
+            "cassandra.reconnect-timeout=2s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        h.spawn(
+            confab_bin(),
+            &args,
+            &dir.path().join(format!("i{}.log", k + 1)),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let instance_urls: Vec<String> = instances.iter().map(|h| url(h)).collect();
+    for (k, h) in gateways.iter().enumerate() {
+        let args: Vec<String> = [
+            "--log-format",
+            "json",
+            "gateway",
+            "--listen",
+            &format!("{}:{PORT}", h.addr),
+            "--instance",
+            &instance_urls.join(","),
+            "--set",
+            &secret,
+            "--set",
+            "gateway.token-secret=multihost",
+            "--set",
+            "gateway.rate-limit-per-second=100000",
+            "--set",
+            "gateway.rate-limit-burst=100000",
+            "--set",
+            "gateway.health-interval=200ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        h.spawn(
+            confab_bin(),
+            &args,
+            &dir.path().join(format!("g{}.log", k + 1)),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let gateway_urls: Vec<String> = gateways.iter().map(|h| url(h)).collect();
+    client
+        .run(async move {
+            let http = confab_e2e::client().build().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            for g in &gateway_urls {
+                loop {
+                    let healthy = match http.get(format!("{g}/status")).send().await {
+                        Ok(r) => r.json::<Value>().await.ok().map_or(0, |s| {
+                            s["instances"]
+                                .as_array()
+                                .map_or(0, |a| a.iter().filter(|i| i["healthy"] == true).count())
+                        }),
+                        Err(_) => 0,
+                    };
+                    if healthy == 3 {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{g} does not see three instances"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        })
+        .join()
+        .expect("the client host")
+        .unwrap_or_else(|e| panic!("{e}"));
+    Hosts {
+        _net: net,
+        instances,
+        gateways,
+        client,
+        _dir: dir,
+    }
+}
+
+/// A chat of the load: its id, customer token and the texts acknowledged.
+struct Chat {
+    id: String,
+    token: String,
+    acked: Vec<String>,
+}
+
+/// The load, run on the client host: `chats` chats, each sending one
+/// message after another, half of them through each gateway, until `stop`;
+/// a message whose request failed is sent again through the other gateway
+/// with the same `client_msg_id` (a client's retry), so an acknowledged
+/// message can be duplicated only by the server. Returns the chats, their
+/// acknowledged texts, and the longest time a chat went without an
+/// acknowledgement.
+async fn load(
+    gateways: Vec<String>,
+    chats: usize,
+    stop: Arc<tokio::sync::Notify>,
+) -> (Vec<Chat>, Duration) {
+    // A client gives up on a request after 2 s and sends it again through
+    // the other gateway (with the same client_msg_id): a host that died
+    // answers nothing, not even a reset.
+    let http = confab_e2e::client()
+        .timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let mut made = Vec::new();
+    for i in 0..chats {
+        let g = &gateways[i % gateways.len()];
+        let r: Value = http
+            .post(format!("{g}/api/v1/chats"))
+            .json(&json!({"nickname": format!("c{i}")}))
+            .send()
+            .await
+            .expect("create a chat")
+            .json()
+            .await
+            .unwrap();
+        made.push(Chat {
+            id: r["chat_id"].as_str().unwrap().to_owned(),
+            token: r["token"].as_str().unwrap().to_owned(),
+            acked: Vec::new(),
+        });
+    }
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (stop, stopped) = (stop.clone(), stopped.clone());
+        tokio::spawn(async move {
+            stop.notified().await;
+            stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+    let mut tasks = Vec::new();
+    for (c, mut chat) in made.into_iter().enumerate() {
+        let (http, gateways, stopped) = (http.clone(), gateways.clone(), stopped.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut longest = Duration::ZERO;
+            let mut n = 0u64;
+            // Half the chats start on each gateway; a chat moves to the
+            // other one when a request fails.
+            let mut through = c;
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = format!("chat {c} message {n}");
+                let cmid = format!("m{n}");
+                let began = Instant::now();
+                loop {
+                    let g = &gateways[through % gateways.len()];
+                    let r = http
+                        .post(format!("{g}/api/v1/chats/{}/messages", chat.id))
+                        .bearer_auth(&chat.token)
+                        .json(&json!({"text": text, "client_msg_id": cmid}))
+                        .send()
+                        .await;
+                    if matches!(&r, Ok(r) if r.status().is_success()) {
+                        break;
+                    }
+                    through += 1;
+                    assert!(
+                        began.elapsed() < Duration::from_secs(30),
+                        "chat {c}: message {n} not acknowledged in 30 s: {r:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                longest = longest.max(began.elapsed());
+                chat.acked.push(text);
+                n += 1;
+            }
+            (chat, longest)
+        }));
+    }
+    let mut done = Vec::new();
+    let mut longest = Duration::ZERO;
+    for t in tasks {
+        let (chat, l) = t.await.expect("a chat's sender");
+        longest = longest.max(l);
+        done.push(chat);
+    }
+    (done, longest)
+}
+
+/// Every acknowledged message exactly once in its chat's transcript, in
+/// the order acknowledged; the messages read and the problems found.
+async fn check(gateway: String, chats: &[Chat]) -> (usize, Vec<String>) {
+    let http = confab_e2e::client().build().unwrap();
+    let mut problems = Vec::new();
+    let mut read = 0;
+    for chat in chats {
+        let mut texts = Vec::new();
+        let mut after = 0;
+        loop {
+            let page: Value = http
+                .get(format!(
+                    "{gateway}/api/v1/chats/{}/transcript?after={after}",
+                    chat.id
+                ))
+                .bearer_auth(&chat.token)
+                .send()
+                .await
+                .expect("a transcript")
+                .json()
+                .await
+                .unwrap();
+            let events = page["events"].as_array().cloned().unwrap_or_default();
+            after = events
+                .last()
+                .and_then(|e| e["seq"].as_u64())
+                .unwrap_or(after);
+            texts.extend(confab_e2e::texts(&events));
+            if page["more"] != true {
+                break;
+            }
+        }
+        read += texts.len();
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for t in &texts {
+            *count.entry(t.as_str()).or_default() += 1;
+        }
+        for t in &chat.acked {
+            match count.get(t.as_str()) {
+                None => problems.push(format!("{}: lost {t:?}", chat.id)),
+                Some(n) if *n > 1 => problems.push(format!("{}: {t:?} {n} times", chat.id)),
+                _ => {}
+            }
+        }
+        let order: Vec<&String> = texts.iter().filter(|t| chat.acked.contains(t)).collect();
+        let acked: Vec<&String> = chat.acked.iter().collect();
+        if order != acked && problems.is_empty() {
+            problems.push(format!(
+                "{}: acknowledged order {acked:?}, stored {order:?}",
+                chat.id
+            ));
+        }
+    }
+    (read, problems)
+}
+
+/// Run the load through both gateways, let `fault` happen 3 s in, go on
+/// for 5 s, then check every chat through `read_through` (a gateway that
+/// is still up). Returns the messages acknowledged and the longest wait
+/// for an acknowledgement.
+fn under_load(name: &str, fault: impl FnOnce(&Hosts), read_through: usize) -> (usize, Duration) {
+    let hosts = start();
+    let gateways: Vec<String> = hosts.gateways.iter().map(|h| url(h)).collect();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let load = hosts.client.run(load(gateways.clone(), 30, stop.clone()));
+    std::thread::sleep(Duration::from_secs(3));
+    fault(&hosts);
+    std::thread::sleep(Duration::from_secs(5));
+    stop.notify_one();
+    let (chats, longest) = load
+        .join()
+        .expect("the client host")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let acked: usize = chats.iter().map(|c| c.acked.len()).sum();
+    let reader = gateways[read_through].clone();
+    let (read, problems) = hosts
+        .client
+        .run(async move { check(reader, &chats).await })
+        .join()
+        .expect("the client host")
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "{name}: {acked} messages acknowledged in 30 chats through 2 gateways, {read} read back, 0 lost or duplicated; the longest wait for an acknowledgement {:.2} s",
+        longest.as_secs_f64()
+    );
+    assert!(acked > 100, "too little load: {acked}");
+    assert!(problems.is_empty(), "{problems:#?}");
+    // Every chat went on: none waited longer than this for a message.
+    assert!(
+        longest < Duration::from_secs(10),
+        "a chat stalled {longest:?}"
+    );
+    (acked, longest)
+}
+
+#[test]
+fn an_instance_host_dies_under_load_and_nothing_acknowledged_is_lost() {
+    under_load(
+        "an instance's host died",
+        |hosts| hosts.instances[0].crash().unwrap_or_else(|e| panic!("{e}")),
+        1,
+    );
+}
+
+#[test]
+fn a_gateway_host_dies_and_its_clients_go_on_through_the_other() {
+    under_load(
+        "a gateway's host died",
+        |hosts| hosts.gateways[0].crash().unwrap_or_else(|e| panic!("{e}")),
+        1,
+    );
+}
