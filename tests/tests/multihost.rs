@@ -21,8 +21,8 @@ const PORT: u16 = 8080;
 const CQL_PORT: u16 = 9042;
 
 struct Hosts {
-    /// Held so that every host and process goes when the test ends.
-    _net: Net,
+    /// Every host and process goes when it is dropped.
+    net: Net,
     instances: Vec<Arc<Host>>,
     gateways: Vec<Arc<Host>>,
     client: Arc<Host>,
@@ -171,7 +171,7 @@ fn start() -> Hosts {
         .expect("the client host")
         .unwrap_or_else(|e| panic!("{e}"));
     Hosts {
-        _net: net,
+        net,
         instances,
         gateways,
         client,
@@ -389,6 +389,20 @@ fn a_gateway_host_dies_and_its_clients_go_on_through_the_other() {
     under_load(
         "a gateway's host died",
         |hosts| hosts.gateways[0].crash().unwrap_or_else(|e| panic!("{e}")),
+        1,
+    );
+}
+
+#[test]
+fn an_instance_cut_off_from_one_gateway_is_fenced_while_the_other_follows_its_chats() {
+    under_load(
+        "an instance cut off from one gateway (the other still reached it)",
+        |hosts| {
+            hosts
+                .net
+                .cut(&hosts.instances[0], &hosts.gateways[0])
+                .unwrap_or_else(|e| panic!("{e}"))
+        },
         1,
     );
 }
