@@ -23,10 +23,11 @@ const CQL_PORT: u16 = 9042;
 struct Hosts {
     /// Every host and process goes when it is dropped.
     net: Net,
+    store: Arc<Host>,
     instances: Vec<Arc<Host>>,
     gateways: Vec<Arc<Host>>,
     client: Arc<Host>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn url(host: &Host) -> String {
@@ -172,10 +173,11 @@ fn start() -> Hosts {
         .unwrap_or_else(|e| panic!("{e}"));
     Hosts {
         net,
+        store,
         instances,
         gateways,
         client,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -338,9 +340,14 @@ async fn check(gateway: String, chats: &[Chat]) -> (usize, Vec<String>) {
 
 /// Run the load through both gateways, let `fault` happen 3 s in, go on
 /// for 5 s, then check every chat through `read_through` (a gateway that
-/// is still up). Returns the messages acknowledged and the longest wait
-/// for an acknowledgement.
-fn under_load(name: &str, fault: impl FnOnce(&Hosts), read_through: usize) -> (usize, Duration) {
+/// is still up), then run `after`. Returns the messages acknowledged and
+/// the longest wait for an acknowledgement.
+fn under_load(
+    name: &str,
+    fault: impl FnOnce(&Hosts),
+    read_through: usize,
+    after: impl FnOnce(&Hosts),
+) -> (usize, Duration) {
     let hosts = start();
     let gateways: Vec<String> = hosts.gateways.iter().map(|h| url(h)).collect();
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -372,6 +379,7 @@ fn under_load(name: &str, fault: impl FnOnce(&Hosts), read_through: usize) -> (u
         longest < Duration::from_secs(10),
         "a chat stalled {longest:?}"
     );
+    after(&hosts);
     (acked, longest)
 }
 
@@ -381,6 +389,7 @@ fn an_instance_host_dies_under_load_and_nothing_acknowledged_is_lost() {
         "an instance's host died",
         |hosts| hosts.instances[0].crash().unwrap_or_else(|e| panic!("{e}")),
         1,
+        |_| {},
     );
 }
 
@@ -390,6 +399,7 @@ fn a_gateway_host_dies_and_its_clients_go_on_through_the_other() {
         "a gateway's host died",
         |hosts| hosts.gateways[0].crash().unwrap_or_else(|e| panic!("{e}")),
         1,
+        |_| {},
     );
 }
 
@@ -404,5 +414,42 @@ fn an_instance_cut_off_from_one_gateway_is_fenced_while_the_other_follows_its_ch
                 .unwrap_or_else(|e| panic!("{e}"))
         },
         1,
+        |_| {},
+    );
+}
+
+#[test]
+fn an_instance_cut_off_from_the_store_has_its_chats_moved() {
+    under_load(
+        "an instance cut off from the session store",
+        |hosts| {
+            hosts
+                .net
+                .cut(&hosts.instances[0], &hosts.store)
+                .unwrap_or_else(|e| panic!("{e}"))
+        },
+        0,
+        |hosts| {
+            // The link heals: the instance finds its chats claimed
+            // elsewhere and lets them go (59608).
+            hosts
+                .net
+                .heal(&hosts.instances[0], &hosts.store)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let log = hosts.dir.path().join("i1.log");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.contains("\"event_id\":59608") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "i1 did not let its chats go (59608) after the link healed:\n{}",
+                    text.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        },
     );
 }

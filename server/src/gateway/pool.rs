@@ -222,6 +222,14 @@ impl Pool {
             .cloned()
     }
 
+    /// Whether an instance other than `member` is usable (healthy, enabled,
+    /// its session store available).
+    fn another_reaches_the_store(&self, member: &Member) -> bool {
+        self.members
+            .iter()
+            .any(|m| !std::ptr::eq(m.as_ref(), member) && m.is_usable())
+    }
+
     /// A request to `member` failed at the transport level: down at once.
     pub fn report_failure(&self, member: &Member, why: &str) {
         self.mark_down(member, why);
@@ -267,6 +275,18 @@ impl Pool {
             Ok(_) => (None, false),
             Err(e) => (None, e.is_connect()),
         };
+        // An instance that cannot reach the session store while another
+        // can is no place for its chats: they are restored on one that can
+        // (which fences it), as from an instance that is down. When it
+        // reaches the store again it finds them claimed elsewhere and lets
+        // them go (59608). When no instance reaches the store, the chats
+        // stay where they are: moving them could not help.
+        if let Some(s) = &status {
+            if !s.store.available && self.another_reaches_the_store(member) {
+                self.mark_down(member, "cannot reach the session store");
+                return;
+            }
+        }
         let Some(status) = status else {
             let failures = member.health.lock().failures + 1;
             if refused || failures >= FAILURES_TO_DOWN {
