@@ -9,7 +9,7 @@
 //! blackhole route to the other in each host: this machine's kernel has no
 //! `netem` or `prio` qdisc, so links cannot be delayed or made lossy here),
 //! [`Net::heal`] removes that; [`Host::crash`] kills a host's processes and
-//! takes its link down. Processes run in a host with
+//! takes its link down; [`Host::freeze`] stops its processes. Processes run in a host with
 //! [`Host::spawn`] (`ip netns exec`); the test's own client code runs in a
 //! host with [`Host::run`] (a thread that enters the namespace and drives a
 //! tokio runtime there: every socket it opens belongs to that host).
@@ -191,6 +191,21 @@ impl Host {
         in_ns(&self.ns, &["ip", "link", "set", &self.dev, "down"])?;
         self.kill_all();
         Ok(())
+    }
+
+    /// Stop (SIGSTOP) or resume (SIGCONT) every process of this host: a
+    /// frozen host keeps its connections open and answers nothing.
+    pub fn freeze(&self, frozen: bool) {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        for child in self
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            // `ip netns exec` runs the program in its own process.
+            let _ = confab::process::signal(child.id(), signal);
+        }
     }
 
     fn kill_all(&self) {

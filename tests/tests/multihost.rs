@@ -453,3 +453,32 @@ fn an_instance_cut_off_from_the_store_has_its_chats_moved() {
         },
     );
 }
+
+#[test]
+fn the_store_host_frozen_and_thawed_raises_and_clears_the_alarm_and_loses_nothing() {
+    under_load(
+        "the store host frozen for 4 s, then thawed",
+        |hosts| {
+            hosts.store.freeze(true);
+            let store = hosts.store.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(4));
+                store.freeze(false);
+            });
+        },
+        0,
+        |hosts| {
+            // Every instance raised the alarm (59520) and cleared it (59521).
+            for k in 1..=3 {
+                let log = hosts.dir.path().join(format!("i{k}.log"));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                for id in [59520, 59521] {
+                    assert!(
+                        text.contains(&format!("\"event_id\":{id}")),
+                        "i{k} logged no {id}"
+                    );
+                }
+            }
+        },
+    );
+}
