@@ -158,10 +158,10 @@ impl Net {
 
 impl Host {
     /// `program args…` in this host (its stdout and stderr to `log`).
-    pub fn spawn(
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(
         &self,
         program: &std::path::Path,
-        args: &[String],
+        args: &[S],
         log: &std::path::Path,
     ) -> Result<u32, String> {
         let file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;

@@ -73,7 +73,7 @@ fn start() -> Hosts {
 
     let secret = format!("cluster.secret={CLUSTER_SECRET}");
     for (k, h) in instances.iter().enumerate() {
-        let args: Vec<String> = [
+        let args = [
             "--log-format",
             "json",
             "server",
@@ -100,10 +100,7 @@ fn start() -> Hosts {
             "cassandra.await-schema-agreement=false",
             "--set",
             "cassandra.reconnect-timeout=2s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ];
         h.spawn(
             confab_bin(),
             &args,
@@ -113,7 +110,7 @@ fn start() -> Hosts {
     }
     let instance_urls: Vec<String> = instances.iter().map(|h| url(h)).collect();
     for (k, h) in gateways.iter().enumerate() {
-        let args: Vec<String> = [
+        let args = [
             "--log-format",
             "json",
             "gateway",
@@ -131,10 +128,7 @@ fn start() -> Hosts {
             "gateway.rate-limit-burst=100000",
             "--set",
             "gateway.health-interval=200ms",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ];
         h.spawn(
             confab_bin(),
             &args,

@@ -57,7 +57,7 @@ pub(super) async fn sockets(dir: &Path, args: &BenchArgs, text: &str) -> anyhow:
         })
         .collect();
 
-    let rss = |p: &ServerProcess| fleet::rss_kib(p.child.id());
+    let rss = |p: &ServerProcess| p.rss_kib();
     let instances_rss = |v: &[ServerProcess]| v.iter().map(rss).sum::<u64>();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (gw_before, inst_before) = (rss(&gateway), instances_rss(&instances));

@@ -144,9 +144,23 @@ impl Source {
     }
 }
 
+const GAVE_UP: &str = "no instance could serve the chat";
+
+/// After an attempt to serve the chat that failed: false once
+/// [`MAX_FAILOVERS`] failed in a row, else true after a pause that grows
+/// with them.
+async fn pause_before_retry(failures: &mut u32) -> bool {
+    *failures += 1;
+    if *failures > MAX_FAILOVERS {
+        return false;
+    }
+    tokio::time::sleep(Duration::from_millis(50 * u64::from(*failures))).await;
+    true
+}
+
 pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: Claims, after: u64) {
     let mut seen = SeqFilter::after(after);
-    let mut failures = 0;
+    let mut failures = 0u32;
     let mut failed: Option<Arc<Member>> = None;
     let mut frames = (tokio::time::Instant::now(), 0u32);
     // Pings keep proxies from timing the socket out, and find clients that
@@ -185,14 +199,11 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
             // A reader who left: final, not a fault to fail over from.
             Err(Refusal::Left) => return ws::close(client, ws::LEFT, "you left this chat").await,
             Err(Refusal::Failed) => {
-                failures += 1;
-                if failures > MAX_FAILOVERS {
-                    return ws::close(client, ws::UNAVAILABLE, "no instance could serve the chat")
-                        .await;
-                }
                 gw.forget(&chat);
+                if !pause_before_retry(&mut failures).await {
+                    return ws::close(client, ws::UNAVAILABLE, GAVE_UP).await;
+                }
                 failed = Some(member);
-                tokio::time::sleep(Duration::from_millis(50 * failures as u64)).await;
                 continue;
             }
         };
@@ -284,14 +295,11 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                 failed = None;
             }
             Outcome::Refused => {
-                failures += 1;
-                if failures > MAX_FAILOVERS {
-                    return ws::close(client, ws::UNAVAILABLE, "no instance could serve the chat")
-                        .await;
-                }
                 gw.forget(&chat);
+                if !pause_before_retry(&mut failures).await {
+                    return ws::close(client, ws::UNAVAILABLE, GAVE_UP).await;
+                }
                 failed = Some(member);
-                tokio::time::sleep(Duration::from_millis(50 * failures as u64)).await;
             }
             Outcome::Lost => {
                 tracing::info!(chat_id = %chat, participant = %who.participant_id, instance = ?member.id(), last_seq = seen.last(), "instance stream lost; reconnecting participant");
