@@ -61,6 +61,8 @@ pub const MAX_FRAME: usize = 64 << 20;
 pub const MAX_REQUEST_FRAME: usize = (1 << 20) + (64 << 10);
 /// Longest path a request frame carries (longer ones go over HTTP).
 pub const MAX_PATH: usize = u16::MAX as usize;
+/// Longest a peer may take nothing we send before the channel is given up.
+const STALL: std::time::Duration = std::time::Duration::from_secs(10);
 /// Longest wait for a close handshake or for the peer to finish sending.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest wait to open a channel (a frozen instance accepts the TCP
@@ -201,12 +203,18 @@ pub async fn serve(
     let (out, mut queue) = mpsc::unbounded_channel::<Bytes>();
     let watching: Arc<Mutex<HashMap<u64, CancellationToken>>> = Default::default();
     // Reader and writer are one future: when it is dropped, the socket goes.
+    // A gateway that takes nothing any more ends the channel: the reader
+    // stops too, and every watch ends with the queue.
+    let stalled = CancellationToken::new();
+    let writer_stalled = stalled.clone();
     let writer = async move {
         if write_batched(&mut queue, &mut sink, Message::Binary, |_| true)
             .await
             .is_ok()
         {
             let _ = tokio::time::timeout(LINGER, sink.close()).await;
+        } else {
+            writer_stalled.cancel();
         }
     };
     let reader = async move {
@@ -214,6 +222,7 @@ pub async fn serve(
             let message = tokio::select! {
                 m = stream.next() => m,
                 _ = stop.cancelled() => break,
+                _ = stalled.cancelled() => break,
             };
             let frame = match message {
                 Some(Ok(Message::Binary(b))) => b,
@@ -277,26 +286,35 @@ pub async fn serve(
 
 /// Send the queued frames until the queue closes: every frame waiting at
 /// that moment goes out before one flush (one write for many under load).
-/// Frames for which `keep` is false are dropped unsent.
+/// Frames for which `keep` is false are dropped unsent. Fails when the
+/// socket fails, or when the peer takes nothing for [`STALL`]: a peer that
+/// stopped reading (frozen, cut off without a reset) is gone, and what is
+/// queued for it (watches' events keep coming) must not grow without end.
 async fn write_batched<S, M>(
     queue: &mut mpsc::UnboundedReceiver<Bytes>,
     sink: &mut S,
     message: fn(Bytes) -> M,
     keep: impl Fn(&Bytes) -> bool,
-) -> Result<(), S::Error>
+) -> Result<(), ()>
 where
     S: futures_util::Sink<M> + Unpin,
 {
+    async fn within<T, E>(op: impl std::future::Future<Output = Result<T, E>>) -> Result<T, ()> {
+        match tokio::time::timeout(STALL, op).await {
+            Ok(Ok(t)) => Ok(t),
+            _ => Err(()),
+        }
+    }
     while let Some(frame) = queue.recv().await {
         if keep(&frame) {
-            sink.feed(message(frame)).await?;
+            within(sink.feed(message(frame))).await?;
         }
         while let Ok(frame) = queue.try_recv() {
             if keep(&frame) {
-                sink.feed(message(frame)).await?;
+                within(sink.feed(message(frame))).await?;
             }
         }
-        sink.flush().await?;
+        within(sink.flush()).await?;
     }
     Ok(())
 }

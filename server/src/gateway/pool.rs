@@ -16,6 +16,13 @@ use tokio_util::sync::CancellationToken;
 /// Consecutive failed checks before an instance that still accepts
 /// connections (but answers late or wrong) counts as down.
 const FAILURES_TO_DOWN: u32 = 2;
+/// How long an instance must have reported its session store unavailable,
+/// in every check, before its chats are moved to one that reaches the
+/// store: longer than the instances' store probe takes to notice an outage
+/// (a probe each second, 2 s timeout), so that in an outage of the store
+/// itself every instance reports it before any is taken for the odd one
+/// out; and so that one failed request's blip moves nothing.
+const STORE_LOST_FOR: Duration = Duration::from_secs(3);
 
 pub use crate::contract::GatewayMember as MemberView;
 
@@ -26,6 +33,8 @@ struct Health {
     sessions_active: i64,
     failures: u32,
     down: CancellationToken,
+    /// Since when every check found its session store unavailable.
+    store_lost_since: Option<std::time::Instant>,
 }
 
 pub struct Member {
@@ -168,6 +177,7 @@ impl Pool {
                         sessions_active: 0,
                         failures: 0,
                         down: CancellationToken::new(),
+                        store_lost_since: None,
                     }),
                     assigned: AtomicI64::new(0),
                     channel: Mutex::new(None),
@@ -282,7 +292,18 @@ impl Pool {
         // them go (59608). When no instance reaches the store, the chats
         // stay where they are: moving them could not help.
         if let Some(s) = &status {
-            if !s.store.available && self.another_reaches_the_store(member) {
+            let lost_for = {
+                let mut h = member.health.lock();
+                if s.store.available {
+                    h.store_lost_since = None;
+                    Duration::ZERO
+                } else {
+                    h.store_lost_since
+                        .get_or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                }
+            };
+            if lost_for >= STORE_LOST_FOR && self.another_reaches_the_store(member) {
                 self.mark_down(member, "cannot reach the session store");
                 return;
             }
@@ -316,10 +337,11 @@ impl Pool {
         if !was_healthy {
             h.down = CancellationToken::new();
             // Back (perhaps a newer version after an upgrade): try the
-            // channel again.
+            // channel, and watches on it, again.
             if self.channel {
                 member.http_only.store(false, Ordering::Relaxed);
             }
+            member.no_watches.store(false, Ordering::Relaxed);
             tracing::info!(
                 event_id = events::GATEWAY_INSTANCE_UP,
                 instance = h.instance_id.as_deref().unwrap_or("?"),

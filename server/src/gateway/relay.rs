@@ -209,9 +209,12 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
         };
         // A socket that opened is working; a watch is once it sends an
         // event (a refusal comes before any).
-        if matches!(source, Source::Socket(_)) {
+        let watched = matches!(source, Source::Watch(_));
+        if !watched {
             failures = 0;
         }
+        let mut delivered = false;
+        let opened_at = tokio::time::Instant::now();
         // A slow failover sent no pings: the silence was ours, not theirs.
         heard = tokio::time::Instant::now();
         ping.reset();
@@ -221,6 +224,7 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                 frame = source.next() => match frame {
                     Frame::Event(text) => {
                         failures = 0;
+                        delivered = true;
                         if let Ok(event) = serde_json::from_str::<Peek>(&text) {
                             if !seen.admit(event.seq, event.ephemeral) {
                                 continue;
@@ -302,6 +306,14 @@ pub async fn relay(gw: Arc<Gateway>, mut client: WebSocket, chat: String, who: C
                 failed = Some(member);
             }
             Outcome::Lost => {
+                // A watch that ended at once, before any event, has not
+                // served the chat: a failed attempt, with a pause and a cap
+                // (not a loop of relocations).
+                let stillborn =
+                    watched && !delivered && opened_at.elapsed() < Duration::from_secs(1);
+                if stillborn && !pause_before_retry(&mut failures).await {
+                    return ws::close(client, ws::UNAVAILABLE, GAVE_UP).await;
+                }
                 tracing::info!(chat_id = %chat, participant = %who.participant_id, instance = ?member.id(), last_seq = seen.last(), "instance stream lost; reconnecting participant");
                 gw.forget(&chat);
                 failed = Some(member);

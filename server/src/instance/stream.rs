@@ -162,12 +162,12 @@ async fn push_events<R: Reader>(mut socket: R, opened: Opened, stop: Cancellatio
         after,
         reader,
     } = opened;
+    let reader = reader.as_deref();
     let (mut rx, closed) = session.subscribe().await;
     let mut seen = SeqFilter::after(after);
-    match send_stored(&mut socket, &session, &mut seen, u64::MAX).await {
-        Sent::All => {}
-        Sent::Closed => return socket.close(ws::CHAT_CLOSED, "chat closed").await,
-        Sent::Gone => return,
+    // The backlog holds the reader's leaving if they left since they asked.
+    if let Some(end) = catch_up(&mut socket, &session, &mut seen, reader).await {
+        return end.close(socket).await;
     }
     if closed {
         return socket.close(ws::CHAT_CLOSED, "chat closed").await;
@@ -186,29 +186,17 @@ async fn push_events<R: Reader>(mut socket: R, opened: Opened, stop: Cancellatio
                     if v.kind == EventKind::Closed {
                         return socket.close(ws::CHAT_CLOSED, "chat closed").await;
                     }
-                    if v.kind == EventKind::Left && v.participant_id.is_some() && v.participant_id == reader {
-                        // The reader's own leaving (not a restoration's
-                        // disconnect, after which they are back): what
-                        // they may still see (the closing, if they ended
-                        // the chat), then the end of their stream.
-                        let limit = match &reader {
-                            Some(p) => session.read_limit(p).await.ok().flatten(),
-                            None => None,
-                        };
-                        if let Some(limit) = limit {
-                            return match send_stored(&mut socket, &session, &mut seen, limit).await {
-                                Sent::All => socket.close(ws::LEFT, "you left this chat").await,
-                                Sent::Closed => socket.close(ws::CHAT_CLOSED, "chat closed").await,
-                                Sent::Gone => {}
-                            };
+                    if own_leaving(&v, reader) {
+                        if let Some(end) = after_leaving(&mut socket, &session, &mut seen, reader).await {
+                            return end.close(socket).await;
                         }
                     }
                 }
-                Err(RecvError::Lagged(_)) => match send_stored(&mut socket, &session, &mut seen, u64::MAX).await {
-                    Sent::All => {}
-                    Sent::Closed => return socket.close(ws::CHAT_CLOSED, "chat closed").await,
-                    Sent::Gone => return,
-                },
+                Err(RecvError::Lagged(_)) => {
+                    if let Some(end) = catch_up(&mut socket, &session, &mut seen, reader).await {
+                        return end.close(socket).await;
+                    }
+                }
                 Err(RecvError::Closed) => return socket.close(ws::MOVED, "session moved").await,
             },
             _ = session.gone.cancelled() => return socket.close(ws::MOVED, "session moved").await,
@@ -227,21 +215,92 @@ const BACKLOG_PAGE_BYTES: usize = 256 << 10;
 /// A reader that takes no frame for this long is dropped, not buffered for.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How a stream ends once the events say so.
+enum End {
+    /// After the chat's closing.
+    Closed,
+    /// After the reader's own leaving.
+    Left,
+    /// The reader is gone (or stopped reading).
+    Gone,
+}
+
+impl End {
+    async fn close<R: Reader>(self, socket: R) {
+        match self {
+            End::Closed => socket.close(ws::CHAT_CLOSED, "chat closed").await,
+            End::Left => socket.close(ws::LEFT, "you left this chat").await,
+            End::Gone => {}
+        }
+    }
+}
+
 enum Sent {
     /// Every stored event after the mark went out.
     All,
     /// The chat's closing went out.
     Closed,
+    /// The reader's own `left` event went out (perhaps a restoration's
+    /// disconnect, after which they are back).
+    OwnLeft,
     /// The reader is gone (or stopped reading).
     Gone,
 }
 
-/// Send the stored events after `seen` up to seq `limit`, a page at a time.
+/// Whether `v` is `reader`'s own `left` event.
+fn own_leaving(v: &EventView, reader: Option<&str>) -> bool {
+    v.kind == EventKind::Left && reader.is_some() && v.participant_id.as_deref() == reader
+}
+
+/// Send the stored events after `seen`, a page at a time; the end of the
+/// stream if they hold it (the chat's closing, the reader's leaving).
+async fn catch_up<R: Reader>(
+    socket: &mut R,
+    session: &LiveSession,
+    seen: &mut SeqFilter,
+    reader: Option<&str>,
+) -> Option<End> {
+    loop {
+        match send_stored(socket, session, seen, u64::MAX, reader).await {
+            Sent::All => return None,
+            Sent::Closed => return Some(End::Closed),
+            Sent::Gone => return Some(End::Gone),
+            Sent::OwnLeft => {
+                if let Some(end) = after_leaving(socket, session, seen, reader).await {
+                    return Some(end);
+                }
+            }
+        }
+    }
+}
+
+/// After the reader's own `left` event: if they left for good, what they
+/// may still see (the closing, if they ended the chat) and the end of
+/// their stream; None after a restoration's disconnect (they are back).
+async fn after_leaving<R: Reader>(
+    socket: &mut R,
+    session: &LiveSession,
+    seen: &mut SeqFilter,
+    reader: Option<&str>,
+) -> Option<End> {
+    let limit = session.read_limit(reader?).await.ok().flatten()?;
+    Some(
+        match send_stored(socket, session, seen, limit, None).await {
+            Sent::All | Sent::OwnLeft => End::Left,
+            Sent::Closed => End::Closed,
+            Sent::Gone => End::Gone,
+        },
+    )
+}
+
+/// Send the stored events after `seen` up to seq `limit`, a page at a
+/// time, stopping after the chat's closing or `reader`'s own leaving.
 async fn send_stored<R: Reader>(
     socket: &mut R,
     session: &LiveSession,
     seen: &mut SeqFilter,
     limit: u64,
+    reader: Option<&str>,
 ) -> Sent {
     loop {
         let (page, more) = session
@@ -254,6 +313,9 @@ async fn send_stored<R: Reader>(
             }
             if v.kind == EventKind::Closed {
                 return Sent::Closed;
+            }
+            if own_leaving(v, reader) {
+                return Sent::OwnLeft;
             }
         }
         if !more || seen.last() >= limit {
