@@ -128,6 +128,11 @@ pub enum StoreBackend {
     Cassandra,
 }
 
+const BACKENDS: &[(&str, StoreBackend)] = &[
+    ("sqlite", StoreBackend::Sqlite),
+    ("cassandra", StoreBackend::Cassandra),
+];
+
 /// SQLite `PRAGMA synchronous` for the session store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synchronous {
@@ -159,7 +164,11 @@ pub struct ServerConfig {
     /// How long a write waits for another process's lock on the SQLite file
     /// before the save counts as failed (and is retried per the settings).
     pub sqlite_busy_timeout: Duration,
-    /// Where final transcripts go; defaults to the session store's file.
+    /// Where final transcripts go: the session store's backend unless
+    /// chosen. With Cassandra every instance on every host writes them to
+    /// one table, so any instance can read any closed chat back.
+    pub contact_store: StoreBackend,
+    /// The SQLite contact store's file; defaults to the session store's.
     pub contact_store_path: Option<PathBuf>,
     pub admin_token: Option<String>,
     /// `POST /admin/kill` (SIGKILL itself, for restoration tests outside
@@ -499,9 +508,15 @@ pub const OPTIONS: &[OptionSpec] = &[
     ),
     opt(
         "server",
+        "contact-store",
+        r#""""#,
+        r#""sqlite" | "cassandra" (final transcripts); "": as store"#,
+    ),
+    opt(
+        "server",
         "contact-store-path",
         r#""""#,
-        r#""": the session store's file"#,
+        r#""": the session store's file (contact-store = "sqlite")"#,
     ),
     opt(
         "server",
@@ -1077,18 +1092,13 @@ impl Layers {
             ));
         }
         let listen = self.socket("server.listen")?;
+        let store = self.choice("server.store", BACKENDS)?;
         let server = ServerConfig {
             instance_id: self
                 .opt_string("server.instance-id")?
                 .unwrap_or_else(|| format!("confab-{}", listen.port())),
             listen,
-            store: self.choice(
-                "server.store",
-                &[
-                    ("sqlite", StoreBackend::Sqlite),
-                    ("cassandra", StoreBackend::Cassandra),
-                ],
-            )?,
+            store,
             sqlite_path: PathBuf::from(self.string("server.sqlite-path")?),
             sqlite_synchronous: self.choice(
                 "server.sqlite-synchronous",
@@ -1100,6 +1110,10 @@ impl Layers {
                 ],
             )?,
             sqlite_busy_timeout: self.duration("server.sqlite-busy-timeout")?,
+            contact_store: match self.opt_string("server.contact-store")? {
+                None => store,
+                Some(_) => self.choice("server.contact-store", BACKENDS)?,
+            },
             contact_store_path: self
                 .opt_string("server.contact-store-path")?
                 .map(PathBuf::from),
@@ -1393,6 +1407,9 @@ impl Config {
             "sqlite-busy-timeout",
             duration(s.sqlite_busy_timeout),
         );
+        if s.contact_store != s.store {
+            put(&mut t, "contact-store", text(s.contact_store.name()));
+        }
         if let Some(p) = &s.contact_store_path {
             put(&mut t, "contact-store-path", path(p));
         }
@@ -1577,6 +1594,28 @@ mod tests {
         assert_eq!(c.cassandra.read_consistency, Consistency::Quorum);
         assert_eq!(c.server.sqlite_synchronous, Synchronous::Full);
         assert!(!c.server.admin_kill_enabled);
+        assert_eq!(c.server.contact_store, StoreBackend::Sqlite);
+    }
+
+    #[test]
+    fn the_contact_store_follows_the_session_store_unless_chosen() {
+        let backend = |toml: &str| resolve(toml).unwrap().server.contact_store;
+        assert_eq!(
+            backend("[server]\nstore = \"cassandra\""),
+            StoreBackend::Cassandra
+        );
+        assert_eq!(
+            backend("[server]\nstore = \"cassandra\"\ncontact-store = \"sqlite\""),
+            StoreBackend::Sqlite
+        );
+        assert_eq!(
+            backend("[server]\ncontact-store = \"cassandra\""),
+            StoreBackend::Cassandra
+        );
+        assert!(
+            invalid_option(resolve("[server]\ncontact-store = \"file\""))
+                .contains("server.contact-store")
+        );
     }
 
     #[test]
@@ -1745,6 +1784,7 @@ store = "cassandra"
 sqlite-path = "/var/lib/confab/x.db"
 sqlite-synchronous = "extra"
 sqlite-busy-timeout = "750ms"
+contact-store = "sqlite"
 contact-store-path = "/var/lib/confab/contacts.db"
 admin-token = "adm"
 admin-kill-enabled = true

@@ -264,10 +264,11 @@ pub mod internal {
         Leave,
         Restore,
         Location,
+        FinalTranscript,
     }
 
     impl Route {
-        pub const ALL: [Route; 7] = [
+        pub const ALL: [Route; 8] = [
             Route::Join,
             Route::Messages,
             Route::Transcript,
@@ -275,6 +276,7 @@ pub mod internal {
             Route::Leave,
             Route::Restore,
             Route::Location,
+            Route::FinalTranscript,
         ];
 
         /// The router's pattern, `{id}` standing for the chat.
@@ -287,6 +289,7 @@ pub mod internal {
                 Route::Leave => "/internal/v1/sessions/{id}/leave",
                 Route::Restore => "/internal/v1/sessions/{id}/restore",
                 Route::Location => "/internal/v1/sessions/{id}/location",
+                Route::FinalTranscript => "/internal/v1/sessions/{id}/final-transcript",
             }
         }
 
@@ -318,6 +321,15 @@ pub mod internal {
         format!(
             "{}?after={after}&limit={limit}&reader={reader}",
             Route::Transcript.path(chat_id)
+        )
+    }
+
+    /// A page of a closed chat's final transcript from the contact store,
+    /// whole (an agent's credential reads it).
+    pub fn final_transcript_page(chat_id: &str, after: u64, limit: usize) -> String {
+        format!(
+            "{}?after={after}&limit={limit}",
+            Route::FinalTranscript.path(chat_id)
         )
     }
 

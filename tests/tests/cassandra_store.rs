@@ -1,6 +1,7 @@
 //! The shared store suite against the Cassandra store: the kassandra test
 //! node over real TCP, or the real cluster named by CONFAB_TEST_CASSANDRA.
 
+use confab::store::cassandra::contacts::CassandraContactStore;
 use confab::store::cassandra::{connect, CassandraStore};
 use confab::store::suite;
 use confab_e2e::kassandra::{cassandra_config, init_keyspace, Node};
@@ -18,6 +19,19 @@ async fn cassandra_passes_the_store_suite() {
         .await
         .unwrap();
     suite::run_all(&a, &b).await;
+}
+
+/// The contact store's case of the suite on the shared final-transcripts
+/// table: the first save kept, an unknown chat answered with none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_passes_the_contact_store_suite() {
+    let node = Node::get().await;
+    let keyspace = init_keyspace(&node.contact_point()).await;
+    let config = cassandra_config(&node.contact_point(), &keyspace);
+    let contacts = CassandraContactStore::new(connect(&config).await.unwrap(), &config)
+        .await
+        .unwrap();
+    suite::contact_store(&contacts).await;
 }
 
 /// `init` on a keyspace it made already changes nothing (it finds every

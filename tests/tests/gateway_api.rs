@@ -440,3 +440,101 @@ async fn the_queue_is_read_from_either_end() {
         assert_eq!((a.status, a.error_code()), (400, "bad_request"), "{bad}");
     }
 }
+
+/// A closed chat's final transcript is read back through the gateway from
+/// the contact store: with the customer's token, as an agent who left
+/// early (up to their leaving), and with the agents' credential (the
+/// contact history, whole). The credential reads closed chats only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_closed_chats_transcript_is_read_back_with_its_tokens_or_the_agents_credential() {
+    let c = TestCluster::start(2, &[]).await;
+    let chat = c.create_chat("Ann").await;
+    let early = c.join(&chat, "Agent Eve").await;
+    let stays = c.join(&chat, "Agent Carl").await;
+    c.send(&chat, "hello", None).await.ok();
+    let url = format!("{}/api/v1/chats/{}/transcript", c.gateway, chat.id);
+    c.http
+        .post(
+            &format!("{}/api/v1/chats/{}/leave", c.gateway, chat.id),
+            &json!({}),
+            Some(&early.token),
+        )
+        .await
+        .ok();
+    c.send(&stays, "after Eve left", None).await.ok();
+
+    // The open chat: the credential does not read it.
+    let open = c.http.get(&url, Some(&c.agent_credential)).await;
+    assert_eq!(open.status, 404, "{}", open.body);
+    assert!(
+        open.body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("closed chats"),
+        "{}",
+        open.body
+    );
+
+    c.http
+        .post(
+            &format!("{}/api/v1/chats/{}/leave", c.gateway, chat.id),
+            &json!({}),
+            Some(&chat.token),
+        )
+        .await
+        .ok();
+    let read = |bearer: String| {
+        let (http, url) = (c.http.clone(), url.clone());
+        async move {
+            // The final save follows the closing: a moment's 409.
+            for _ in 0..100 {
+                let a = http.get(&url, Some(&bearer)).await;
+                if a.status != 409 {
+                    return a.ok();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("{url}: still 409 after 5 s");
+        }
+    };
+    let customer = read(chat.token.clone()).await;
+    assert_eq!(customer["state"], "closed", "{customer}");
+    let texts = confab_e2e::texts(customer["events"].as_array().unwrap());
+    assert_eq!(texts, ["hello", "after Eve left"], "{customer}");
+    assert_eq!(
+        customer["events"].as_array().unwrap().last().unwrap()["kind"],
+        "closed"
+    );
+
+    let agent = read(c.agent_credential.clone()).await;
+    assert_eq!(
+        agent["events"], customer["events"],
+        "the credential reads it whole"
+    );
+
+    let eve = read(early.token.clone()).await;
+    let left_at = eve["left_at"].as_u64().expect("left_at");
+    assert!(
+        eve["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["seq"].as_u64() <= Some(left_at)),
+        "{eve}"
+    );
+    assert_eq!(
+        confab_e2e::texts(eve["events"].as_array().unwrap()),
+        ["hello"]
+    );
+
+    let wrong = c.http.get(&url, Some("not-a-credential")).await;
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    let unknown = c
+        .http
+        .get(
+            &format!("{}/api/v1/chats/no-such-chat/transcript", c.gateway),
+            Some(&c.agent_credential),
+        )
+        .await;
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+}

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 const PORT: u16 = 8080;
 const CQL_PORT: u16 = 9042;
+const AGENT_CREDENTIAL: &str = "multihost-agent";
 
 struct Hosts {
     /// Every host and process goes when it is dropped.
@@ -81,11 +82,6 @@ fn start() -> Hosts {
             &format!("{}:{PORT}", h.addr),
             "--instance-id",
             &format!("i{}", k + 1),
-            "--sqlite-path",
-            &dir.path()
-                .join(format!("i{}-contacts.db", k + 1))
-                .display()
-                .to_string(),
             "--set",
             &secret,
             "--set",
@@ -122,6 +118,8 @@ fn start() -> Hosts {
             &secret,
             "--set",
             "gateway.token-secret=multihost",
+            "--set",
+            &format!("gateway.agent-credential={AGENT_CREDENTIAL}"),
             "--set",
             "gateway.rate-limit-per-second=100000",
             "--set",
@@ -276,60 +274,120 @@ async fn load(
     (done, longest)
 }
 
+/// What [`check`] read: messages, the problems found, and the instances
+/// that answered (the chats' owners, or the readers of closed chats).
+struct Checked {
+    read: usize,
+    problems: Vec<String>,
+    instances: std::collections::BTreeSet<String>,
+}
+
 /// Every acknowledged message exactly once in its chat's transcript, in
-/// the order acknowledged; the messages read and the problems found.
-async fn check(gateway: String, chats: &[Chat]) -> (usize, Vec<String>) {
+/// the order acknowledged, read through `gateway` with the chat's token or,
+/// once `closed`, also with the agents' credential (the contact history);
+/// a closed chat's pages must say so.
+async fn check(gateway: String, chats: &[Chat], closed: bool) -> Checked {
     let http = confab_e2e::client().build().unwrap();
-    let mut problems = Vec::new();
-    let mut read = 0;
+    let mut checked = Checked {
+        read: 0,
+        problems: Vec::new(),
+        instances: Default::default(),
+    };
+    let readers: &[Option<&str>] = if closed {
+        &[None, Some(AGENT_CREDENTIAL)]
+    } else {
+        &[None]
+    };
     for chat in chats {
-        let mut texts = Vec::new();
-        let mut after = 0;
-        loop {
-            let page: Value = http
-                .get(format!(
-                    "{gateway}/api/v1/chats/{}/transcript?after={after}",
+        for reader in readers {
+            let bearer = reader.unwrap_or(&chat.token);
+            let mut texts = Vec::new();
+            let mut after = 0;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let answer = http
+                    .get(format!(
+                        "{gateway}/api/v1/chats/{}/transcript?after={after}",
+                        chat.id
+                    ))
+                    .bearer_auth(bearer)
+                    .send()
+                    .await
+                    .expect("a transcript");
+                let status = answer.status();
+                let page: Value = answer.json().await.unwrap();
+                // A closing still under way has no final transcript yet.
+                if closed && status == 409 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                assert!(status.is_success(), "{}: {status} {page}", chat.id);
+                if closed && page["state"] != "closed" {
+                    checked
+                        .problems
+                        .push(format!("{}: not closed: {}", chat.id, page["state"]));
+                }
+                if let Some(i) = page["instance_id"].as_str() {
+                    checked.instances.insert(i.to_owned());
+                }
+                let events = page["events"].as_array().cloned().unwrap_or_default();
+                after = events
+                    .last()
+                    .and_then(|e| e["seq"].as_u64())
+                    .unwrap_or(after);
+                texts.extend(confab_e2e::texts(&events));
+                if page["more"] != true {
+                    break;
+                }
+            }
+            checked.read += texts.len();
+            let problems = &mut checked.problems;
+            let whose = if reader.is_some() { " (agent)" } else { "" };
+            let mut count: HashMap<&str, usize> = HashMap::new();
+            for t in &texts {
+                *count.entry(t.as_str()).or_default() += 1;
+            }
+            let before = problems.len();
+            for t in &chat.acked {
+                match count.get(t.as_str()) {
+                    None => problems.push(format!("{}{whose}: lost {t:?}", chat.id)),
+                    Some(n) if *n > 1 => {
+                        problems.push(format!("{}{whose}: {t:?} {n} times", chat.id))
+                    }
+                    _ => {}
+                }
+            }
+            let order: Vec<&String> = texts.iter().filter(|t| chat.acked.contains(t)).collect();
+            let acked: Vec<&String> = chat.acked.iter().collect();
+            if order != acked && problems.len() == before {
+                problems.push(format!(
+                    "{}{whose}: acknowledged order {acked:?}, stored {order:?}",
                     chat.id
-                ))
-                .bearer_auth(&chat.token)
-                .send()
-                .await
-                .expect("a transcript")
-                .json()
-                .await
-                .unwrap();
-            let events = page["events"].as_array().cloned().unwrap_or_default();
-            after = events
-                .last()
-                .and_then(|e| e["seq"].as_u64())
-                .unwrap_or(after);
-            texts.extend(confab_e2e::texts(&events));
-            if page["more"] != true {
-                break;
+                ));
             }
-        }
-        read += texts.len();
-        let mut count: HashMap<&str, usize> = HashMap::new();
-        for t in &texts {
-            *count.entry(t.as_str()).or_default() += 1;
-        }
-        for t in &chat.acked {
-            match count.get(t.as_str()) {
-                None => problems.push(format!("{}: lost {t:?}", chat.id)),
-                Some(n) if *n > 1 => problems.push(format!("{}: {t:?} {n} times", chat.id)),
-                _ => {}
-            }
-        }
-        let order: Vec<&String> = texts.iter().filter(|t| chat.acked.contains(t)).collect();
-        let acked: Vec<&String> = chat.acked.iter().collect();
-        if order != acked && problems.is_empty() {
-            problems.push(format!(
-                "{}: acknowledged order {acked:?}, stored {order:?}",
-                chat.id
-            ));
         }
     }
-    (read, problems)
+    checked
+}
+
+/// Close every chat (its customer leaves) through `gateway`.
+async fn close_all(gateway: String, chats: &[Chat]) {
+    let http = confab_e2e::client().build().unwrap();
+    for chat in chats {
+        let r = http
+            .post(format!("{gateway}/api/v1/chats/{}/leave", chat.id))
+            .bearer_auth(&chat.token)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("leave");
+        assert!(
+            r.status().is_success(),
+            "{}: leave answered {}",
+            chat.id,
+            r.status()
+        );
+    }
 }
 
 /// Run the load through both gateways, let `fault` happen 3 s in, go on
@@ -356,22 +414,51 @@ fn under_load(
         .unwrap_or_else(|e| panic!("{e}"));
     let acked: usize = chats.iter().map(|c| c.acked.len()).sum();
     let reader = gateways[read_through].clone();
-    let (read, problems) = hosts
+    let (checked, chats) = hosts
         .client
-        .run(async move { check(reader, &chats).await })
+        .run(async move {
+            let checked = check(reader, &chats, false).await;
+            (checked, chats)
+        })
         .join()
         .expect("the client host")
         .unwrap_or_else(|e| panic!("{e}"));
     println!(
-        "{name}: {acked} messages acknowledged in 30 chats through 2 gateways, {read} read back, 0 lost or duplicated; the longest wait for an acknowledgement {:.2} s",
+        "{name}: {acked} messages acknowledged in 30 chats through 2 gateways, {} read back, 0 lost or duplicated; the longest wait for an acknowledgement {:.2} s",
+        checked.read,
         longest.as_secs_f64()
     );
     assert!(acked > 100, "too little load: {acked}");
-    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(checked.problems.is_empty(), "{:#?}", checked.problems);
     // Every chat went on: none waited longer than this for a message.
     assert!(
         longest < Duration::from_secs(10),
         "a chat stalled {longest:?}"
+    );
+    // The chats close on the instances that own them, on two or three
+    // hosts; every final transcript is then read from one gateway, with
+    // the customer's token and with the agents' credential.
+    let owners = checked.instances;
+    assert!(owners.len() >= 2, "the chats lived on {owners:?} only");
+    let reader = gateways[read_through].clone();
+    let closed = hosts
+        .client
+        .run(async move {
+            close_all(reader.clone(), &chats).await;
+            check(reader, &chats, true).await
+        })
+        .join()
+        .expect("the client host")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(closed.problems.is_empty(), "{:#?}", closed.problems);
+    assert_eq!(
+        closed.read,
+        2 * checked.read,
+        "final transcripts read twice (customer, agent)"
+    );
+    println!(
+        "{name}: the 30 chats closed on {owners:?}; every final transcript read back through one gateway (answered by {:?})",
+        closed.instances
     );
     after(&hosts);
     (acked, longest)

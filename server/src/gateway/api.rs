@@ -440,9 +440,10 @@ async fn post_message(
     raw_answer(status, body)
 }
 
-/// The transcript after a seq.
+/// The transcript after a seq; a closed chat's from the contact store (its
+/// participants' tokens, or the agents' credential for closed chats).
 #[utoipa::path(get, path = "/api/v1/chats/{chat_id}/transcript",
-    params(("chat_id" = String, Path), ("after" = Option<u64>, Query, description = "only events after this seq"), ("limit" = Option<usize>, Query, description = "at most this many events (1-1000, default 500); a page also ends after about 1 MiB of text")), security(("participant_token" = [])),
+    params(("chat_id" = String, Path), ("after" = Option<u64>, Query, description = "only events after this seq"), ("limit" = Option<usize>, Query, description = "at most this many events (1-1000, default 500); a page also ends after about 1 MiB of text")), security(("participant_token" = []), ("agent_credential" = [])),
     responses((status = 200, body = TranscriptBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 #[tracing::instrument(level = "debug", name = "gateway", skip_all, fields(route = "transcript", chat_id = %chat_id))]
 async fn transcript(
@@ -452,8 +453,15 @@ async fn transcript(
     Bearer(token): Bearer,
 ) -> Result<Response, ApiError> {
     check_chat_id(&chat_id)?;
-    let who = participant(&s.gw, token.as_deref(), &chat_id)?;
     let (after, limit) = (after_param(&q)?, limit_param(&q)?);
+    let who = match participant(&s.gw, token.as_deref(), &chat_id) {
+        Ok(who) => who,
+        // An agent's credential reads closed chats (the contact history).
+        Err(refused) => match token.as_deref().map(|t| s.gw.agents.authenticate(t)) {
+            Some(Ok(_)) => return final_transcript(&s.gw, &chat_id, after, limit).await,
+            _ => return Err(refused),
+        },
+    };
     let (status, body, _) =
         s.gw.on_chat_raw(
             &chat_id,
@@ -463,6 +471,30 @@ async fn transcript(
         )
         .await?;
     raw_answer(status, body)
+}
+
+/// A closed chat's final transcript, read by any instance from the contact
+/// store (shared by all of them with Cassandra).
+async fn final_transcript(
+    gw: &Gateway,
+    chat_id: &str,
+    after: u64,
+    limit: usize,
+) -> Result<Response, ApiError> {
+    let path = internal::final_transcript_page(chat_id, after, limit);
+    for _ in 0..gw.pool.members.len().max(1) {
+        let member = gw.pool.any_healthy(None).ok_or_else(no_instance)?;
+        match gw.call_raw(&member, Method::GET, &path, None).await {
+            Ok((StatusCode::NOT_FOUND, _)) => {
+                return Err(ApiError::not_found(format!(
+                    "chat {chat_id} has no final transcript: an agent's credential reads closed chats; join an open chat to read it"
+                )))
+            }
+            Ok((status, body)) => return raw_answer(status, body),
+            Err(Unreachable(why)) => gw.pool.report_failure(&member, &why),
+        }
+    }
+    Err(no_instance())
 }
 
 /// Live events over WebSocket, one JSON event per text frame, from seq

@@ -174,19 +174,66 @@ impl Instance {
         limit: usize,
         reader: Option<&str>,
     ) -> EngineResult<TranscriptView> {
-        let session = self.live(session_id).await?;
+        let session = match self.live(session_id).await {
+            Ok(session) => session,
+            // A closed chat is read from the contact store, by any instance
+            // that shares it.
+            // (A closing still under way has none yet: 409.)
+            Err(EngineError::Closed(_)) => {
+                return match self
+                    .final_transcript(session_id, after, limit, reader)
+                    .await
+                {
+                    Err(EngineError::NotFound(_)) => {
+                        Err(EngineError::Closed(session_id.to_owned()))
+                    }
+                    answer => answer,
+                };
+            }
+            Err(e) => return Err(e),
+        };
         let live = session.inner.lock().await;
+        self.view(session_id, &live.transcript, after, limit, reader)
+    }
+
+    /// A page of a closed chat's final transcript from the contact store,
+    /// as `reader` may see it (all of it when None: an agent's credential,
+    /// an operator). NotFound when the store has none: the chat is not
+    /// closed, never existed, or closed into another host's SQLite file.
+    pub async fn final_transcript(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+        reader: Option<&str>,
+    ) -> EngineResult<TranscriptView> {
+        match self.contacts.final_transcript(session_id).await {
+            Ok(Some(t)) => {
+                let transcript = Transcript::replay(SessionState::Closed, t.events);
+                self.view(session_id, &transcript, after, limit, reader)
+            }
+            Ok(None) => Err(EngineError::NotFound(session_id.to_owned())),
+            Err(e) => Err(self.store_error(e)),
+        }
+    }
+
+    /// A page of `transcript` as `reader` may see it.
+    fn view(
+        &self,
+        session_id: &str,
+        transcript: &Transcript,
+        after: u64,
+        limit: usize,
+        reader: Option<&str>,
+    ) -> EngineResult<TranscriptView> {
         let left_at = match reader {
-            Some(p) => live
-                .transcript
+            Some(p) => transcript
                 .read_limit(p)
                 .map_err(|e| state_error(session_id, e))?,
             None => None,
         };
         let end = left_at.unwrap_or(u64::MAX);
-        let (page, more) = live
-            .transcript
-            .page(after, limit, crate::contract::PAGE_TEXT_BYTES);
+        let (page, more) = transcript.page(after, limit, crate::contract::PAGE_TEXT_BYTES);
         let events: Vec<EventView> = page
             .iter()
             .take_while(|e| e.seq <= end)
@@ -196,7 +243,7 @@ impl Instance {
         Ok(TranscriptView {
             chat_id: session_id.to_owned(),
             instance_id: self.id.clone(),
-            state: live.transcript.state,
+            state: transcript.state,
             events,
             more,
             left_at,

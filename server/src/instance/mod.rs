@@ -14,6 +14,7 @@ pub mod wall;
 
 use crate::config::{Config, StoreBackend};
 use crate::listener::Listener;
+use crate::store::cassandra::contacts::CassandraContactStore;
 use crate::store::sqlite::{SqliteContactStore, SqliteOptions, SqliteStore};
 use crate::store::{ContactStore, SessionStore};
 use crate::telemetry::{events, metrics as m};
@@ -49,8 +50,32 @@ impl Application {
             max_batch: server.max_batch,
             ..SqliteOptions::default()
         };
-        let store: Arc<dyn SessionStore> = match server.store {
-            StoreBackend::Sqlite => Arc::new(
+        // One Cassandra session for both stores, when either is there.
+        let cassandra = if server.store == StoreBackend::Cassandra
+            || server.contact_store == StoreBackend::Cassandra
+        {
+            let c = &config.cassandra;
+            let session = crate::store::cassandra::connect(c).await.with_context(|| {
+                format!("connecting to Cassandra at {}", c.contact_points.join(","))
+            })?;
+            crate::store::cassandra::consistency::enforce(&session, c).await?;
+            Some(Arc::new(session))
+        } else {
+            None
+        };
+        let init_hint = || {
+            format!(
+                "preparing statements in keyspace {} (run `confab cassandra init`?)",
+                config.cassandra.keyspace
+            )
+        };
+        let store: Arc<dyn SessionStore> = match (server.store, &cassandra) {
+            (StoreBackend::Cassandra, Some(session)) => Arc::new(
+                crate::store::cassandra::CassandraStore::new(session.clone(), &config.cassandra)
+                    .await
+                    .with_context(init_hint)?,
+            ),
+            _ => Arc::new(
                 SqliteStore::open(&server.sqlite_path, sqlite).with_context(|| {
                     format!(
                         "opening the SQLite session store {}",
@@ -58,27 +83,24 @@ impl Application {
                     )
                 })?,
             ),
-            StoreBackend::Cassandra => {
-                let c = &config.cassandra;
-                let session = crate::store::cassandra::connect(c).await.with_context(|| {
-                    format!("connecting to Cassandra at {}", c.contact_points.join(","))
-                })?;
-                crate::store::cassandra::consistency::enforce(&session, c).await?;
+        };
+        let contacts: Arc<dyn ContactStore> = match (server.contact_store, &cassandra) {
+            (StoreBackend::Cassandra, Some(session)) => Arc::new(
+                CassandraContactStore::new(session.clone(), &config.cassandra)
+                    .await
+                    .with_context(init_hint)?,
+            ),
+            _ => {
+                let path = server
+                    .contact_store_path
+                    .clone()
+                    .unwrap_or_else(|| server.sqlite_path.clone());
                 Arc::new(
-                    crate::store::cassandra::CassandraStore::new(session, c)
-                        .await
-                        .with_context(|| format!("preparing statements in keyspace {} (run `confab cassandra init`?)", c.keyspace))?,
+                    SqliteContactStore::open(&path, sqlite)
+                        .with_context(|| format!("opening the contact store {}", path.display()))?,
                 )
             }
         };
-        let contact_path = server
-            .contact_store_path
-            .clone()
-            .unwrap_or_else(|| server.sqlite_path.clone());
-        let contacts: Arc<dyn ContactStore> = Arc::new(
-            SqliteContactStore::open(&contact_path, sqlite)
-                .with_context(|| format!("opening the contact store {}", contact_path.display()))?,
-        );
         let handle = m::install();
         m::describe();
         let stop = CancellationToken::new();

@@ -21,6 +21,7 @@
 //! | `POST /internal/v1/sessions/{id}/leave` | `{participant_id, end_chat?}` | `{state}` |
 //! | `POST /internal/v1/sessions/{id}/restore` | | `{session_id, instance_id, epoch, restored}` |
 //! | `GET /internal/v1/sessions/{id}/location` | | the stored `SessionRecord` (owner, epoch, state) |
+//! | `GET /internal/v1/sessions/{id}/final-transcript?after=N` | | a closed chat's transcript from the contact store, as above with `state: closed`; 404 when the store has none |
 //!
 //! A session that this instance does not host (any more) answers 421
 //! `not_owner`: the gateway then restores it on a live instance.
@@ -68,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route(Route::Join.pattern(), post(join))
         .route(Route::Messages.pattern(), post(post_message))
         .route(Route::Transcript.pattern(), get(transcript))
+        .route(Route::FinalTranscript.pattern(), get(final_transcript))
         .route(Route::Stream.pattern(), get(super::stream::stream))
         .route(Route::Leave.pattern(), post(leave))
         .route(Route::Restore.pattern(), post(restore))
@@ -267,11 +269,24 @@ async fn admin_transcript(
     check_admin(&headers, s.admin_token.as_deref())?;
     let id = check_chat_id(&id)?;
     let (after, limit) = (after_param(&q)?, limit_param(&q)?);
-    let session = s
-        .instance
-        .sessions
-        .get(id)
-        .ok_or_else(|| ApiError::not_found(format!("chat {id} is not hosted here")))?;
+    let Some(session) = s.instance.sessions.get(id) else {
+        // Not hosted here: a closed chat is read from the contact store.
+        let view = s
+            .instance
+            .final_transcript(id, after, limit, None)
+            .await
+            .map_err(|e| match e {
+                EngineError::NotFound(_) => ApiError::not_found(format!(
+                    "chat {id} is not hosted here and the contact store has no final transcript of it"
+                )),
+                e => e.into(),
+            })?;
+        return Ok(Json(answers::AdminTranscript {
+            chat_id: view.chat_id,
+            events: view.events,
+            more: view.more,
+        }));
+    };
     let (events, more) = session
         .page(after, limit, crate::contract::PAGE_TEXT_BYTES)
         .await;
@@ -417,6 +432,19 @@ async fn transcript(
     Ok(Json(
         s.instance
             .transcript(check_chat_id(&id)?, after, limit, reader_param(&q)?)
+            .await?,
+    ))
+}
+
+async fn final_transcript(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<answers::TranscriptView>, ApiError> {
+    let (after, limit) = (after_param(&q)?, limit_param(&q)?);
+    Ok(Json(
+        s.instance
+            .final_transcript(check_chat_id(&id)?, after, limit, None)
             .await?,
     ))
 }

@@ -23,6 +23,7 @@
 //! at once get distinct epochs and distinct rows.
 
 pub mod consistency;
+pub mod contacts;
 pub mod cql;
 #[cfg(test)]
 mod sim;
@@ -274,8 +275,11 @@ struct Header {
 
 impl CassandraStore<Driver> {
     /// Prepare every statement once, with its consistency level.
-    pub async fn new(session: Session, config: &CassandraConfig) -> StoreResult<Self> {
-        Ok(Self::over(Driver::prepare(session, config).await?))
+    pub async fn new(
+        session: impl Into<Arc<Session>>,
+        config: &CassandraConfig,
+    ) -> StoreResult<Self> {
+        Ok(Self::over(Driver::prepare(session.into(), config).await?))
     }
 }
 

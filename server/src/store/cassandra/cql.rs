@@ -89,7 +89,7 @@ const MAX_IN_FLIGHT: usize = 512;
 
 /// The statements on a cluster, through the scylla driver.
 pub struct Driver {
-    session: Session,
+    session: std::sync::Arc<Session>,
     st: Statements,
     in_flight: Semaphore,
 }
@@ -113,7 +113,10 @@ struct Statements {
 
 impl Driver {
     /// Prepare every statement once, with its consistency level.
-    pub async fn prepare(session: Session, config: &CassandraConfig) -> StoreResult<Self> {
+    pub async fn prepare(
+        session: std::sync::Arc<Session>,
+        config: &CassandraConfig,
+    ) -> StoreResult<Self> {
         let ks = &config.keyspace;
         let (read, write) = (
             level(config.read_consistency),
