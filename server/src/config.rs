@@ -170,6 +170,10 @@ pub struct ServerConfig {
     pub contact_store: StoreBackend,
     /// The SQLite contact store's file; defaults to the session store's.
     pub contact_store_path: Option<PathBuf>,
+    /// Where gateways reach this instance, as registered in the session
+    /// store; None: `http(s)://<listen>` (refused for an unspecified
+    /// address such as 0.0.0.0, which nobody else can reach).
+    pub advertise_url: Option<String>,
     pub admin_token: Option<String>,
     /// `POST /admin/kill` (SIGKILL itself, for restoration tests outside
     /// `confab up`); off unless turned on.
@@ -247,6 +251,9 @@ impl IpNet {
 pub struct GatewayConfig {
     pub listen: SocketAddr,
     pub instances: Vec<String>,
+    /// Also find instances in the session store's registry (the `[server]`
+    /// store options and `[cassandra]` say where it is).
+    pub discover: bool,
     pub token_secret: Option<String>,
     pub agent_credential: Option<String>,
     pub allowed_origins: Vec<String>,
@@ -520,6 +527,12 @@ pub const OPTIONS: &[OptionSpec] = &[
     ),
     opt(
         "server",
+        "advertise-url",
+        r#""""#,
+        r#"where gateways reach it, registered in the session store; "": from listen"#,
+    ),
+    opt(
+        "server",
         "admin-token",
         r#""""#,
         "or admin-token-file; /admin answers 401 without it",
@@ -571,6 +584,12 @@ pub const OPTIONS: &[OptionSpec] = &[
         "instances",
         "[]",
         r#"instance base URLs, e.g. ["http://127.0.0.1:7001"]"#,
+    ),
+    opt(
+        "gateway",
+        "discover",
+        "false",
+        "also find instances in the session store ([server] store, [cassandra])",
     ),
     opt(
         "gateway",
@@ -1117,6 +1136,9 @@ impl Layers {
             contact_store_path: self
                 .opt_string("server.contact-store-path")?
                 .map(PathBuf::from),
+            advertise_url: self
+                .opt_string("server.advertise-url")?
+                .map(|u| u.trim_end_matches('/').to_owned()),
             admin_token: self.secret("server.admin-token")?,
             admin_kill_enabled: self.boolean("server.admin-kill-enabled")?,
             max_batch: self.integer("server.max-batch", 1, 100_000)? as usize,
@@ -1141,6 +1163,7 @@ impl Layers {
         let gateway = GatewayConfig {
             listen: self.socket("gateway.listen")?,
             instances: self.list("gateway.instances")?,
+            discover: self.boolean("gateway.discover")?,
             token_secret: self.secret("gateway.token-secret")?,
             agent_credential: self.opt_string("gateway.agent-credential")?,
             allowed_origins: self.list("gateway.allowed-origins")?,
@@ -1413,6 +1436,9 @@ impl Config {
         if let Some(p) = &s.contact_store_path {
             put(&mut t, "contact-store-path", path(p));
         }
+        if let Some(u) = &s.advertise_url {
+            put(&mut t, "advertise-url", text(u));
+        }
         if let Some(token) = &s.admin_token {
             put(&mut t, "admin-token", text(token));
         }
@@ -1441,6 +1467,7 @@ impl Config {
         let mut t = toml::Table::new();
         put(&mut t, "listen", text(&g.listen.to_string()));
         put(&mut t, "instances", list(&g.instances));
+        put(&mut t, "discover", Value::Boolean(g.discover));
         if let Some(secret) = &g.token_secret {
             put(&mut t, "token-secret", text(secret));
         }
@@ -1786,6 +1813,7 @@ sqlite-synchronous = "extra"
 sqlite-busy-timeout = "750ms"
 contact-store = "sqlite"
 contact-store-path = "/var/lib/confab/contacts.db"
+advertise-url = "http://chat-9.internal:7100"
 admin-token = "adm"
 admin-kill-enabled = true
 max-batch = 64
@@ -1795,6 +1823,7 @@ max-transcript-bytes = 100000
 [gateway]
 listen = "0.0.0.0:8443"
 instances = ["http://a:7001"]
+discover = true
 token-secret = "ts"
 agent-credential = "ag"
 allowed-origins = ["https://shop.example"]

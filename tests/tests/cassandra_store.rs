@@ -2,6 +2,7 @@
 //! node over real TCP, or the real cluster named by CONFAB_TEST_CASSANDRA.
 
 use confab::store::cassandra::contacts::CassandraContactStore;
+use confab::store::cassandra::registry::CassandraRegistry;
 use confab::store::cassandra::{connect, CassandraStore};
 use confab::store::suite;
 use confab_e2e::kassandra::{cassandra_config, init_keyspace, Node};
@@ -22,7 +23,8 @@ async fn cassandra_passes_the_store_suite() {
 }
 
 /// The contact store's case of the suite on the shared final-transcripts
-/// table: the first save kept, an unknown chat answered with none.
+/// table (the first save kept, an unknown chat answered with none), and the
+/// instances' registry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cassandra_passes_the_contact_store_suite() {
     let node = Node::get().await;
@@ -32,6 +34,10 @@ async fn cassandra_passes_the_contact_store_suite() {
         .await
         .unwrap();
     suite::contact_store(&contacts).await;
+    let registry = CassandraRegistry::new(connect(&config).await.unwrap(), &config)
+        .await
+        .unwrap();
+    suite::registry(&registry).await;
 }
 
 /// `init` on a keyspace it made already changes nothing (it finds every

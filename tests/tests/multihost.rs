@@ -29,6 +29,8 @@ struct Hosts {
     gateways: Vec<Arc<Host>>,
     client: Arc<Host>,
     dir: tempfile::TempDir,
+    /// How an instance (or a gateway that discovers) reaches the store.
+    store_sets: Vec<String>,
 }
 
 fn url(host: &Host) -> String {
@@ -72,61 +74,46 @@ fn start() -> Hosts {
         .expect("the client host")
         .unwrap_or_else(|e| panic!("{e}"));
 
-    let secret = format!("cluster.secret={CLUSTER_SECRET}");
+    let store_sets = store_sets(&contact_point, &keyspace);
     for (k, h) in instances.iter().enumerate() {
-        let args = [
-            "--log-format",
-            "json",
-            "server",
-            "--listen",
-            &format!("{}:{PORT}", h.addr),
-            "--instance-id",
-            &format!("i{}", k + 1),
-            "--set",
-            &secret,
-            "--set",
-            "server.store=cassandra",
-            "--set",
-            &format!("cassandra.contact-points={contact_point}"),
-            "--set",
-            &format!("cassandra.keyspace={keyspace}"),
-            "--set",
-            "cassandra.local-dc=",
-            "--set",
-            "cassandra.await-schema-agreement=false",
-            "--set",
-            "cassandra.reconnect-timeout=2s",
-        ];
-        h.spawn(
-            confab_bin(),
-            &args,
-            &dir.path().join(format!("i{}.log", k + 1)),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        spawn_instance(h, k + 1, &store_sets, dir.path());
     }
     let instance_urls: Vec<String> = instances.iter().map(|h| url(h)).collect();
+    let secret = format!("cluster.secret={CLUSTER_SECRET}");
     for (k, h) in gateways.iter().enumerate() {
-        let args = [
-            "--log-format",
-            "json",
-            "gateway",
-            "--listen",
-            &format!("{}:{PORT}", h.addr),
-            "--instance",
-            &instance_urls.join(","),
-            "--set",
-            &secret,
-            "--set",
-            "gateway.token-secret=multihost",
-            "--set",
-            &format!("gateway.agent-credential={AGENT_CREDENTIAL}"),
-            "--set",
-            "gateway.rate-limit-per-second=100000",
-            "--set",
-            "gateway.rate-limit-burst=100000",
-            "--set",
-            "gateway.health-interval=200ms",
-        ];
+        // The first gateway is given the instances' URLs; the second finds
+        // them in the session store (and any instance added later).
+        let find = if k == 0 {
+            vec!["--instance".to_owned(), instance_urls.join(",")]
+        } else {
+            let mut sets = vec!["--set".to_owned(), "gateway.discover=true".to_owned()];
+            for s in &store_sets {
+                sets.extend(["--set".to_owned(), s.clone()]);
+            }
+            sets
+        };
+        let listen = format!("{}:{PORT}", h.addr);
+        let mut args: Vec<String> = ["--log-format", "json", "gateway", "--listen", &listen]
+            .map(String::from)
+            .to_vec();
+        args.extend(find);
+        args.extend(
+            [
+                "--set",
+                &secret,
+                "--set",
+                "gateway.token-secret=multihost",
+                "--set",
+                &format!("gateway.agent-credential={AGENT_CREDENTIAL}"),
+                "--set",
+                "gateway.rate-limit-per-second=100000",
+                "--set",
+                "gateway.rate-limit-burst=100000",
+                "--set",
+                "gateway.health-interval=200ms",
+            ]
+            .map(String::from),
+        );
         h.spawn(
             confab_bin(),
             &args,
@@ -141,15 +128,7 @@ fn start() -> Hosts {
             let deadline = Instant::now() + Duration::from_secs(60);
             for g in &gateway_urls {
                 loop {
-                    let healthy = match http.get(format!("{g}/status")).send().await {
-                        Ok(r) => r.json::<Value>().await.ok().map_or(0, |s| {
-                            s["instances"]
-                                .as_array()
-                                .map_or(0, |a| a.iter().filter(|i| i["healthy"] == true).count())
-                        }),
-                        Err(_) => 0,
-                    };
-                    if healthy == 3 {
+                    if healthy_instances(&http, g).await == 3 {
                         break;
                     }
                     assert!(
@@ -170,6 +149,53 @@ fn start() -> Hosts {
         gateways,
         client,
         dir,
+        store_sets,
+    }
+}
+
+/// The options that put an instance (or a discovering gateway) on the
+/// session store of the store host.
+fn store_sets(contact_point: &str, keyspace: &str) -> Vec<String> {
+    vec![
+        "server.store=cassandra".into(),
+        format!("cassandra.contact-points={contact_point}"),
+        format!("cassandra.keyspace={keyspace}"),
+        "cassandra.local-dc=".into(),
+        "cassandra.await-schema-agreement=false".into(),
+        "cassandra.reconnect-timeout=2s".into(),
+    ]
+}
+
+/// Start instance `i<k>` on host `h`; its log is `i<k>.log` in `dir`.
+fn spawn_instance(h: &Host, k: usize, store_sets: &[String], dir: &std::path::Path) {
+    let mut args: Vec<String> = vec![
+        "--log-format".into(),
+        "json".into(),
+        "server".into(),
+        "--listen".into(),
+        format!("{}:{PORT}", h.addr),
+        "--instance-id".into(),
+        format!("i{k}"),
+        "--set".into(),
+        format!("cluster.secret={CLUSTER_SECRET}"),
+    ];
+    for s in store_sets {
+        args.extend(["--set".into(), s.clone()]);
+    }
+    h.spawn(confab_bin(), &args, &dir.join(format!("i{k}.log")))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// How many instances the gateway at `g` counts as healthy, seen from the
+/// client host.
+async fn healthy_instances(http: &reqwest::Client, g: &str) -> usize {
+    match http.get(format!("{g}/status")).send().await {
+        Ok(r) => r.json::<Value>().await.ok().map_or(0, |s| {
+            s["instances"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|i| i["healthy"] == true).count())
+        }),
+        Err(_) => 0,
     }
 }
 
@@ -562,4 +588,101 @@ fn the_store_host_frozen_and_thawed_raises_and_clears_the_alarm_and_loses_nothin
             }
         },
     );
+}
+
+/// The second gateway finds instances only through the session store's
+/// registry: an instance started on a new host later is found within
+/// seconds and given new chats; once its heartbeat stops (its host cut off
+/// from the store host), it is given none (59705 in the gateway's log).
+#[test]
+fn a_gateway_finds_a_new_instance_in_the_store_and_drops_one_whose_heartbeat_stops() {
+    let hosts = start();
+    let i4 = hosts.net.host("i4", 14).unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    spawn_instance(&i4, 4, &hosts.store_sets, hosts.dir.path());
+    let g2 = url(&hosts.gateways[1]);
+    let (found, on_i4) = hosts
+        .client
+        .run({
+            let g2 = g2.clone();
+            async move {
+                let http = confab_e2e::client().build().unwrap();
+                while healthy_instances(&http, &g2).await < 4 {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(30),
+                        "{g2} did not find the fourth instance"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let found = started.elapsed();
+                // The new instance has the fewest chats: the next go there.
+                let mut on_i4 = 0;
+                for i in 0..6 {
+                    let r: Value = http
+                        .post(format!("{g2}/api/v1/chats"))
+                        .json(&json!({"nickname": format!("d{i}")}))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    on_i4 += usize::from(r["instance_id"] == "i4");
+                }
+                (found, on_i4)
+            }
+        })
+        .join()
+        .expect("the client host")
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "discovery: the fourth instance was found by the discovering gateway {:.2} s after it was started; {on_i4} of 6 new chats went to it",
+        found.as_secs_f64()
+    );
+    assert!(on_i4 > 0, "no new chat went to the discovered instance");
+
+    hosts
+        .net
+        .cut(&i4, &hosts.store)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let log = hosts.dir.path().join("g2.log");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text
+            .lines()
+            .any(|l| l.contains("\"event_id\":59705") && l.contains("i4"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "g2 did not notice i4's heartbeat stop (59705)"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let on_i4 = hosts
+        .client
+        .run(async move {
+            let http = confab_e2e::client().build().unwrap();
+            let mut on_i4 = 0;
+            for i in 0..10 {
+                let r: Value = http
+                    .post(format!("{g2}/api/v1/chats"))
+                    .json(&json!({"nickname": format!("e{i}")}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                assert!(r["chat_id"].is_string(), "{r}");
+                on_i4 += usize::from(r["instance_id"] == "i4");
+            }
+            on_i4
+        })
+        .join()
+        .expect("the client host")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(on_i4, 0, "chats went to an instance without a heartbeat");
 }

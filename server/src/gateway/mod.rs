@@ -11,6 +11,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod discovery;
 mod pages;
 pub mod pool;
 pub mod ratelimit;
@@ -188,7 +189,7 @@ impl Gateway {
         }
         // Any instance can read the session store; one that just died (and
         // is not marked down yet) is marked now and the next one asked.
-        for _ in 0..self.pool.members.len().max(1) {
+        for _ in 0..self.pool.len().max(1) {
             let any = self.pool.any_healthy(None).ok_or_else(no_instance)?;
             match self
                 .call(&any, Method::GET, &Route::Location.path(chat), None)
@@ -254,7 +255,7 @@ impl Gateway {
             }
         }
         let started = std::time::Instant::now();
-        for _ in 0..self.pool.members.len().max(1) {
+        for _ in 0..self.pool.len().max(1) {
             let Some(target) = self.pool.pick(Some(failed)) else {
                 break;
             };
@@ -389,13 +390,15 @@ pub struct Application {
     router: axum::Router,
     gateway: Arc<Gateway>,
     health_interval: Duration,
+    /// The store configuration discovery reads the registry with.
+    discover: Option<Config>,
 }
 
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let g = &config.gateway;
-        if g.instances.is_empty() {
-            anyhow::bail!("no instances configured: set gateway.instances (e.g. --instance http://127.0.0.1:7001)");
+        if g.instances.is_empty() && !g.discover {
+            anyhow::bail!("no instances configured: set gateway.instances (e.g. --instance http://127.0.0.1:7001), or gateway.discover = true to find them in the session store");
         }
         let agents = Arc::new(agents::Agents::new(
             g.agent_credential.clone(),
@@ -464,6 +467,7 @@ impl Application {
             router,
             gateway,
             health_interval: g.health_interval,
+            discover: g.discover.then(|| config.clone()),
         })
     }
 
@@ -480,15 +484,27 @@ impl Application {
             router,
             gateway,
             health_interval,
+            discover,
         } = self;
         // First checks before serving, so the first chat finds instances.
-        for member in &gateway.pool.members {
-            gateway.pool.check(member, Duration::from_millis(500)).await;
+        for member in gateway.pool.members() {
+            gateway
+                .pool
+                .check(&member, Duration::from_millis(500))
+                .await;
         }
         gateway
             .pool
             .spawn_health_checks(health_interval, gateway.stop.clone());
-        tracing::info!(addr = %listener.local_addr()?, instances = gateway.pool.members.len(), "gateway started");
+        if let Some(config) = discover {
+            let config = Arc::new(config);
+            discovery::spawn(
+                gateway.pool.clone(),
+                move || crate::store::open_registry(config.clone()),
+                gateway.stop.clone(),
+            );
+        }
+        tracing::info!(addr = %listener.local_addr()?, instances = gateway.pool.len(), "gateway started");
         let stop = gateway.stop.clone();
         listener
             .serve(router, async move {

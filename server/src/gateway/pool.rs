@@ -56,6 +56,10 @@ pub struct Member {
     no_watches: AtomicBool,
     /// Presented on every internal call and channel.
     secret: crate::contract::ClusterSecret,
+    /// Registered in the session store with a recent heartbeat (always true
+    /// for an instance configured by URL): one found by discovery that
+    /// stops heartbeating is given no new chats.
+    registered: AtomicBool,
 }
 
 /// How the gateway reaches an instance for a request.
@@ -71,7 +75,13 @@ impl Member {
 
     pub fn is_usable(&self) -> bool {
         let h = self.health.lock();
-        h.healthy && h.enabled && h.instance_id.is_some()
+        h.healthy && h.enabled && h.instance_id.is_some() && self.registered.load(Ordering::Relaxed)
+    }
+
+    /// Discovery saw (or stopped seeing) this instance's heartbeat;
+    /// whether that changed anything.
+    pub fn set_registered(&self, registered: bool) -> bool {
+        self.registered.swap(registered, Ordering::Relaxed) != registered
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -151,9 +161,14 @@ impl Member {
 }
 
 pub struct Pool {
-    pub members: Vec<Arc<Member>>,
+    /// Configured by URL, then added by discovery; never removed (a chat's
+    /// owner must stay reachable by id until its chats have moved).
+    members: parking_lot::RwLock<Vec<Arc<Member>>>,
     client: reqwest::Client,
     channel: bool,
+    secret: crate::contract::ClusterSecret,
+    /// Set by `spawn_health_checks`: how members added later are checked.
+    checks: Mutex<Option<(Duration, CancellationToken)>>,
 }
 
 impl Pool {
@@ -165,51 +180,88 @@ impl Pool {
         channel: bool,
         secret: &crate::contract::ClusterSecret,
     ) -> Arc<Self> {
-        let members = urls
-            .iter()
-            .map(|u| {
-                Arc::new(Member {
-                    url: u.trim_end_matches('/').to_owned(),
-                    health: Mutex::new(Health {
-                        instance_id: None,
-                        healthy: false,
-                        enabled: false,
-                        sessions_active: 0,
-                        failures: 0,
-                        down: CancellationToken::new(),
-                        store_lost_since: None,
-                    }),
-                    assigned: AtomicI64::new(0),
-                    channel: Mutex::new(None),
-                    connecting: tokio::sync::Mutex::new(()),
-                    http_only: AtomicBool::new(!channel),
-                    no_watches: AtomicBool::new(false),
-                    secret: secret.clone(),
-                })
-            })
-            .collect();
-        Arc::new(Pool {
-            members,
+        let pool = Arc::new(Pool {
+            members: Default::default(),
             client,
             channel,
-        })
+            secret: secret.clone(),
+            checks: Mutex::new(None),
+        });
+        for url in urls {
+            pool.add(url);
+        }
+        pool
+    }
+
+    /// Add the instance at `url` unless it is a member already; the new
+    /// member, checked from now on like the others.
+    pub fn add(self: &Arc<Self>, url: &str) -> Option<Arc<Member>> {
+        let url = url.trim_end_matches('/');
+        let member = {
+            let mut members = self.members.write();
+            if members.iter().any(|m| m.url == url) {
+                return None;
+            }
+            let member = Arc::new(Member {
+                url: url.to_owned(),
+                health: Mutex::new(Health {
+                    instance_id: None,
+                    healthy: false,
+                    enabled: false,
+                    sessions_active: 0,
+                    failures: 0,
+                    down: CancellationToken::new(),
+                    store_lost_since: None,
+                }),
+                assigned: AtomicI64::new(0),
+                channel: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                http_only: AtomicBool::new(!self.channel),
+                no_watches: AtomicBool::new(false),
+                secret: self.secret.clone(),
+                registered: AtomicBool::new(true),
+            });
+            members.push(member.clone());
+            member
+        };
+        if let Some((interval, stop)) = self.checks.lock().clone() {
+            self.spawn_check(member.clone(), interval, stop);
+        }
+        Some(member)
+    }
+
+    /// The members now.
+    pub fn members(&self) -> Vec<Arc<Member>> {
+        self.members.read().clone()
+    }
+
+    /// How many members there are: the most instances a request tries.
+    pub fn len(&self) -> usize {
+        self.members.read().len()
+    }
+
+    pub fn member_by_url(&self, url: &str) -> Option<Arc<Member>> {
+        let url = url.trim_end_matches('/');
+        self.members.read().iter().find(|m| m.url == url).cloned()
     }
 
     pub fn by_id(&self, id: &str) -> Option<Arc<Member>> {
         self.members
+            .read()
             .iter()
             .find(|m| m.id().as_deref() == Some(id))
             .cloned()
     }
 
     pub fn views(&self) -> Vec<MemberView> {
-        self.members.iter().map(|m| m.view()).collect()
+        self.members.read().iter().map(|m| m.view()).collect()
     }
 
     /// The usable instance with the fewest chats; `avoid` is taken only if
     /// nothing else is usable.
     pub fn pick(&self, avoid: Option<&Member>) -> Option<Arc<Member>> {
-        let usable = self.members.iter().filter(|m| m.is_usable());
+        let members = self.members.read();
+        let usable = members.iter().filter(|m| m.is_usable());
         let best = usable
             .clone()
             .filter(|m| avoid.is_none_or(|a| !std::ptr::eq(a, m.as_ref())))
@@ -224,11 +276,12 @@ impl Pool {
 
     /// Any healthy instance (enabled or not), to ask the session store.
     pub fn any_healthy(&self, avoid: Option<&Member>) -> Option<Arc<Member>> {
-        let healthy = self.members.iter().filter(|m| m.is_healthy());
+        let members = self.members.read();
+        let healthy = members.iter().filter(|m| m.is_healthy());
         healthy
             .clone()
             .find(|m| avoid.is_none_or(|a| !std::ptr::eq(a, m.as_ref())))
-            .or_else(|| self.members.iter().find(|m| m.is_healthy()))
+            .or_else(|| members.iter().find(|m| m.is_healthy()))
             .cloned()
     }
 
@@ -236,6 +289,7 @@ impl Pool {
     /// its session store available).
     fn another_reaches_the_store(&self, member: &Member) -> bool {
         self.members
+            .read()
             .iter()
             .any(|m| !std::ptr::eq(m.as_ref(), member) && m.is_usable())
     }
@@ -265,7 +319,7 @@ impl Pool {
     }
 
     fn export(&self) {
-        let usable = self.members.iter().filter(|m| m.is_usable()).count();
+        let usable = self.members.read().iter().filter(|m| m.is_usable()).count();
         metrics::gauge!(m::GATEWAY_INSTANCES_HEALTHY).set(usable as f64);
     }
 
@@ -356,15 +410,26 @@ impl Pool {
         }
     }
 
-    /// Check every instance every `interval` until `stop`.
+    /// Check every instance, and every one added later, every `interval`
+    /// until `stop`.
     pub fn spawn_health_checks(self: &Arc<Self>, interval: Duration, stop: CancellationToken) {
-        let timeout = (interval * 2).max(Duration::from_millis(500));
-        for member in self.members.clone() {
-            let pool = self.clone();
-            crate::process::every(interval, stop.clone(), move || {
-                let (pool, member) = (pool.clone(), member.clone());
-                async move { pool.check(&member, timeout).await }
-            });
+        *self.checks.lock() = Some((interval, stop.clone()));
+        for member in self.members() {
+            self.spawn_check(member, interval, stop.clone());
         }
+    }
+
+    fn spawn_check(
+        self: &Arc<Self>,
+        member: Arc<Member>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
+        let timeout = (interval * 2).max(Duration::from_millis(500));
+        let pool = self.clone();
+        crate::process::every(interval, stop, move || {
+            let (pool, member) = (pool.clone(), member.clone());
+            async move { pool.check(&member, timeout).await }
+        });
     }
 }

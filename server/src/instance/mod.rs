@@ -6,6 +6,7 @@ mod engine;
 pub mod error;
 mod live;
 mod messages;
+pub mod registration;
 mod restoration;
 pub mod routes;
 pub mod stats;
@@ -15,8 +16,9 @@ pub mod wall;
 use crate::config::{Config, StoreBackend};
 use crate::listener::Listener;
 use crate::store::cassandra::contacts::CassandraContactStore;
-use crate::store::sqlite::{SqliteContactStore, SqliteOptions, SqliteStore};
-use crate::store::{ContactStore, SessionStore};
+use crate::store::cassandra::registry::CassandraRegistry;
+use crate::store::sqlite::{SqliteContactStore, SqliteOptions, SqliteRegistry, SqliteStore};
+use crate::store::{ContactStore, InstanceRegistry, SessionStore};
 use crate::telemetry::{events, metrics as m};
 use anyhow::Context;
 use availability::StoreMonitor;
@@ -84,6 +86,18 @@ impl Application {
                 })?,
             ),
         };
+        let registry: Arc<dyn InstanceRegistry> = match (server.store, &cassandra) {
+            (StoreBackend::Cassandra, Some(session)) => Arc::new(
+                CassandraRegistry::new(session.clone(), &config.cassandra)
+                    .await
+                    .with_context(init_hint)?,
+            ),
+            _ => Arc::new(
+                SqliteRegistry::open(&server.sqlite_path, sqlite).with_context(|| {
+                    format!("opening the registry in {}", server.sqlite_path.display())
+                })?,
+            ),
+        };
         let contacts: Arc<dyn ContactStore> = match (server.contact_store, &cassandra) {
             (StoreBackend::Cassandra, Some(session)) => Arc::new(
                 CassandraContactStore::new(session.clone(), &config.cassandra)
@@ -135,6 +149,19 @@ impl Application {
         let listener = Listener::bind("instance", server.listen, &config.http)
             .await?
             .uncapped();
+        match registration::advertised_url(
+            server.advertise_url.as_deref(),
+            listener.local_addr()?,
+            config.http.scheme(),
+        ) {
+            Some(url) => {
+                registration::spawn_heartbeat(instance.clone(), registry, url, stop.clone())
+            }
+            None => tracing::warn!(
+                listen = %server.listen,
+                "not registered for discovery: set server.advertise-url to the URL gateways reach this instance at"
+            ),
+        }
         let channels = tokio_util::task::TaskTracker::new();
         let router = routes::router(routes::AppState {
             instance: instance.clone(),

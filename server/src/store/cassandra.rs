@@ -25,6 +25,7 @@
 pub mod consistency;
 pub mod contacts;
 pub mod cql;
+pub mod registry;
 #[cfg(test)]
 mod sim;
 

@@ -203,3 +203,57 @@ pub trait ContactStore: Send + Sync + 'static {
     async fn save_final_transcript(&self, transcript: FinalTranscript) -> StoreResult<()>;
     async fn final_transcript(&self, session_id: &str) -> StoreResult<Option<FinalTranscript>>;
 }
+
+/// An instance as it registers itself in the session store, so that
+/// gateways find every instance without a list of URLs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub instance_id: String,
+    /// Where others reach it (`server.advertise-url`).
+    pub url: String,
+    /// Takes new chats (not drained).
+    pub enabled: bool,
+    /// When it last wrote this, by its own clock (ms since the Unix epoch).
+    /// Readers judge freshness by whether it changes, not by comparing
+    /// clocks.
+    pub heartbeat_ms: i64,
+}
+
+/// The instances' registry, kept in the session store.
+#[async_trait]
+pub trait InstanceRegistry: Send + Sync + 'static {
+    /// Write (or overwrite) an instance's registration.
+    async fn register(&self, registration: &Registration) -> StoreResult<()>;
+    /// Every registration, live or not: readers decide which are fresh.
+    async fn registrations(&self) -> StoreResult<Vec<Registration>>;
+}
+
+/// The instances' registry of the session store `config` names (its
+/// `[server]` store options and `[cassandra]`), for a gateway to discover
+/// instances with.
+pub async fn open_registry(
+    config: std::sync::Arc<crate::config::Config>,
+) -> anyhow::Result<std::sync::Arc<dyn InstanceRegistry>> {
+    use anyhow::Context;
+    let server = &config.server;
+    Ok(match server.store {
+        crate::config::StoreBackend::Cassandra => {
+            let c = &config.cassandra;
+            let session = cassandra::connect(c).await.with_context(|| {
+                format!("connecting to Cassandra at {}", c.contact_points.join(","))
+            })?;
+            std::sync::Arc::new(cassandra::registry::CassandraRegistry::new(session, c).await?)
+        }
+        crate::config::StoreBackend::Sqlite => {
+            let options = sqlite::SqliteOptions {
+                busy_timeout: server.sqlite_busy_timeout,
+                ..sqlite::SqliteOptions::default()
+            };
+            std::sync::Arc::new(
+                sqlite::SqliteRegistry::open(&server.sqlite_path, options).with_context(|| {
+                    format!("opening the registry in {}", server.sqlite_path.display())
+                })?,
+            )
+        }
+    })
+}

@@ -28,7 +28,8 @@
 //! instance refuses a reused one before it gets here.
 
 use super::{
-    Append, ContactStore, FinalTranscript, SessionRecord, SessionStore, StoreError, StoreResult,
+    Append, ContactStore, FinalTranscript, InstanceRegistry, Registration, SessionRecord,
+    SessionStore, StoreError, StoreResult,
 };
 use crate::config::Synchronous;
 use crate::session::{Event, EventKind, Role, SessionState};
@@ -65,6 +66,12 @@ CREATE TABLE IF NOT EXISTS final_transcripts (
     intx       TEXT NOT NULL,
     closed_at  INTEGER NOT NULL,
     transcript TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS instances (
+    instance_id  TEXT PRIMARY KEY,
+    url          TEXT NOT NULL,
+    enabled      INTEGER NOT NULL,
+    heartbeat_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
 
@@ -1090,26 +1097,89 @@ pub struct SqliteContactStore {
     busy_timeout: Duration,
 }
 
+/// A connection of its own to the session store's file (or another), for
+/// the small tables off the message path: final transcripts, the
+/// instances' registry.
+fn open_side(path: &Path, options: SqliteOptions) -> StoreResult<Arc<Mutex<Connection>>> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(unavailable)?;
+    }
+    let deadline = std::time::Instant::now() + options.busy_timeout;
+    let mut conn = retry_busy(deadline, || {
+        let conn = open(path, options)?;
+        create_schema(&conn)?;
+        Ok(conn)
+    })
+    .map_err(unavailable)?;
+    // Waits for the write lock as the session writers do: with SQLite's
+    // sleeping handler it lost the lock to them again and again, and a
+    // chat's close waited for its final transcript.
+    conn.busy_handler(Some(busy_wait)).map_err(unavailable)?;
+    Ok(Arc::new(Mutex::new(conn)))
+}
+
 impl SqliteContactStore {
     pub fn open(path: &Path, options: SqliteOptions) -> StoreResult<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(unavailable)?;
-        }
-        let deadline = std::time::Instant::now() + options.busy_timeout;
-        let mut conn = retry_busy(deadline, || {
-            let conn = open(path, options)?;
-            create_schema(&conn)?;
-            Ok(conn)
-        })
-        .map_err(unavailable)?;
-        // Waits for the write lock as the session writers do: with
-        // SQLite's sleeping handler it lost the lock to them again and
-        // again, and a chat's close waited for its final transcript.
-        conn.busy_handler(Some(busy_wait)).map_err(unavailable)?;
         Ok(SqliteContactStore {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: open_side(path, options)?,
             busy_timeout: options.busy_timeout,
         })
+    }
+}
+
+/// The instances' registry in the session store's file: every instance of
+/// the host, and a gateway on the same host, read and write it.
+pub struct SqliteRegistry {
+    conn: Arc<Mutex<Connection>>,
+    busy_timeout: Duration,
+}
+
+impl SqliteRegistry {
+    pub fn open(path: &Path, options: SqliteOptions) -> StoreResult<Self> {
+        Ok(SqliteRegistry {
+            conn: open_side(path, options)?,
+            busy_timeout: options.busy_timeout,
+        })
+    }
+}
+
+#[async_trait]
+impl InstanceRegistry for SqliteRegistry {
+    async fn register(&self, r: &Registration) -> StoreResult<()> {
+        let (conn, busy_timeout, r) = (self.conn.clone(), self.busy_timeout, r.clone());
+        tokio::task::spawn_blocking(move || {
+            BUSY_TIMEOUT.with(|t| t.set(busy_timeout));
+            conn.lock().execute(
+                "INSERT INTO instances (instance_id, url, enabled, heartbeat_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (instance_id) DO UPDATE SET url = excluded.url, enabled = excluded.enabled, heartbeat_ms = excluded.heartbeat_ms",
+                params![r.instance_id, r.url, r.enabled, r.heartbeat_ms],
+            )
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn registrations(&self) -> StoreResult<Vec<Registration>> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock();
+            let mut stmt = conn
+                .prepare_cached("SELECT instance_id, url, enabled, heartbeat_ms FROM instances")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(Registration {
+                    instance_id: r.get(0)?,
+                    url: r.get(1)?,
+                    enabled: r.get(2)?,
+                    heartbeat_ms: r.get(3)?,
+                })
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)
     }
 }
 
@@ -1280,6 +1350,7 @@ mod tests {
         crate::store::suite::run_all(&open(), &open()).await;
         let contacts = SqliteContactStore::open(&path, options).unwrap();
         crate::store::suite::contact_store(&contacts).await;
+        crate::store::suite::registry(&SqliteRegistry::open(&path, options).unwrap()).await;
     }
 
     /// Two writers append to their chats as fast as they can while a

@@ -5,7 +5,8 @@
 //! two instances: fencing must hold between them, not only within one.
 
 use super::{
-    Append, ContactStore, FinalTranscript, Order, SessionRecord, SessionStore, StoreError,
+    Append, ContactStore, FinalTranscript, InstanceRegistry, Order, Registration, SessionRecord,
+    SessionStore, StoreError,
 };
 use crate::session::{now_ms, Draft, Event, Participant, Role, SessionState};
 
@@ -513,4 +514,44 @@ pub async fn contact_store(c: &dyn ContactStore) {
         "the first save is kept"
     );
     assert_eq!(c.final_transcript("none").await.unwrap(), None);
+}
+
+/// The instance registry: a registration is written, overwritten by the
+/// next heartbeat, and listed with the others.
+pub async fn registry(r: &dyn InstanceRegistry) {
+    let id = format!("suite-inst-{}", uuid::Uuid::new_v4());
+    let other = format!("{id}-b");
+    let first = Registration {
+        instance_id: id.clone(),
+        url: "http://10.0.0.1:7001".into(),
+        enabled: true,
+        heartbeat_ms: 1_000,
+    };
+    r.register(&first).await.unwrap();
+    let next = Registration {
+        enabled: false,
+        heartbeat_ms: 2_000,
+        ..first.clone()
+    };
+    r.register(&next).await.unwrap();
+    r.register(&Registration {
+        instance_id: other.clone(),
+        url: "https://chat-2.example:7001".into(),
+        ..first.clone()
+    })
+    .await
+    .unwrap();
+    let listed = r.registrations().await.unwrap();
+    let mine: Vec<&Registration> = listed
+        .iter()
+        .filter(|x| x.instance_id.starts_with(&id))
+        .collect();
+    assert_eq!(mine.len(), 2, "{listed:?}");
+    assert!(
+        mine.contains(&&next),
+        "the heartbeat overwrote the first: {mine:?}"
+    );
+    assert!(mine
+        .iter()
+        .any(|x| x.instance_id == other && x.url == "https://chat-2.example:7001"));
 }

@@ -63,3 +63,8 @@ pub const GATEWAY_INSTANCE_UP: u32 = 59701;
 pub const GATEWAY_FAILOVER: u32 = 59702;
 /// Gateway: a failover could not find a live instance.
 pub const GATEWAY_FAILOVER_FAILED: u32 = 59703;
+/// Gateway: discovery found an instance in the session store's registry.
+pub const GATEWAY_INSTANCE_DISCOVERED: u32 = 59704;
+/// Gateway: a discovered instance's heartbeat stopped (no new chats), or
+/// came back.
+pub const GATEWAY_INSTANCE_REGISTRATION: u32 = 59705;
