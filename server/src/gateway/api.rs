@@ -367,7 +367,7 @@ async fn create_chat(
         subject: b.subject,
     });
     let gw = &s.gw;
-    for _ in 0..gw.pool.len().max(1) {
+    for _ in 0..gw.pool.member_count().max(1) {
         let member = gw.pool.pick(None).ok_or_else(no_instance)?;
         match gw
             .call(&member, Method::POST, internal::SESSIONS, body.clone())
@@ -482,7 +482,7 @@ async fn final_transcript(
     limit: usize,
 ) -> Result<Response, ApiError> {
     let path = internal::final_transcript_page(chat_id, after, limit);
-    for _ in 0..gw.pool.len().max(1) {
+    for _ in 0..gw.pool.member_count().max(1) {
         let member = gw.pool.any_healthy(None).ok_or_else(no_instance)?;
         match gw.call_raw(&member, Method::GET, &path, None).await {
             Ok((StatusCode::NOT_FOUND, _)) => {

@@ -113,22 +113,19 @@ where
 /// Add fresh instances the pool lacks; mark discovered members fresh or not.
 fn apply(pool: &Arc<Pool>, observed: Vec<(Registration, bool)>) {
     for (r, fresh) in observed {
-        match pool.member_by_url(&r.url) {
-            Some(member) => {
-                if member.set_registered(fresh) {
-                    if fresh {
-                        tracing::info!(event_id = events::GATEWAY_INSTANCE_REGISTRATION, instance = %r.instance_id, url = %r.url, "instance heartbeat back");
-                    } else {
-                        tracing::warn!(event_id = events::GATEWAY_INSTANCE_REGISTRATION, instance = %r.instance_id, url = %r.url, "instance heartbeat stopped: no new chats");
-                    }
-                }
+        let Some(member) = pool.member_by_url(&r.url) else {
+            if fresh && pool.add(&r.url).is_some() {
+                tracing::info!(event_id = events::GATEWAY_INSTANCE_DISCOVERED, instance = %r.instance_id, url = %r.url, "instance discovered");
             }
-            None if fresh => {
-                if pool.add(&r.url).is_some() {
-                    tracing::info!(event_id = events::GATEWAY_INSTANCE_DISCOVERED, instance = %r.instance_id, url = %r.url, "instance discovered");
-                }
-            }
-            None => {}
+            continue;
+        };
+        if !member.set_registered(fresh) {
+            continue;
+        }
+        if fresh {
+            tracing::info!(event_id = events::GATEWAY_INSTANCE_REGISTRATION, instance = %r.instance_id, url = %r.url, "instance heartbeat back");
+        } else {
+            tracing::warn!(event_id = events::GATEWAY_INSTANCE_REGISTRATION, instance = %r.instance_id, url = %r.url, "instance heartbeat stopped: no new chats");
         }
     }
 }

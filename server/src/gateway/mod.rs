@@ -189,7 +189,7 @@ impl Gateway {
         }
         // Any instance can read the session store; one that just died (and
         // is not marked down yet) is marked now and the next one asked.
-        for _ in 0..self.pool.len().max(1) {
+        for _ in 0..self.pool.member_count().max(1) {
             let any = self.pool.any_healthy(None).ok_or_else(no_instance)?;
             match self
                 .call(&any, Method::GET, &Route::Location.path(chat), None)
@@ -255,7 +255,7 @@ impl Gateway {
             }
         }
         let started = std::time::Instant::now();
-        for _ in 0..self.pool.len().max(1) {
+        for _ in 0..self.pool.member_count().max(1) {
             let Some(target) = self.pool.pick(Some(failed)) else {
                 break;
             };
@@ -504,7 +504,7 @@ impl Application {
                 gateway.stop.clone(),
             );
         }
-        tracing::info!(addr = %listener.local_addr()?, instances = gateway.pool.len(), "gateway started");
+        tracing::info!(addr = %listener.local_addr()?, instances = gateway.pool.member_count(), "gateway started");
         let stop = gateway.stop.clone();
         listener
             .serve(router, async move {

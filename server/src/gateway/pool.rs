@@ -236,7 +236,7 @@ impl Pool {
     }
 
     /// How many members there are: the most instances a request tries.
-    pub fn len(&self) -> usize {
+    pub fn member_count(&self) -> usize {
         self.members.read().len()
     }
 
