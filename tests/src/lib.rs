@@ -14,6 +14,7 @@ pub mod browser;
 pub mod cluster;
 pub mod cql_node;
 pub mod cql_proxy;
+pub mod deploy;
 pub mod kassandra;
 pub mod netns;
 pub mod sockets;

@@ -164,12 +164,24 @@ impl Host {
         args: &[S],
         log: &std::path::Path,
     ) -> Result<u32, String> {
+        self.spawn_with_env(program, args, &[], log)
+    }
+
+    /// [`Host::spawn`] with environment variables added.
+    pub fn spawn_with_env<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        program: &std::path::Path,
+        args: &[S],
+        env: &[(String, String)],
+        log: &std::path::Path,
+    ) -> Result<u32, String> {
         let file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = file.try_clone().map_err(|e| e.to_string())?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns])
             .arg(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err)

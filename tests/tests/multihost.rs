@@ -10,6 +10,7 @@
 //! it the test fails with the reason. The session store is the CQL test
 //! node (kassandra): a real Cassandra cannot run inside these namespaces.
 
+use confab_e2e::deploy;
 use confab_e2e::netns::{Host, Net};
 use confab_e2e::{confab_bin, CLUSTER_SECRET};
 use serde_json::{json, Value};
@@ -30,7 +31,7 @@ struct Hosts {
     client: Arc<Host>,
     dir: tempfile::TempDir,
     /// How an instance (or a gateway that discovers) reaches the store.
-    store_sets: Vec<String>,
+    store_env: Vec<(&'static str, String)>,
 }
 
 fn url(host: &Host) -> String {
@@ -74,53 +75,67 @@ fn start() -> Hosts {
         .expect("the client host")
         .unwrap_or_else(|e| panic!("{e}"));
 
-    let store_sets = store_sets(&contact_point, &keyspace);
+    let store_env = store_env(&contact_point, &keyspace, dir.path());
     for (k, h) in instances.iter().enumerate() {
-        spawn_instance(h, k + 1, &store_sets, dir.path());
+        spawn_instance(h, k + 1, &store_env, dir.path());
     }
     let instance_urls: Vec<String> = instances.iter().map(|h| url(h)).collect();
+    // The first gateway is given the instances' URLs on its command line;
+    // the second is started as the deployment pack starts one
+    // (`confab-gateway.service`, `gateway.toml`, `gateway.env`): it finds
+    // the instances in the session store, and any instance added later.
     let secret = format!("cluster.secret={CLUSTER_SECRET}");
-    for (k, h) in gateways.iter().enumerate() {
-        // The first gateway is given the instances' URLs; the second finds
-        // them in the session store (and any instance added later).
-        let find = if k == 0 {
-            vec!["--instance".to_owned(), instance_urls.join(",")]
-        } else {
-            let mut sets = vec!["--set".to_owned(), "gateway.discover=true".to_owned()];
-            for s in &store_sets {
-                sets.extend(["--set".to_owned(), s.clone()]);
-            }
-            sets
-        };
-        let listen = format!("{}:{PORT}", h.addr);
-        let mut args: Vec<String> = ["--log-format", "json", "gateway", "--listen", &listen]
-            .map(String::from)
-            .to_vec();
-        args.extend(find);
-        args.extend(
-            [
-                "--set",
-                &secret,
-                "--set",
-                "gateway.token-secret=multihost",
-                "--set",
-                &format!("gateway.agent-credential={AGENT_CREDENTIAL}"),
-                "--set",
-                "gateway.rate-limit-per-second=100000",
-                "--set",
-                "gateway.rate-limit-burst=100000",
-                "--set",
-                "gateway.health-interval=200ms",
-            ]
-            .map(String::from),
-        );
-        h.spawn(
+    let listen = format!("{}:{PORT}", gateways[0].addr);
+    let static_args = [
+        "--log-format",
+        "json",
+        "gateway",
+        "--listen",
+        &listen,
+        "--instance",
+        &instance_urls.join(","),
+        "--set",
+        &secret,
+        "--set",
+        "gateway.token-secret=multihost",
+        "--set",
+        &format!("gateway.agent-credential={AGENT_CREDENTIAL}"),
+        "--set",
+        "gateway.rate-limit-per-second=100000",
+        "--set",
+        "gateway.rate-limit-burst=100000",
+        "--set",
+        "gateway.health-interval=200ms",
+    ];
+    gateways[0]
+        .spawn(confab_bin(), &static_args, &dir.path().join("g1.log"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let token_secret = dir.path().join("token-secret");
+    std::fs::write(&token_secret, "multihost").unwrap();
+    let mut gateway_env: Vec<(&str, String)> = vec![
+        (
+            "CONFAB_GATEWAY_LISTEN",
+            format!("{}:{PORT}", gateways[1].addr),
+        ),
+        (
+            "CONFAB_GATEWAY_TOKEN_SECRET_FILE",
+            token_secret.display().to_string(),
+        ),
+        ("CONFAB_GATEWAY_AGENTS_FILE", String::new()),
+        ("CONFAB_GATEWAY_AGENT_CREDENTIAL", AGENT_CREDENTIAL.into()),
+        ("CONFAB_GATEWAY_RATE_LIMIT_PER_SECOND", "100000".into()),
+        ("CONFAB_GATEWAY_RATE_LIMIT_BURST", "100000".into()),
+        ("CONFAB_GATEWAY_HEALTH_INTERVAL", "200ms".into()),
+    ];
+    gateway_env.extend(store_env.iter().cloned());
+    gateways[1]
+        .spawn_with_env(
             confab_bin(),
-            &args,
-            &dir.path().join(format!("g{}.log", k + 1)),
+            &deploy::exec_args("confab-gateway.service"),
+            &deploy::overlay(deploy::env_file("gateway.env"), &gateway_env),
+            &dir.path().join("g2.log"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
-    }
     let gateway_urls: Vec<String> = gateways.iter().map(|h| url(h)).collect();
     client
         .run(async move {
@@ -149,41 +164,59 @@ fn start() -> Hosts {
         gateways,
         client,
         dir,
-        store_sets,
+        store_env,
     }
 }
 
-/// The options that put an instance (or a discovering gateway) on the
-/// session store of the store host.
-fn store_sets(contact_point: &str, keyspace: &str) -> Vec<String> {
+/// What the tests put over the pack's configuration: the store host's CQL
+/// test node and keyspace (one node: no schema agreement, no data centre),
+/// and the secrets in files of the test's own.
+fn store_env(
+    contact_point: &str,
+    keyspace: &str,
+    dir: &std::path::Path,
+) -> Vec<(&'static str, String)> {
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
     vec![
-        "server.store=cassandra".into(),
-        format!("cassandra.contact-points={contact_point}"),
-        format!("cassandra.keyspace={keyspace}"),
-        "cassandra.local-dc=".into(),
-        "cassandra.await-schema-agreement=false".into(),
-        "cassandra.reconnect-timeout=2s".into(),
+        ("CONFAB_CASSANDRA_CONTACT_POINTS", contact_point.to_owned()),
+        ("CONFAB_CASSANDRA_KEYSPACE", keyspace.to_owned()),
+        ("CONFAB_CASSANDRA_LOCAL_DC", String::new()),
+        ("CONFAB_CASSANDRA_AWAIT_SCHEMA_AGREEMENT", "false".into()),
+        ("CONFAB_CASSANDRA_RECONNECT_TIMEOUT", "2s".into()),
+        (
+            "CONFAB_CLUSTER_SECRET_FILE",
+            file("cluster-secret", CLUSTER_SECRET),
+        ),
+        (
+            "CONFAB_SERVER_ADMIN_TOKEN_FILE",
+            file("admin-token", "multihost-admin"),
+        ),
     ]
 }
 
-/// Start instance `i<k>` on host `h`; its log is `i<k>.log` in `dir`.
-fn spawn_instance(h: &Host, k: usize, store_sets: &[String], dir: &std::path::Path) {
-    let mut args: Vec<String> = vec![
-        "--log-format".into(),
-        "json".into(),
-        "server".into(),
-        "--listen".into(),
-        format!("{}:{PORT}", h.addr),
-        "--instance-id".into(),
-        format!("i{k}"),
-        "--set".into(),
-        format!("cluster.secret={CLUSTER_SECRET}"),
+/// Start instance `i<k>` on host `h` as the deployment pack does
+/// (`deploy/systemd/confab-instance.service`, `instance.toml`, and
+/// `instance.env` with this host's values); its log is `i<k>.log`.
+fn spawn_instance(h: &Host, k: usize, store_env: &[(&'static str, String)], dir: &std::path::Path) {
+    let address = format!("{}:{PORT}", h.addr);
+    let mut host: Vec<(&str, String)> = vec![
+        ("CONFAB_SERVER_INSTANCE_ID", format!("i{k}")),
+        ("CONFAB_SERVER_LISTEN", address.clone()),
+        ("CONFAB_SERVER_ADVERTISE_URL", format!("http://{address}")),
     ];
-    for s in store_sets {
-        args.extend(["--set".into(), s.clone()]);
-    }
-    h.spawn(confab_bin(), &args, &dir.join(format!("i{k}.log")))
-        .unwrap_or_else(|e| panic!("{e}"));
+    host.extend(store_env.iter().cloned());
+    let env = deploy::overlay(deploy::env_file("instance.env"), &host);
+    h.spawn_with_env(
+        confab_bin(),
+        &deploy::exec_args("confab-instance.service"),
+        &env,
+        &dir.join(format!("i{k}.log")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// How many instances the gateway at `g` counts as healthy, seen from the
@@ -599,7 +632,7 @@ fn a_gateway_finds_a_new_instance_in_the_store_and_drops_one_whose_heartbeat_sto
     let hosts = start();
     let i4 = hosts.net.host("i4", 14).unwrap_or_else(|e| panic!("{e}"));
     let started = Instant::now();
-    spawn_instance(&i4, 4, &hosts.store_sets, hosts.dir.path());
+    spawn_instance(&i4, 4, &hosts.store_env, hosts.dir.path());
     let g2 = url(&hosts.gateways[1]);
     let (found, on_i4) = hosts
         .client

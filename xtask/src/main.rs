@@ -50,6 +50,11 @@ const TOOLS: &[Tool] = &[
         package: "iproute2",
         why: "the multi-host tests make their hosts as network namespaces",
     },
+    Tool {
+        command: "systemd-analyze",
+        package: "systemd",
+        why: "verifies the systemd units of the deployment pack",
+    },
 ];
 
 fn main() -> ExitCode {
