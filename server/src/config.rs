@@ -272,6 +272,9 @@ pub struct GatewayConfig {
     pub token_ttl: Duration,
     /// Per-agent secrets, by hash (crate::gateway::agents).
     pub agents_file: Option<PathBuf>,
+    /// An agent's credential reads closed chats' final transcripts (the
+    /// contact history), whole, whoever took part.
+    pub agents_read_closed_chats: bool,
     /// Proxies whose `X-Forwarded-For` / `Forwarded` name the client.
     pub trusted_proxies: Vec<IpNet>,
 }
@@ -668,6 +671,12 @@ pub const OPTIONS: &[OptionSpec] = &[
         "agents-file",
         r#""""#,
         "per-agent secrets by hash (confab agents add); read again when changed",
+    ),
+    opt(
+        "gateway",
+        "agents-read-closed-chats",
+        "true",
+        "the agent credential reads any closed chat's final transcript, whole",
     ),
     opt(
         "dashboard",
@@ -1180,6 +1189,7 @@ impl Layers {
             ws_ping_interval: self.duration("gateway.ws-ping-interval")?,
             token_ttl: self.duration("gateway.token-ttl")?,
             agents_file: self.opt_string("gateway.agents-file")?.map(PathBuf::from),
+            agents_read_closed_chats: self.boolean("gateway.agents-read-closed-chats")?,
             trusted_proxies: self
                 .list("gateway.trusted-proxies")?
                 .iter()
@@ -1498,6 +1508,11 @@ impl Config {
         );
         put(&mut t, "ws-ping-interval", duration(g.ws_ping_interval));
         put(&mut t, "token-ttl", duration(g.token_ttl));
+        put(
+            &mut t,
+            "agents-read-closed-chats",
+            Value::Boolean(g.agents_read_closed_chats),
+        );
         if let Some(f) = &g.agents_file {
             put(&mut t, "agents-file", path(f));
         }
@@ -1835,6 +1850,7 @@ max-sockets-per-participant = 3
 ws-ping-interval = "7s"
 token-ttl = "2h"
 agents-file = "/etc/confab/agents"
+agents-read-closed-chats = false
 trusted-proxies = ["10.0.0.0/8", "::1/128"]
 [cluster]
 secret = "cs"

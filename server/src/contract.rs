@@ -176,6 +176,7 @@ pub const ERROR_CODES: &[&str] = &[
     "not_owner",
     "rate_limited",
     "internal",
+    "store_corrupt",
     "instance_disabled",
     "store_unavailable",
     "save_failed",

@@ -17,6 +17,7 @@ pub mod cql_proxy;
 pub mod deploy;
 pub mod kassandra;
 pub mod netns;
+pub mod slowlink;
 pub mod sockets;
 pub mod tls;
 pub mod ws;

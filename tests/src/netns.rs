@@ -232,6 +232,66 @@ impl Host {
         }
     }
 
+    /// Drop `percent` % of the packets this host sends to or receives from
+    /// each of `peers`, at random (nftables; the rules go with the host).
+    pub fn lossy(&self, peers: &[&str], percent: u8) -> Result<(), String> {
+        let set = peers.join(", ");
+        let rules = format!(
+            "table inet confab_loss {{
+  chain out {{ type filter hook output priority 0; ip daddr {{ {set} }} numgen random mod 100 < {percent} counter drop; }}
+  chain in {{ type filter hook input priority 0; ip saddr {{ {set} }} numgen random mod 100 < {percent} counter drop; }}
+}}"
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("nft (cargo xtask test installs nftables): {e}"))?;
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .ok_or("nft: no stdin")?
+            .write_all(rules.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "nft in {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Packets [`Host::lossy`] has dropped so far.
+    pub fn dropped(&self) -> Result<u64, String> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "confab_loss",
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text
+            .split("packets ")
+            .skip(1)
+            .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .sum())
+    }
+
     fn drop_to(&self, addr: &str) -> Result<(), String> {
         in_ns(
             &self.ns,

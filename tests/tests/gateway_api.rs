@@ -538,3 +538,33 @@ async fn a_closed_chats_transcript_is_read_back_with_its_tokens_or_the_agents_cr
         .await;
     assert_eq!(unknown.status, 404, "{}", unknown.body);
 }
+
+/// `gateway.agents-read-closed-chats = false`: the agents' credential no
+/// longer reads closed chats (401, as any wrong bearer), while the chat's
+/// own token still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_reading_closed_chats_can_be_turned_off() {
+    let c = TestCluster::start(1, &["--set", "gateway.agents-read-closed-chats=false"]).await;
+    let chat = c.create_chat("Ann").await;
+    c.send(&chat, "hello", None).await.ok();
+    c.http
+        .post(
+            &format!("{}/api/v1/chats/{}/leave", c.gateway, chat.id),
+            &json!({}),
+            Some(&chat.token),
+        )
+        .await
+        .ok();
+    let url = format!("{}/api/v1/chats/{}/transcript", c.gateway, chat.id);
+    let mut own = c.http.get(&url, Some(&chat.token)).await;
+    for _ in 0..100 {
+        if own.status != 409 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        own = c.http.get(&url, Some(&chat.token)).await;
+    }
+    assert_eq!(own.ok()["state"], "closed");
+    let agent = c.http.get(&url, Some(&c.agent_credential)).await;
+    assert_eq!(agent.status, 401, "{}", agent.body);
+}

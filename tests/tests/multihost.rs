@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 const PORT: u16 = 8080;
 const CQL_PORT: u16 = 9042;
 const AGENT_CREDENTIAL: &str = "multihost-agent";
+const ADMIN_TOKEN: &str = "multihost-admin";
 
 struct Hosts {
     /// Every host and process goes when it is dropped.
@@ -38,8 +39,26 @@ fn url(host: &Host) -> String {
     format!("http://{}:{PORT}", host.addr)
 }
 
-/// Start the cluster and wait until both gateways see three instances.
+/// How gateways reach instances.
+#[derive(Clone, Copy, PartialEq)]
+enum Links {
+    Direct,
+    /// Through a delaying proxy on each instance's host (50 ms ± 20 ms each
+    /// way) with 2 % of the packets between gateway and instance hosts
+    /// dropped.
+    SlowAndLossy,
+}
+
+/// The proxies' port on the instances' hosts.
+const PROXY_PORT: u16 = 8081;
+
+/// Start the cluster with direct links and wait until both gateways see
+/// three instances.
 fn start() -> Hosts {
+    start_with(Links::Direct)
+}
+
+fn start_with(links: Links) -> Hosts {
     let net = Net::new().unwrap_or_else(|e| panic!("the multi-host tests need their hosts: {e}"));
     let dir = confab_e2e::data_dir();
     let host = |name: &str, last: u8| net.host(name, last).unwrap_or_else(|e| panic!("{e}"));
@@ -76,10 +95,40 @@ fn start() -> Hosts {
         .unwrap_or_else(|e| panic!("{e}"));
 
     let store_env = store_env(&contact_point, &keyspace, dir.path());
+    // Where the gateways reach an instance: directly, or through its
+    // host's delaying proxy (which its registration then names).
+    let reach = |h: &Host| match links {
+        Links::Direct => url(h),
+        Links::SlowAndLossy => format!("http://{}:{PROXY_PORT}", h.addr),
+    };
     for (k, h) in instances.iter().enumerate() {
-        spawn_instance(h, k + 1, &store_env, dir.path());
+        spawn_instance(h, k + 1, &reach(h), &store_env, dir.path());
+        if links == Links::SlowAndLossy {
+            let upstream: std::net::SocketAddr = format!("{}:{PORT}", h.addr).parse().unwrap();
+            let listen = format!("{}:{PROXY_PORT}", h.addr);
+            let (ready, bound) = std::sync::mpsc::channel();
+            // The thread serves the proxy until the test process ends.
+            let _proxy = h.run(async move {
+                let listener = tokio::net::TcpListener::bind(&listen)
+                    .await
+                    .unwrap_or_else(|e| panic!("{listen}: {e}"));
+                let _ = ready.send(());
+                confab_e2e::slowlink::delay_proxy(
+                    listener,
+                    upstream,
+                    Duration::from_millis(50),
+                    Duration::from_millis(20),
+                )
+                .await
+            });
+            bound
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the delaying proxy did not start");
+            let peers: Vec<&str> = gateways.iter().map(|g| g.addr.as_str()).collect();
+            h.lossy(&peers, 2).unwrap_or_else(|e| panic!("{e}"));
+        }
     }
-    let instance_urls: Vec<String> = instances.iter().map(|h| url(h)).collect();
+    let instance_urls: Vec<String> = instances.iter().map(|h| reach(h)).collect();
     // The first gateway is given the instances' URLs on its command line;
     // the second is started as the deployment pack starts one
     // (`confab-gateway.service`, `gateway.toml`, `gateway.env`): it finds
@@ -193,7 +242,7 @@ fn store_env(
         ),
         (
             "CONFAB_SERVER_ADMIN_TOKEN_FILE",
-            file("admin-token", "multihost-admin"),
+            file("admin-token", ADMIN_TOKEN),
         ),
     ]
 }
@@ -201,12 +250,17 @@ fn store_env(
 /// Start instance `i<k>` on host `h` as the deployment pack does
 /// (`deploy/systemd/confab-instance.service`, `instance.toml`, and
 /// `instance.env` with this host's values); its log is `i<k>.log`.
-fn spawn_instance(h: &Host, k: usize, store_env: &[(&'static str, String)], dir: &std::path::Path) {
-    let address = format!("{}:{PORT}", h.addr);
+fn spawn_instance(
+    h: &Host,
+    k: usize,
+    advertise: &str,
+    store_env: &[(&'static str, String)],
+    dir: &std::path::Path,
+) {
     let mut host: Vec<(&str, String)> = vec![
         ("CONFAB_SERVER_INSTANCE_ID", format!("i{k}")),
-        ("CONFAB_SERVER_LISTEN", address.clone()),
-        ("CONFAB_SERVER_ADVERTISE_URL", format!("http://{address}")),
+        ("CONFAB_SERVER_LISTEN", format!("{}:{PORT}", h.addr)),
+        ("CONFAB_SERVER_ADVERTISE_URL", advertise.to_owned()),
     ];
     host.extend(store_env.iter().cloned());
     let env = deploy::overlay(deploy::env_file("instance.env"), &host);
@@ -237,6 +291,10 @@ struct Chat {
     id: String,
     token: String,
     acked: Vec<String>,
+    /// From the first try to the acknowledgement, per message.
+    waits: Vec<Duration>,
+    /// Requests that failed and were sent again.
+    retries: usize,
 }
 
 /// The load, run on the client host: `chats` chats, each sending one
@@ -275,6 +333,8 @@ async fn load(
             id: r["chat_id"].as_str().unwrap().to_owned(),
             token: r["token"].as_str().unwrap().to_owned(),
             acked: Vec::new(),
+            waits: Vec::new(),
+            retries: 0,
         });
     }
     let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -310,6 +370,7 @@ async fn load(
                         break;
                     }
                     through += 1;
+                    chat.retries += 1;
                     assert!(
                         began.elapsed() < Duration::from_secs(30),
                         "chat {c}: message {n} not acknowledged in 30 s: {r:?}"
@@ -317,6 +378,7 @@ async fn load(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 longest = longest.max(began.elapsed());
+                chat.waits.push(began.elapsed());
                 chat.acked.push(text);
                 n += 1;
             }
@@ -429,6 +491,68 @@ async fn check(gateway: String, chats: &[Chat], closed: bool) -> Checked {
     checked
 }
 
+/// How the chats' owners settled after the load stopped.
+struct Settled {
+    /// Chats that two instances hosted at the first look.
+    doubly_hosted_at_first: usize,
+    /// When no chat was hosted by two instances any more.
+    after: Duration,
+}
+
+/// Wait (up to 15 s) until no chat of `chats` is hosted by two of the
+/// instances at `instance_urls` that answer (a fenced old owner lets a chat
+/// go when its write is refused or its ownership sweep, every 5 s, finds
+/// the chat owned elsewhere); fail if one still is. Asks each instance's
+/// `/admin/sessions` with the admin token of the pack's set-up.
+async fn one_owner_each(instance_urls: &[String], chats: &[String]) -> Settled {
+    let http = confab_e2e::client()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let began = Instant::now();
+    let mut first = None;
+    loop {
+        let mut hosts_of: HashMap<&str, Vec<String>> = HashMap::new();
+        for base in instance_urls {
+            let mut after = String::new();
+            loop {
+                let Ok(answer) = http
+                    .get(format!("{base}/admin/sessions?limit=500&after={after}"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .send()
+                    .await
+                else {
+                    break; // a dead or cut-off host hosts nothing live
+                };
+                assert!(answer.status().is_success(), "{base}: {}", answer.status());
+                let page: Value = answer.json().await.unwrap_or(Value::Null);
+                for s in page["sessions"].as_array().into_iter().flatten() {
+                    if let Some(chat) = chats.iter().find(|c| s["session_id"] == c.as_str()) {
+                        hosts_of.entry(chat).or_default().push(base.clone());
+                    }
+                }
+                match page["next"].as_str() {
+                    Some(next) => after = next.to_owned(),
+                    None => break,
+                }
+            }
+        }
+        let doubly: Vec<_> = hosts_of.iter().filter(|(_, h)| h.len() > 1).collect();
+        let first = *first.get_or_insert(doubly.len());
+        if doubly.is_empty() {
+            return Settled {
+                doubly_hosted_at_first: first,
+                after: began.elapsed(),
+            };
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(15),
+            "chats with two live owners 15 s after the load stopped: {doubly:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Close every chat (its customer leaves) through `gateway`.
 async fn close_all(gateway: String, chats: &[Chat]) {
     let http = confab_e2e::client().build().unwrap();
@@ -459,7 +583,17 @@ fn under_load(
     read_through: usize,
     after: impl FnOnce(&Hosts),
 ) -> (usize, Duration) {
-    let hosts = start();
+    under_load_with(Links::Direct, name, fault, read_through, after)
+}
+
+fn under_load_with(
+    links: Links,
+    name: &str,
+    fault: impl FnOnce(&Hosts),
+    read_through: usize,
+    after: impl FnOnce(&Hosts),
+) -> (usize, Duration) {
+    let hosts = start_with(links);
     let gateways: Vec<String> = hosts.gateways.iter().map(|h| url(h)).collect();
     let stop = Arc::new(tokio::sync::Notify::new());
     let load = hosts.client.run(load(gateways.clone(), 30, stop.clone()));
@@ -472,12 +606,29 @@ fn under_load(
         .expect("the client host")
         .unwrap_or_else(|e| panic!("{e}"));
     let acked: usize = chats.iter().map(|c| c.acked.len()).sum();
+    let retries: usize = chats.iter().map(|c| c.retries).sum();
+    let mut waits: Vec<Duration> = chats.iter().flat_map(|c| c.waits.iter().copied()).collect();
+    waits.sort();
+    let at = |q: f64| {
+        waits
+            .get(((waits.len() as f64 * q) as usize).min(waits.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    println!(
+        "{name}: acknowledgement p50 {:.1} ms, p99 {:.1} ms; {retries} requests failed and were sent again",
+        at(0.5).as_secs_f64() * 1000.0,
+        at(0.99).as_secs_f64() * 1000.0
+    );
     let reader = gateways[read_through].clone();
-    let (checked, chats) = hosts
+    let instance_urls: Vec<String> = hosts.instances.iter().map(|h| url(h)).collect();
+    let (checked, chats, settled) = hosts
         .client
         .run(async move {
             let checked = check(reader, &chats, false).await;
-            (checked, chats)
+            let ids: Vec<String> = chats.iter().map(|c| c.id.clone()).collect();
+            let settled = one_owner_each(&instance_urls, &ids).await;
+            (checked, chats, settled)
         })
         .join()
         .expect("the client host")
@@ -493,6 +644,11 @@ fn under_load(
     assert!(
         longest < Duration::from_secs(10),
         "a chat stalled {longest:?}"
+    );
+    println!(
+        "{name}: {} chats hosted by two instances at once when the load stopped; every chat had one owner {:.2} s later",
+        settled.doubly_hosted_at_first,
+        settled.after.as_secs_f64()
     );
     // The chats close on the instances that own them, on two or three
     // hosts; every final transcript is then read from one gateway, with
@@ -554,7 +710,21 @@ fn an_instance_cut_off_from_one_gateway_is_fenced_while_the_other_follows_its_ch
                 .unwrap_or_else(|e| panic!("{e}"))
         },
         1,
-        |_| {},
+        |hosts| {
+            // The cut-off gateway restored i1's chats elsewhere, and i1,
+            // still reached by the other gateway, was fenced: a write
+            // refused, or its sweep letting the chats go (59608).
+            let log = |name: &str| {
+                std::fs::read_to_string(hosts.dir.path().join(name)).unwrap_or_default()
+            };
+            assert!(
+                log("g1.log").contains("\"event_id\":59702"),
+                "g1 moved no chat away from the instance it could not reach"
+            );
+            let fenced = log("i1.log").matches("\"event_id\":59608").count();
+            println!("an instance cut off from one gateway: i1 logged 59608 {fenced} times");
+            assert!(fenced > 0, "i1 was never fenced");
+        },
     );
 }
 
@@ -632,7 +802,7 @@ fn a_gateway_finds_a_new_instance_in_the_store_and_drops_one_whose_heartbeat_sto
     let hosts = start();
     let i4 = hosts.net.host("i4", 14).unwrap_or_else(|e| panic!("{e}"));
     let started = Instant::now();
-    spawn_instance(&i4, 4, &hosts.store_env, hosts.dir.path());
+    spawn_instance(&i4, 4, &url(&i4), &hosts.store_env, hosts.dir.path());
     let g2 = url(&hosts.gateways[1]);
     let (found, on_i4) = hosts
         .client
@@ -718,4 +888,36 @@ fn a_gateway_finds_a_new_instance_in_the_store_and_drops_one_whose_heartbeat_sto
         .expect("the client host")
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(on_i4, 0, "chats went to an instance without a heartbeat");
+}
+
+/// The link between the gateways' and the instances' hosts is slow (50 ms
+/// ± 20 ms each way, through a proxy on each instance's host: this kernel
+/// has no netem) and loses 2 % of its packets (nftables): nothing
+/// acknowledged is lost or duplicated, and the latency is reported.
+#[test]
+fn a_slow_lossy_link_between_gateways_and_instances_loses_nothing() {
+    under_load_with(
+        Links::SlowAndLossy,
+        "a slow (50 ms ± 20 ms each way), lossy (2 %) link between gateways and instances",
+        |_| {},
+        0,
+        |hosts| {
+            let dropped: u64 = hosts
+                .instances
+                .iter()
+                .map(|h| h.dropped().unwrap_or_else(|e| panic!("{e}")))
+                .sum();
+            let downs: usize = ["g1.log", "g2.log"]
+                .iter()
+                .map(|g| {
+                    std::fs::read_to_string(hosts.dir.path().join(g))
+                        .unwrap_or_default()
+                        .matches("\"event_id\":59700")
+                        .count()
+                })
+                .sum();
+            println!("a slow, lossy link: {dropped} packets dropped; the gateways marked an instance down {downs} times");
+            assert!(dropped > 0, "the link lost nothing");
+        },
+    );
 }

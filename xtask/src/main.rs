@@ -51,6 +51,11 @@ const TOOLS: &[Tool] = &[
         why: "the multi-host tests make their hosts as network namespaces",
     },
     Tool {
+        command: "nft",
+        package: "nftables",
+        why: "the multi-host tests drop packets at random on a lossy link",
+    },
+    Tool {
         command: "systemd-analyze",
         package: "systemd",
         why: "verifies the systemd units of the deployment pack",

@@ -453,15 +453,18 @@ async fn transcript(
     Bearer(token): Bearer,
 ) -> Result<Response, ApiError> {
     check_chat_id(&chat_id)?;
-    let (after, limit) = (after_param(&q)?, limit_param(&q)?);
     let who = match participant(&s.gw, token.as_deref(), &chat_id) {
         Ok(who) => who,
         // An agent's credential reads closed chats (the contact history).
         Err(refused) => match token.as_deref().map(|t| s.gw.agents.authenticate(t)) {
-            Some(Ok(_)) => return final_transcript(&s.gw, &chat_id, after, limit).await,
+            Some(Ok(_)) if s.gw.agents_read_closed_chats => {
+                let (after, limit) = (after_param(&q)?, limit_param(&q)?);
+                return final_transcript(&s.gw, &chat_id, after, limit).await;
+            }
             _ => return Err(refused),
         },
     };
+    let (after, limit) = (after_param(&q)?, limit_param(&q)?);
     let (status, body, _) =
         s.gw.on_chat_raw(
             &chat_id,
@@ -473,8 +476,10 @@ async fn transcript(
     raw_answer(status, body)
 }
 
-/// A closed chat's final transcript, read by any instance from the contact
-/// store (shared by all of them with Cassandra).
+/// A closed chat's final transcript, read from the contact store (shared by
+/// every instance with Cassandra) by an instance that can: usable ones
+/// first; one that answers 503, or 404 without confab's error body (an
+/// earlier version without the route), is passed over for the next.
 async fn final_transcript(
     gw: &Gateway,
     chat_id: &str,
@@ -482,19 +487,37 @@ async fn final_transcript(
     limit: usize,
 ) -> Result<Response, ApiError> {
     let path = internal::final_transcript_page(chat_id, after, limit);
-    for _ in 0..gw.pool.member_count().max(1) {
-        let member = gw.pool.any_healthy(None).ok_or_else(no_instance)?;
+    let mut members = gw.pool.members();
+    members.retain(|m| m.is_healthy());
+    members.sort_by_key(|m| !m.is_usable());
+    let mut last = None;
+    for member in members {
         match gw.call_raw(&member, Method::GET, &path, None).await {
-            Ok((StatusCode::NOT_FOUND, _)) => {
+            Ok((StatusCode::NOT_FOUND, body)) if is_error_code(&body, "not_found") => {
                 return Err(ApiError::not_found(format!(
                     "chat {chat_id} has no final transcript: an agent's credential reads closed chats; join an open chat to read it"
                 )))
+            }
+            Ok((status, body))
+                if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::NOT_FOUND =>
+            {
+                last = Some((status, body));
             }
             Ok((status, body)) => return raw_answer(status, body),
             Err(Unreachable(why)) => gw.pool.report_failure(&member, &why),
         }
     }
-    Err(no_instance())
+    match last {
+        Some((status, body)) if status == StatusCode::SERVICE_UNAVAILABLE => {
+            raw_answer(status, body)
+        }
+        _ => Err(no_instance()),
+    }
+}
+
+/// Whether an instance's error answer carries `code`.
+fn is_error_code(body: &[u8], code: &str) -> bool {
+    serde_json::from_slice::<ErrorBody>(body).is_ok_and(|b| b.error.code == code)
 }
 
 /// Live events over WebSocket, one JSON event per text frame, from seq

@@ -29,10 +29,12 @@ pub const LEFTOVER: Duration = Duration::from_secs(60);
 /// How often the registry is read.
 pub const EVERY: Duration = Duration::from_secs(1);
 
-/// What the gateway has seen of each instance's heartbeat.
+/// What the gateway has seen of each instance's heartbeat: its value, and
+/// when the gateway saw it change to a current one (None: never, such as
+/// a leftover row).
 #[derive(Default)]
 pub struct Heartbeats {
-    seen: HashMap<String, (i64, Instant)>,
+    seen: HashMap<String, (i64, Option<Instant>)>,
 }
 
 impl Heartbeats {
@@ -47,20 +49,17 @@ impl Heartbeats {
         registrations
             .into_iter()
             .map(|r| {
+                // A new value counts only if it is current: a row written
+                // long ago (a leftover, or one read late) is no heartbeat.
+                let current =
+                    (now_ms - r.heartbeat_ms).unsigned_abs() <= LEFTOVER.as_millis() as u64;
                 let changed_at = match self.seen.get(&r.instance_id) {
                     Some(&(value, at)) if value == r.heartbeat_ms => at,
-                    Some(_) => now,
-                    // First seen: as old as it looks, if it looks old.
-                    None if (now_ms - r.heartbeat_ms).unsigned_abs()
-                        > LEFTOVER.as_millis() as u64 =>
-                    {
-                        now.checked_sub(STALE_AFTER).unwrap_or(now)
-                    }
-                    None => now,
+                    _ => current.then_some(now),
                 };
                 self.seen
                     .insert(r.instance_id.clone(), (r.heartbeat_ms, changed_at));
-                let fresh = now.duration_since(changed_at) < STALE_AFTER;
+                let fresh = changed_at.is_some_and(|at| now.duration_since(at) < STALE_AFTER);
                 (r, fresh)
             })
             .collect()
@@ -110,22 +109,35 @@ where
     });
 }
 
-/// Add fresh instances the pool lacks; mark discovered members fresh or not.
+/// Add fresh instances the pool lacks; mark the members discovery added
+/// fresh or not. Rows are merged by URL (an instance renamed, or an address
+/// reused, leaves an old row behind with the same URL): a URL is fresh if
+/// any row of it is. A discovered member whose row is gone is stale; a
+/// member configured by URL is left alone.
 fn apply(pool: &Arc<Pool>, observed: Vec<(Registration, bool)>) {
+    let mut by_url: HashMap<String, (bool, String)> = HashMap::new();
     for (r, fresh) in observed {
-        let Some(member) = pool.member_by_url(&r.url) else {
-            if fresh && pool.add(&r.url).is_some() {
-                tracing::info!(event_id = events::GATEWAY_INSTANCE_DISCOVERED, instance = %r.instance_id, url = %r.url, "instance discovered");
-            }
-            continue;
-        };
-        if !member.set_registered(fresh) {
+        let url = r.url.trim_end_matches('/').to_owned();
+        let entry = by_url.entry(url).or_insert((false, r.instance_id.clone()));
+        if fresh && !entry.0 {
+            *entry = (true, r.instance_id);
+        }
+    }
+    for (url, (fresh, id)) in &by_url {
+        if *fresh && pool.member_by_url(url).is_none() && pool.add_discovered(url).is_some() {
+            tracing::info!(event_id = events::GATEWAY_INSTANCE_DISCOVERED, instance = %id, url = %url, "instance discovered");
+        }
+    }
+    for member in pool.members().into_iter().filter(|m| m.discovered) {
+        let fresh = by_url.get(&member.url).is_some_and(|(fresh, _)| *fresh);
+        if !pool.set_registered(&member, fresh) {
             continue;
         }
+        let id = member.id().unwrap_or_default();
         if fresh {
-            tracing::info!(event_id = events::GATEWAY_INSTANCE_REGISTRATION, instance = %r.instance_id, url = %r.url, "instance heartbeat back");
+            tracing::info!(event_id = events::GATEWAY_INSTANCE_REGISTRATION, instance = %id, url = %member.url, "instance heartbeat back");
         } else {
-            tracing::warn!(event_id = events::GATEWAY_INSTANCE_REGISTRATION, instance = %r.instance_id, url = %r.url, "instance heartbeat stopped: no new chats");
+            tracing::warn!(event_id = events::GATEWAY_INSTANCE_REGISTRATION, instance = %id, url = %member.url, "instance heartbeat stopped: no new chats");
         }
     }
 }
@@ -208,10 +220,15 @@ mod tests {
             ),
             "ahead"
         ));
-        // A row left by an instance dead for an hour: stale from the start,
-        // and fresh if it ever heartbeats again.
+        // A row left by an instance dead for an hour: stale from the start
+        // (also right after the gateway started), and again when it changes
+        // to another old value; fresh if it ever heartbeats again.
         let old = wall - 3_600_000;
         assert!(!fresh(&h.observe(vec![reg("old", old)], t0, wall), "old"));
+        assert!(!fresh(
+            &h.observe(vec![reg("old", old + 1)], t0, wall),
+            "old"
+        ));
         assert!(fresh(
             &h.observe(vec![reg("old", wall)], t0 + Duration::from_secs(1), wall),
             "old"

@@ -64,6 +64,8 @@ pub struct Gateway {
     >,
     pub tokens: tokens::TokenKey,
     pub token_ttl: Duration,
+    /// `gateway.agents-read-closed-chats`.
+    pub agents_read_closed_chats: bool,
     /// Who may act as an agent.
     pub agents: Arc<agents::Agents>,
     pub allowed_origins: Vec<String>,
@@ -444,6 +446,7 @@ impl Application {
             upstream,
             tokens,
             token_ttl: g.token_ttl,
+            agents_read_closed_chats: g.agents_read_closed_chats,
             agents: agents.clone(),
             allowed_origins: g.allowed_origins.clone(),
             locations: Mutex::new(HashMap::new()),

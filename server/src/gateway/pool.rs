@@ -60,6 +60,8 @@ pub struct Member {
     /// for an instance configured by URL): one found by discovery that
     /// stops heartbeating is given no new chats.
     registered: AtomicBool,
+    /// Added by discovery (crate::gateway::discovery), not configured.
+    pub discovered: bool,
 }
 
 /// How the gateway reaches an instance for a request.
@@ -76,12 +78,6 @@ impl Member {
     pub fn is_usable(&self) -> bool {
         let h = self.health.lock();
         h.healthy && h.enabled && h.instance_id.is_some() && self.registered.load(Ordering::Relaxed)
-    }
-
-    /// Discovery saw (or stopped seeing) this instance's heartbeat;
-    /// whether that changed anything.
-    pub fn set_registered(&self, registered: bool) -> bool {
-        self.registered.swap(registered, Ordering::Relaxed) != registered
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -196,6 +192,25 @@ impl Pool {
     /// Add the instance at `url` unless it is a member already; the new
     /// member, checked from now on like the others.
     pub fn add(self: &Arc<Self>, url: &str) -> Option<Arc<Member>> {
+        self.add_member(url, false)
+    }
+
+    /// [`Pool::add`] for an instance found by discovery.
+    pub fn add_discovered(self: &Arc<Self>, url: &str) -> Option<Arc<Member>> {
+        self.add_member(url, true)
+    }
+
+    /// Discovery saw (or stopped seeing) `member`'s heartbeat; whether that
+    /// changed anything.
+    pub fn set_registered(&self, member: &Member, registered: bool) -> bool {
+        let changed = member.registered.swap(registered, Ordering::Relaxed) != registered;
+        if changed {
+            self.export();
+        }
+        changed
+    }
+
+    fn add_member(self: &Arc<Self>, url: &str, discovered: bool) -> Option<Arc<Member>> {
         let url = url.trim_end_matches('/');
         let member = {
             let mut members = self.members.write();
@@ -220,6 +235,7 @@ impl Pool {
                 no_watches: AtomicBool::new(false),
                 secret: self.secret.clone(),
                 registered: AtomicBool::new(true),
+                discovered,
             });
             members.push(member.clone());
             member

@@ -47,6 +47,10 @@ pub enum EngineError {
     /// The store refused in a way none of the above describes.
     #[error("{0}")]
     Conflict(String),
+    /// What the store holds for the chat contradicts itself or cannot be
+    /// read (the details go to the log, not to the client).
+    #[error("the stored record of this chat is damaged; the instance's log has the details")]
+    Corrupt,
 }
 
 impl EngineError {
@@ -63,9 +67,13 @@ impl From<StoreError> for EngineError {
             StoreError::NotFound(id) => EngineError::NotFound(id),
             StoreError::Closed(id) => EngineError::Closed(id),
             StoreError::Fenced { session_id, .. } => EngineError::NotOwner(session_id),
-            e @ (StoreError::AlreadyExists(_)
-            | StoreError::Conflict(_)
-            | StoreError::Corrupt(_)) => EngineError::Conflict(e.to_string()),
+            e @ (StoreError::AlreadyExists(_) | StoreError::Conflict(_)) => {
+                EngineError::Conflict(e.to_string())
+            }
+            StoreError::Corrupt(what) => {
+                tracing::error!(error = %what, "the session or contact store holds a damaged record");
+                EngineError::Corrupt
+            }
             StoreError::Unavailable(reason) => {
                 tracing::warn!(error = %reason, "session store unavailable");
                 EngineError::StoreUnavailable

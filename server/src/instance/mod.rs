@@ -46,22 +46,12 @@ pub struct Application {
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let server = &config.server;
-        let sqlite = SqliteOptions {
-            synchronous: server.sqlite_synchronous,
-            busy_timeout: server.sqlite_busy_timeout,
-            max_batch: server.max_batch,
-            ..SqliteOptions::default()
-        };
+        let sqlite = SqliteOptions::of(server);
         // One Cassandra session for both stores, when either is there.
         let cassandra = if server.store == StoreBackend::Cassandra
             || server.contact_store == StoreBackend::Cassandra
         {
-            let c = &config.cassandra;
-            let session = crate::store::cassandra::connect(c).await.with_context(|| {
-                format!("connecting to Cassandra at {}", c.contact_points.join(","))
-            })?;
-            crate::store::cassandra::consistency::enforce(&session, c).await?;
-            Some(Arc::new(session))
+            Some(crate::store::cassandra::open_session(&config.cassandra).await?)
         } else {
             None
         };

@@ -259,7 +259,8 @@ async fn admin_sessions(
 }
 
 /// A hosted chat's transcript for an operator (admin token): the same
-/// pages as the internal route.
+/// pages as the internal route; a closed chat's final transcript from the
+/// contact store.
 async fn admin_transcript(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -346,6 +347,7 @@ impl From<EngineError> for ApiError {
             EngineError::SaveFailed => (StatusCode::SERVICE_UNAVAILABLE, "save_failed"),
             EngineError::RestorationDisabled => (StatusCode::CONFLICT, "restoration_disabled"),
             EngineError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            EngineError::Corrupt => (StatusCode::INTERNAL_SERVER_ERROR, "store_corrupt"),
             EngineError::ClientMsgIdReused(_) => (StatusCode::CONFLICT, "client_msg_id_reused"),
             EngineError::TranscriptFull { .. } => (StatusCode::CONFLICT, "transcript_full"),
         };

@@ -219,6 +219,33 @@ async fn add_missing_columns(session: &Session, keyspace: &str) -> StoreResult<(
     Ok(())
 }
 
+/// Connect to the cluster an instance or a gateway uses, and check that
+/// its read and write levels meet (crate::store::cassandra::consistency).
+pub async fn open_session(config: &CassandraConfig) -> anyhow::Result<Arc<Session>> {
+    use anyhow::Context;
+    let session = connect(config).await.with_context(|| {
+        format!(
+            "connecting to Cassandra at {}",
+            config.contact_points.join(",")
+        )
+    })?;
+    consistency::enforce(&session, config).await?;
+    Ok(Arc::new(session))
+}
+
+/// Prepare `cql` at consistency `level`, idempotent (every statement of
+/// the stores is: upserts and reads).
+pub(crate) async fn prepare_at(
+    session: &Session,
+    cql: String,
+    level: Level,
+) -> StoreResult<scylla::statement::prepared::PreparedStatement> {
+    let mut ps = session.prepare(cql).await.map_err(unavailable)?;
+    ps.set_consistency(self::level(level));
+    ps.set_is_idempotent(true);
+    Ok(ps)
+}
+
 /// Connect and create the keyspace and tables (idempotent): what
 /// `confab cassandra init`, `confab up --store cassandra` and the benchmark
 /// do before instances start.
@@ -1084,7 +1111,7 @@ mod tests {
             ks[0]
         );
         let tables = statements(TABLES_CQL, "other_ks");
-        assert_eq!(tables.len(), 4);
+        assert_eq!(tables.len(), 6);
         assert!(tables
             .iter()
             .all(|t| t.starts_with("CREATE TABLE IF NOT EXISTS other_ks.")));

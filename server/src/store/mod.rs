@@ -237,23 +237,18 @@ pub async fn open_registry(
     use anyhow::Context;
     let server = &config.server;
     Ok(match server.store {
-        crate::config::StoreBackend::Cassandra => {
-            let c = &config.cassandra;
-            let session = cassandra::connect(c).await.with_context(|| {
-                format!("connecting to Cassandra at {}", c.contact_points.join(","))
-            })?;
-            std::sync::Arc::new(cassandra::registry::CassandraRegistry::new(session, c).await?)
-        }
-        crate::config::StoreBackend::Sqlite => {
-            let options = sqlite::SqliteOptions {
-                busy_timeout: server.sqlite_busy_timeout,
-                ..sqlite::SqliteOptions::default()
-            };
-            std::sync::Arc::new(
-                sqlite::SqliteRegistry::open(&server.sqlite_path, options).with_context(|| {
+        crate::config::StoreBackend::Cassandra => std::sync::Arc::new(
+            cassandra::registry::CassandraRegistry::new(
+                cassandra::open_session(&config.cassandra).await?,
+                &config.cassandra,
+            )
+            .await?,
+        ),
+        crate::config::StoreBackend::Sqlite => std::sync::Arc::new(
+            sqlite::SqliteRegistry::open(&server.sqlite_path, sqlite::SqliteOptions::of(server))
+                .with_context(|| {
                     format!("opening the registry in {}", server.sqlite_path.display())
                 })?,
-            )
-        }
+        ),
     })
 }

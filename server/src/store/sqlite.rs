@@ -205,6 +205,18 @@ pub struct SqliteOptions {
     pub flush_rows: usize,
 }
 
+impl SqliteOptions {
+    /// The options an instance's `[server]` section gives.
+    pub fn of(server: &crate::config::ServerConfig) -> Self {
+        SqliteOptions {
+            synchronous: server.sqlite_synchronous,
+            busy_timeout: server.sqlite_busy_timeout,
+            max_batch: server.max_batch,
+            ..SqliteOptions::default()
+        }
+    }
+}
+
 impl Default for SqliteOptions {
     fn default() -> Self {
         SqliteOptions {
@@ -1162,8 +1174,9 @@ impl InstanceRegistry for SqliteRegistry {
     }
 
     async fn registrations(&self) -> StoreResult<Vec<Registration>> {
-        let conn = self.conn.clone();
+        let (conn, busy_timeout) = (self.conn.clone(), self.busy_timeout);
         tokio::task::spawn_blocking(move || {
+            BUSY_TIMEOUT.with(|t| t.set(busy_timeout));
             let conn = conn.lock();
             let mut stmt = conn
                 .prepare_cached("SELECT instance_id, url, enabled, heartbeat_ms FROM instances")?;

@@ -11,7 +11,7 @@
 //! row first and writes only when it is absent; a retry whose earlier try
 //! landed unseen writes the same transcript again.
 
-use super::{level, unavailable};
+use super::{prepare_at, unavailable};
 use crate::config::CassandraConfig;
 use crate::session::Event;
 use crate::store::{ContactStore, FinalTranscript, StoreResult};
@@ -35,22 +35,20 @@ impl CassandraContactStore {
     ) -> StoreResult<Self> {
         let session = session.into();
         let ks = &config.keyspace;
-        let mut insert = session
-            .prepare(format!(
-                "INSERT INTO {ks}.final_transcripts (session_id, intx, closed_at, events) VALUES (?, ?, ?, ?)"
-            ))
-            .await
-            .map_err(unavailable)?;
-        insert.set_consistency(level(config.write_consistency));
-        insert.set_is_idempotent(true);
-        let mut select = session
-            .prepare(format!(
+        let insert = prepare_at(
+            &session,
+            format!("INSERT INTO {ks}.final_transcripts (session_id, intx, closed_at, events) VALUES (?, ?, ?, ?)"),
+            config.write_consistency,
+        )
+        .await?;
+        let select = prepare_at(
+            &session,
+            format!(
                 "SELECT intx, closed_at, events FROM {ks}.final_transcripts WHERE session_id = ?"
-            ))
-            .await
-            .map_err(unavailable)?;
-        select.set_consistency(level(config.read_consistency));
-        select.set_is_idempotent(true);
+            ),
+            config.read_consistency,
+        )
+        .await?;
         Ok(CassandraContactStore {
             session,
             insert,

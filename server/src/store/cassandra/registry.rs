@@ -3,7 +3,7 @@
 //! so gateways find instances without a list of URLs. A heartbeat is an
 //! upsert of the instance's own row: no two writers share a cell.
 
-use super::{level, unavailable};
+use super::{prepare_at, unavailable};
 use crate::config::CassandraConfig;
 use crate::store::{InstanceRegistry, Registration, StoreResult};
 use async_trait::async_trait;
@@ -27,22 +27,20 @@ impl CassandraRegistry {
     ) -> StoreResult<Self> {
         let session = session.into();
         let ks = &config.keyspace;
-        let mut insert = session
-            .prepare(format!(
-                "INSERT INTO {ks}.instances (bucket, instance_id, url, enabled, heartbeat) VALUES (?, ?, ?, ?, ?)"
-            ))
-            .await
-            .map_err(unavailable)?;
-        insert.set_consistency(level(config.write_consistency));
-        insert.set_is_idempotent(true);
-        let mut select = session
-            .prepare(format!(
+        let insert = prepare_at(
+            &session,
+            format!("INSERT INTO {ks}.instances (bucket, instance_id, url, enabled, heartbeat) VALUES (?, ?, ?, ?, ?)"),
+            config.write_consistency,
+        )
+        .await?;
+        let select = prepare_at(
+            &session,
+            format!(
                 "SELECT instance_id, url, enabled, heartbeat FROM {ks}.instances WHERE bucket = ?"
-            ))
-            .await
-            .map_err(unavailable)?;
-        select.set_consistency(level(config.read_consistency));
-        select.set_is_idempotent(true);
+            ),
+            config.read_consistency,
+        )
+        .await?;
         Ok(CassandraRegistry {
             session,
             insert,
