@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod cql_node;
 pub mod cql_proxy;
 pub mod deploy;
+pub mod history;
 pub mod kassandra;
 pub mod netns;
 pub mod slowlink;

@@ -1,10 +1,13 @@
 //! Across hosts: a cluster spread over test hosts made as network
 //! namespaces on this machine (crate::netns): the CQL test node on one
 //! host, three instances on three hosts, two gateways on two more, and the
-//! load on a client host, all with the real `confab` binary. Chats send
-//! continuously through both gateways while a fault happens; one history
-//! checker then reads every chat and requires each acknowledged message
-//! exactly once, in the order it was acknowledged.
+//! load on a client host, all with the real `confab` binary (the instances
+//! and the second gateway started as the deployment pack starts them).
+//! Chats send continuously through both gateways while a fault happens; one
+//! history checker (`confab_e2e::history`) then reads every chat and
+//! requires each acknowledged message exactly once, in the order it was
+//! acknowledged; no chat may be left with two live owners; then every chat
+//! is closed and its final transcript read back through one gateway.
 //!
 //! Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) for the namespaces; without
 //! it the test fails with the reason. The session store is the CQL test
@@ -462,30 +465,12 @@ async fn check(gateway: String, chats: &[Chat], closed: bool) -> Checked {
                 }
             }
             checked.read += texts.len();
-            let problems = &mut checked.problems;
             let whose = if reader.is_some() { " (agent)" } else { "" };
-            let mut count: HashMap<&str, usize> = HashMap::new();
-            for t in &texts {
-                *count.entry(t.as_str()).or_default() += 1;
-            }
-            let before = problems.len();
-            for t in &chat.acked {
-                match count.get(t.as_str()) {
-                    None => problems.push(format!("{}{whose}: lost {t:?}", chat.id)),
-                    Some(n) if *n > 1 => {
-                        problems.push(format!("{}{whose}: {t:?} {n} times", chat.id))
-                    }
-                    _ => {}
-                }
-            }
-            let order: Vec<&String> = texts.iter().filter(|t| chat.acked.contains(t)).collect();
-            let acked: Vec<&String> = chat.acked.iter().collect();
-            if order != acked && problems.len() == before {
-                problems.push(format!(
-                    "{}{whose}: acknowledged order {acked:?}, stored {order:?}",
-                    chat.id
-                ));
-            }
+            checked.problems.extend(confab_e2e::history::problems(
+                &format!("{}{whose}", chat.id),
+                &chat.acked,
+                &texts,
+            ));
         }
     }
     checked
