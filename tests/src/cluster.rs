@@ -255,6 +255,32 @@ impl TestCluster {
             .await
     }
 
+    /// `who` leaves their chat (a customer's leaving closes it).
+    pub async fn leave(&self, who: &Chat) -> Answer {
+        self.http
+            .post(
+                &format!("{}/api/v1/chats/{}/leave", self.gateway, who.id),
+                &json!({}),
+                Some(&who.token),
+            )
+            .await
+    }
+
+    /// A closed chat's transcript page at `url`, read with `bearer`: asked
+    /// again for up to 5 s while the final save that follows the closing is
+    /// under way (409).
+    pub async fn closed_transcript(&self, url: &str, bearer: &str) -> Answer {
+        let mut answer = self.http.get(url, Some(bearer)).await;
+        for _ in 0..100 {
+            if answer.status != 409 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            answer = self.http.get(url, Some(bearer)).await;
+        }
+        answer
+    }
+
     /// The whole transcript, read page by page.
     pub async fn transcript(&self, chat: &Chat) -> Value {
         self.http

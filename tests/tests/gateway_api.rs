@@ -453,14 +453,7 @@ async fn a_closed_chats_transcript_is_read_back_with_its_tokens_or_the_agents_cr
     let stays = c.join(&chat, "Agent Carl").await;
     c.send(&chat, "hello", None).await.ok();
     let url = format!("{}/api/v1/chats/{}/transcript", c.gateway, chat.id);
-    c.http
-        .post(
-            &format!("{}/api/v1/chats/{}/leave", c.gateway, chat.id),
-            &json!({}),
-            Some(&early.token),
-        )
-        .await
-        .ok();
+    c.leave(&early).await.ok();
     c.send(&stays, "after Eve left", None).await.ok();
 
     // The open chat: the credential does not read it.
@@ -475,27 +468,10 @@ async fn a_closed_chats_transcript_is_read_back_with_its_tokens_or_the_agents_cr
         open.body
     );
 
-    c.http
-        .post(
-            &format!("{}/api/v1/chats/{}/leave", c.gateway, chat.id),
-            &json!({}),
-            Some(&chat.token),
-        )
-        .await
-        .ok();
+    c.leave(&chat).await.ok();
     let read = |bearer: String| {
-        let (http, url) = (c.http.clone(), url.clone());
-        async move {
-            // The final save follows the closing: a moment's 409.
-            for _ in 0..100 {
-                let a = http.get(&url, Some(&bearer)).await;
-                if a.status != 409 {
-                    return a.ok();
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            panic!("{url}: still 409 after 5 s");
-        }
+        let (c, url) = (&c, url.clone());
+        async move { c.closed_transcript(&url, &bearer).await.ok() }
     };
     let customer = read(chat.token.clone()).await;
     assert_eq!(customer["state"], "closed", "{customer}");
@@ -547,23 +523,9 @@ async fn agents_reading_closed_chats_can_be_turned_off() {
     let c = TestCluster::start(1, &["--set", "gateway.agents-read-closed-chats=false"]).await;
     let chat = c.create_chat("Ann").await;
     c.send(&chat, "hello", None).await.ok();
-    c.http
-        .post(
-            &format!("{}/api/v1/chats/{}/leave", c.gateway, chat.id),
-            &json!({}),
-            Some(&chat.token),
-        )
-        .await
-        .ok();
+    c.leave(&chat).await.ok();
     let url = format!("{}/api/v1/chats/{}/transcript", c.gateway, chat.id);
-    let mut own = c.http.get(&url, Some(&chat.token)).await;
-    for _ in 0..100 {
-        if own.status != 409 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        own = c.http.get(&url, Some(&chat.token)).await;
-    }
+    let own = c.closed_transcript(&url, &chat.token).await;
     assert_eq!(own.ok()["state"], "closed");
     let agent = c.http.get(&url, Some(&c.agent_credential)).await;
     assert_eq!(agent.status, 401, "{}", agent.body);

@@ -778,6 +778,25 @@ fn the_store_host_frozen_and_thawed_raises_and_clears_the_alarm_and_loses_nothin
     );
 }
 
+/// Create `n` chats through the gateway at `g`; how many went to `instance`.
+async fn chats_on(http: &reqwest::Client, g: &str, instance: &str, n: usize) -> usize {
+    let mut on = 0;
+    for i in 0..n {
+        let r: Value = http
+            .post(format!("{g}/api/v1/chats"))
+            .json(&json!({"nickname": format!("n{i}")}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(r["chat_id"].is_string(), "{r}");
+        on += usize::from(r["instance_id"] == instance);
+    }
+    on
+}
+
 /// The second gateway finds instances only through the session store's
 /// registry: an instance started on a new host later is found within
 /// seconds and given new chats; once its heartbeat stops (its host cut off
@@ -804,20 +823,7 @@ fn a_gateway_finds_a_new_instance_in_the_store_and_drops_one_whose_heartbeat_sto
                 }
                 let found = started.elapsed();
                 // The new instance has the fewest chats: the next go there.
-                let mut on_i4 = 0;
-                for i in 0..6 {
-                    let r: Value = http
-                        .post(format!("{g2}/api/v1/chats"))
-                        .json(&json!({"nickname": format!("d{i}")}))
-                        .send()
-                        .await
-                        .unwrap()
-                        .json()
-                        .await
-                        .unwrap();
-                    on_i4 += usize::from(r["instance_id"] == "i4");
-                }
-                (found, on_i4)
+                (found, chats_on(&http, &g2, "i4", 6).await)
             }
         })
         .join()
@@ -853,21 +859,7 @@ fn a_gateway_finds_a_new_instance_in_the_store_and_drops_one_whose_heartbeat_sto
         .client
         .run(async move {
             let http = confab_e2e::client().build().unwrap();
-            let mut on_i4 = 0;
-            for i in 0..10 {
-                let r: Value = http
-                    .post(format!("{g2}/api/v1/chats"))
-                    .json(&json!({"nickname": format!("e{i}")}))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                assert!(r["chat_id"].is_string(), "{r}");
-                on_i4 += usize::from(r["instance_id"] == "i4");
-            }
-            on_i4
+            chats_on(&http, &g2, "i4", 10).await
         })
         .join()
         .expect("the client host")
