@@ -127,6 +127,9 @@ pub mod reason {
     pub const SAVE_ERROR_CLOSE: &str = "save-error";
     /// A waiting chat that no agent took within `server.waiting-timeout`.
     pub const NO_AGENT: &str = "no-agent";
+    /// The session store lost the chat's records under its owner (they
+    /// expired): closed from what the instance holds.
+    pub const RECORDS_LOST: &str = "records-lost";
 }
 
 /// One transcript event as stored and as served to clients.

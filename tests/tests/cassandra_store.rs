@@ -59,8 +59,11 @@ async fn init_adds_the_columns_an_older_keyspace_lacks() {
         .await
         .expect("init again on the same keyspace");
 
-    // The older scripts: `sessions` without `nickname`.
-    let old_tables = TABLES_CQL.replace("    state text,\n    nickname text\n", "    state text\n");
+    // The older scripts: `sessions` without `nickname` (and `agent_joined`).
+    let old_tables = TABLES_CQL.replace(
+        "    state text,\n    nickname text,\n    agent_joined boolean\n",
+        "    state text\n",
+    );
     assert_ne!(old_tables, TABLES_CQL);
     let old = format!("{}_old", &keyspace);
     for stmt in statements(KEYSPACE_SINGLE_NODE_CQL, &old)

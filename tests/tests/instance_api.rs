@@ -765,3 +765,46 @@ async fn the_gateway_channel_serves_the_internal_api_and_refuses_browsers() {
     let sessions = http.get(&s.internal("/sessions"), None).await.ok();
     assert!(sessions.to_string().contains(&chat), "{sessions}");
 }
+
+/// The chat's records vanish from the session store under its owner (as
+/// when the TTL tables expire them): the next message is refused (409
+/// `chat_closed`), the chat is closed from what the instance holds
+/// (`closed`/`records-lost`, event 59618), and its final transcript, with
+/// every acknowledged message, is in the contact store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_whose_records_vanish_is_closed_from_memory_with_nothing_lost() {
+    let dir = data_dir();
+    let db = dir.path().join("confab.db");
+    let s = Server::start(dir.path(), "inst-a", &db, &[]).await;
+    let http = Http::default();
+    let (chat, pid) = http.create_session(&s, "Ann").await;
+    http.send(&s, &chat, &pid, "first", None).await.ok();
+    http.send(&s, &chat, &pid, "second", None).await.ok();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute("DELETE FROM sessions WHERE session_id = ?1", [&chat])
+        .unwrap();
+    let refused = http.send(&s, &chat, &pid, "third", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert_eq!(refused.error_code(), "chat_closed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let stored = loop {
+        let t: Option<String> = conn
+            .query_row(
+                "SELECT transcript FROM final_transcripts WHERE session_id = ?1",
+                [&chat],
+                |r| r.get(0),
+            )
+            .ok();
+        if let Some(t) = t {
+            break serde_json::from_str::<Vec<Value>>(&t).unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no final transcript");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(texts(&stored), ["first", "second"]);
+    let last = stored.last().unwrap();
+    assert_eq!(last["kind"], "closed");
+    assert_eq!(last["reason"], "records-lost");
+    assert_eq!(s.events(59618).len(), 1, "{}", s.log_text());
+}

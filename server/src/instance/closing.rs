@@ -168,6 +168,36 @@ impl Instance {
         self.release_closed(session);
     }
 
+    /// The store no longer has the chat's records though this instance
+    /// still owns it (they expired): close it from what is held here. The
+    /// participants get a `closed` event (reason `records-lost`), the
+    /// transcript so far goes to the contact store as the final one, and
+    /// the chat is let go (event 59618). Nothing acknowledged is lost: the
+    /// transcript held here has every acknowledged event.
+    pub(super) fn close_records_lost(&self, session: &LiveSession, live: &mut Live) {
+        let closed =
+            Draft::closed(reason::RECORDS_LOST).into_event(live.transcript.next_seq(), now_ms());
+        session.publish([EventView::from(&closed)]);
+        live.transcript.push(closed);
+        live.unsettled.clear();
+        tracing::error!(
+            event_id = events::RECORDS_LOST,
+            sid = %session.id,
+            events = live.transcript.events.len(),
+            "the session store lost the records of a live chat; closed, final transcript stored from memory"
+        );
+        self.spawn_final_save(
+            FinalTranscript {
+                session_id: session.id.clone(),
+                intx: session.intx.clone(),
+                closed_at_ms: now_ms(),
+                events: live.transcript.events.clone(),
+            },
+            live.epoch,
+        );
+        self.release_closed(session);
+    }
+
     /// Keep trying to store a closed chat's final transcript (then delete its
     /// intermediate records) while the contact store is down.
     fn spawn_final_save(&self, transcript: FinalTranscript, epoch: u64) {

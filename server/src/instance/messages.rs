@@ -348,11 +348,19 @@ impl Instance {
                     );
                     last_error = Some(e);
                 }
-                Err(
-                    e @ (StoreError::Fenced { .. }
-                    | StoreError::Conflict(_)
-                    | StoreError::NotFound(_)),
-                ) => {
+                Err(StoreError::NotFound(_)) => {
+                    // Closed by its new owner (whose final transcript is
+                    // stored), or lost under this one: close it from here.
+                    match self.contacts.final_transcript(&session.id).await {
+                        Ok(Some(_)) => {
+                            tracing::warn!(event_id = events::SESSION_FENCED, sid = %session.id, "write refused: session closed on another instance");
+                            self.release_moved(session);
+                        }
+                        _ => self.close_records_lost(session, live),
+                    }
+                    return Err(EngineError::Closed(session.id.clone()));
+                }
+                Err(e @ (StoreError::Fenced { .. } | StoreError::Conflict(_))) => {
                     // Another instance owns the session now: whatever we
                     // hold is stale. Drop it; the gateway relocates.
                     tracing::warn!(event_id = events::SESSION_FENCED, sid = %session.id, error = %e, "write refused: session moved to another instance");

@@ -134,6 +134,7 @@ pub async fn connect(config: &CassandraConfig) -> StoreResult<Session> {
 /// version as it is; `init_schema` adds these to it.
 pub const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("sessions", "nickname", "text"),
+    ("sessions", "agent_joined", "boolean"),
     ("session_claims", "prev_epoch", "bigint"),
     ("session_claims", "prev_owner", "text"),
 ];
@@ -260,7 +261,18 @@ pub async fn connect_and_init(config: &CassandraConfig, ttl: bool) -> StoreResul
 pub struct CassandraStore<C: Cql = Driver> {
     cql: C,
     attempted: std::sync::Mutex<std::collections::HashMap<String, Attempted>>,
+    /// How often the owner of a live session writes all its rows again, so
+    /// that with the TTL tables (`default_time_to_live`, a day in
+    /// `02-tables-ttl.cql`) no row of a chat that goes on expires:
+    /// [`REFRESH_EVERY`].
+    refresh_every: std::time::Duration,
 }
+
+/// The rows of a live session are written again at its first append an
+/// hour after they last were (or after the session was taken over): a TTL
+/// of three hours or more never expires a row of a chat that is written to
+/// at least every TTL minus an hour.
+pub const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What this handle last tried to write to a session it owns. Inserts are
 /// upserts and a write whose answer was lost may have landed, so a (seq,
@@ -281,6 +293,9 @@ struct Attempted {
     owner: Option<String>,
     last_seq: u64,
     batch: Vec<Event>,
+    /// When this handle last wrote every row of the session again (their
+    /// TTL starts over); None: not since it took the session over.
+    refreshed: Option<std::time::Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -312,11 +327,19 @@ impl CassandraStore<Driver> {
 }
 
 impl<C: Cql> CassandraStore<C> {
+    /// Write a live session's rows again this often instead of
+    /// [`REFRESH_EVERY`] (tests).
+    pub fn refreshing_every(mut self, every: std::time::Duration) -> Self {
+        self.refresh_every = every;
+        self
+    }
+
     /// The store's protocol over any implementation of its statements.
     pub fn over(cql: C) -> Self {
         CassandraStore {
             cql,
             attempted: Default::default(),
+            refresh_every: REFRESH_EVERY,
         }
     }
 
@@ -325,13 +348,19 @@ impl<C: Cql> CassandraStore<C> {
         Ok(rows
             .into_iter()
             .next()
-            .and_then(|(intx, subject, created, state, nickname)| {
+            .and_then(|(intx, subject, created, state, nickname, joined)| {
+                let state = state.as_deref().and_then(SessionState::parse)?;
                 Some(Header {
                     intx: intx?,
                     subject,
                     nickname,
                     created_at_ms: created.unwrap_or(0),
-                    state: state.as_deref().and_then(SessionState::parse)?,
+                    // A join is never undone: `waiting` written later by a
+                    // clock that runs ahead does not count.
+                    state: match (state, joined) {
+                        (SessionState::Waiting, Some(true)) => SessionState::Active,
+                        (state, _) => state,
+                    },
                 })
             }))
     }
@@ -377,13 +406,20 @@ impl<C: Cql> CassandraStore<C> {
         let Some((current, owner)) = claims.last().cloned() else {
             return Ok(None);
         };
+        // Closing is a claim too, the last there can be: whatever a late
+        // write put in the header, the chat is closed.
+        let state = if current.epoch == TERMINAL_EPOCH {
+            SessionState::Closed
+        } else {
+            header.state
+        };
         Ok(Some((
             SessionRecord {
                 session_id: session_id.to_owned(),
                 intx: header.intx,
                 owner_instance: owner,
                 epoch: current.epoch as u64,
-                state: header.state,
+                state,
                 subject: header.subject,
                 nickname: header.nickname,
                 created_at_ms: header.created_at_ms,
@@ -432,6 +468,7 @@ impl<C: Cql> CassandraStore<C> {
                 owner: None,
                 last_seq: 0,
                 batch: Vec::new(),
+                refreshed: None,
             });
         let tried_before = |e: &Event| entry.batch.iter().any(|b| b == e);
         let resend = entry.epoch == epoch && events.iter().all(tried_before);
@@ -451,6 +488,7 @@ impl<C: Cql> CassandraStore<C> {
                 owner: None,
                 last_seq: 0,
                 batch: Vec::new(),
+                refreshed: None,
             };
         }
         entry.last_seq = entry.last_seq.max(last);
@@ -458,8 +496,10 @@ impl<C: Cql> CassandraStore<C> {
         Ok(resend)
     }
 
-    /// This handle now writes `epoch` of the session for `owner`.
-    fn owns(&self, session_id: &str, epoch: i64, owner: &str) {
+    /// This handle now writes `epoch` of the session for `owner`; `fresh`:
+    /// every row was just written (a creation), else they are as old as
+    /// they are (a take-over).
+    fn owns(&self, session_id: &str, epoch: i64, owner: &str, fresh: bool) {
         self.attempted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -470,6 +510,7 @@ impl<C: Cql> CassandraStore<C> {
                     owner: Some(owner.to_owned()),
                     last_seq: 0,
                     batch: Vec::new(),
+                    refreshed: fresh.then(std::time::Instant::now),
                 },
             );
     }
@@ -488,6 +529,86 @@ impl<C: Cql> CassandraStore<C> {
             .filter(|a| a.epoch == epoch)
             .and_then(|a| a.owner.clone());
         claim.epoch == epoch && known.is_none_or(|k| &k == owner)
+    }
+
+    /// Whether the session's rows are due to be written again, and if so,
+    /// count them as written now. A session taken over is due at once if it
+    /// is older than [`REFRESH_EVERY`] (its rows may be as old), else when
+    /// it is that old: a young chat's restoration writes nothing more.
+    fn refresh_due(&self, session_id: &str, created_at_ms: i64) -> bool {
+        let mut attempted = self.attempted.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = attempted.get_mut(session_id) else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        let age = std::time::Duration::from_millis(
+            u64::try_from(crate::session::now_ms() - created_at_ms).unwrap_or(0),
+        );
+        let due = match entry.refreshed {
+            Some(at) => now.duration_since(at) >= self.refresh_every,
+            None => age >= self.refresh_every,
+        };
+        if !due && entry.refreshed.is_none() {
+            // Its rows are as old as the chat.
+            entry.refreshed = Some(now.checked_sub(age).unwrap_or(now));
+        }
+        if due {
+            entry.refreshed = Some(std::time::Instant::now());
+        }
+        due
+    }
+
+    /// Write every row the session's transcript depends on again, as read
+    /// (the header with its state, the claims on the chain, the events of
+    /// the history under their epochs, its index entry), so that their TTL
+    /// starts over. Identical content: no reader sees a change, and a
+    /// claim that runs meanwhile reads the same history. Pending and
+    /// abandoned claims and unacknowledged rows are left to expire.
+    async fn refresh(
+        &self,
+        session_id: &str,
+        header: &Header,
+        state: SessionState,
+        claims: &[(Claim, String)],
+    ) -> StoreResult<()> {
+        let corrupt = |why: String| StoreError::Corrupt(format!("session {session_id}: {why}"));
+        let rows = self.cql.select_events(session_id).await?;
+        let history = history_rows(claims, rows).map_err(corrupt)?;
+        let chain = chain(claims).map_err(corrupt)?;
+        self.cql
+            .insert_session(
+                session_id,
+                NewHeader {
+                    intx: &header.intx,
+                    subject: header.subject.as_deref(),
+                    created_at_ms: header.created_at_ms,
+                    state: state.as_str(),
+                    nickname: header.nickname.as_deref(),
+                },
+            )
+            .await?;
+        if state == SessionState::Active {
+            self.cql.update_state(session_id, state.as_str()).await?;
+        }
+        for (c, owner) in chain {
+            let claim = NewClaim {
+                epoch: c.epoch,
+                owner,
+                cut: c.cut,
+                prev: c.prev.as_ref().map(|(e, o)| (*e, o.as_str())),
+            };
+            self.cql.insert_claim(session_id, claim).await?;
+        }
+        let writes = history
+            .iter()
+            .map(|(epoch, e)| self.cql.insert_event(session_id, *epoch, e));
+        futures_util::future::try_join_all(writes).await?;
+        if state != SessionState::Closed {
+            self.cql
+                .insert_index(session_id, state.as_str(), header.created_at_ms)
+                .await?;
+        }
+        Ok(())
     }
 
     /// This handle no longer writes the session (moved, closed, deleted).
@@ -511,6 +632,14 @@ impl<C: Cql> CassandraStore<C> {
         Ok(())
     }
 }
+
+/// The epoch of the claim that closes a session: greater than any other,
+/// so that it stays the latest claim. It is never completed (no cut), so
+/// it changes no transcript; it fences every owner (their epochs are not
+/// the latest) and tells every reader the chat is closed, whatever a write
+/// carrying a clock that runs ahead leaves in the header or the events
+/// after the deletes. Its rows stay: the TTL tables expire them.
+const TERMINAL_EPOCH: i64 = i64::MAX;
 
 /// The low part of the epochs `owner` claims: FNV-1a of its id, so it is
 /// the same in every version and on every host.
@@ -585,6 +714,17 @@ fn chain(claims: &[(Claim, String)]) -> Result<Vec<&(Claim, String)>, String> {
 /// Every stored row, repeated client_msg_ids included: a claim's cut is
 /// taken over seqs, before they are dropped.
 fn stored_history(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Result<Vec<Event>, String> {
+    Ok(history_rows(claims, rows)?
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect())
+}
+
+/// [`stored_history`] with each event's epoch (the key it is stored under).
+fn history_rows(
+    claims: &[(Claim, String)],
+    rows: Vec<EventRow>,
+) -> Result<Vec<(i64, Event)>, String> {
     let chain = chain(claims)?;
     let bounds: Vec<(i64, i64, i64)> = chain
         .iter()
@@ -594,7 +734,7 @@ fn stored_history(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Result<Vec
             (c.epoch, c.cut, upper)
         })
         .collect();
-    let mut events: Vec<Event> = rows
+    let mut events: Vec<(i64, Event)> = rows
         .into_iter()
         .filter(|row| {
             let (seq, epoch) = (row.0, row.1);
@@ -605,7 +745,7 @@ fn stored_history(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Result<Vec
         .map(
             |(
                 seq,
-                _epoch,
+                epoch,
                 kind,
                 participant_id,
                 nickname,
@@ -615,29 +755,32 @@ fn stored_history(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Result<Vec
                 client_msg_id,
                 at,
             )| {
-                Event {
-                    seq: seq as u64,
-                    kind: kind
-                        .as_deref()
-                        .and_then(EventKind::parse)
-                        .unwrap_or(EventKind::Notice),
-                    participant_id,
-                    nickname,
-                    text,
-                    reason,
-                    role: role.as_deref().and_then(Role::parse),
-                    client_msg_id,
-                    at_ms: at.unwrap_or(0),
-                }
+                (
+                    epoch,
+                    Event {
+                        seq: seq as u64,
+                        kind: kind
+                            .as_deref()
+                            .and_then(EventKind::parse)
+                            .unwrap_or(EventKind::Notice),
+                        participant_id,
+                        nickname,
+                        text,
+                        reason,
+                        role: role.as_deref().and_then(Role::parse),
+                        client_msg_id,
+                        at_ms: at.unwrap_or(0),
+                    },
+                )
             },
         )
         .collect();
     // The epochs' ranges are disjoint: one row per seq.
-    events.sort_by_key(|e| e.seq);
-    events.dedup_by_key(|e| e.seq);
+    events.sort_by_key(|(_, e)| e.seq);
+    events.dedup_by_key(|(_, e)| e.seq);
     let closed_cut = chain.last().map_or(0, |(c, _)| c.cut).max(0) as u64;
     if let Some(missing) =
-        (1..=closed_cut).find(|seq| events.get(*seq as usize - 1).map(|e| e.seq) != Some(*seq))
+        (1..=closed_cut).find(|seq| events.get(*seq as usize - 1).map(|(_, e)| e.seq) != Some(*seq))
     {
         return Err(format!(
             "seq {missing} is missing below the cut {closed_cut} of the latest completed claim"
@@ -694,7 +837,7 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         self.cql
             .insert_index(id, record.state.as_str(), record.created_at_ms)
             .await?;
-        self.owns(id, record.epoch as i64, &record.owner_instance);
+        self.owns(id, record.epoch as i64, &record.owner_instance, true);
         let _ = self.fresh_keys(id, record.epoch as i64, &events)?;
         self.write_events(id, record.epoch as i64, &events).await
     }
@@ -711,10 +854,13 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         });
         // Read back: acknowledged only if this epoch still owns the session.
         let (header, claims) = tokio::try_join!(self.header(id), self.claims(id))?;
-        let Some(header) = header else {
-            return Err(StoreError::NotFound(a.session_id));
-        };
         let current = claims.last().map(|(c, _)| c.epoch).unwrap_or(-1);
+        // Nothing left at all: the records expired (TTL) under their owner;
+        // no other owner can have taken them (it would have left a claim).
+        if header.is_none() && claims.is_empty() {
+            self.forget(id);
+            return Err(StoreError::NotFound(a.session_id));
+        }
         if !self.still_owns(id, epoch, claims.last()) {
             self.forget(id);
             return Err(StoreError::Fenced {
@@ -723,6 +869,12 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
                 current: current.max(0) as u64,
             });
         }
+        // Still ours, but the header is gone (expired): NotFound; the
+        // owner closes the chat from what it holds.
+        let Some(header) = header else {
+            self.forget(id);
+            return Err(StoreError::NotFound(a.session_id));
+        };
         if header.state == SessionState::Closed {
             // The resend of a closing whose first try closed the session but
             // lost its answer (or failed after the state): it is done; finish
@@ -737,6 +889,21 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         if changes_state && header.state != a.state {
             self.set_state(id, a.state, Some(header.created_at_ms))
                 .await?;
+        }
+        // The append is acknowledged whatever the refresh meets: a failed
+        // refresh is tried again at the next append.
+        if a.state != SessionState::Closed && self.refresh_due(id, header.created_at_ms) {
+            if let Err(e) = self.refresh(id, &header, a.state, &claims).await {
+                tracing::warn!(sid = %id, error = %e, "rows of a live session not written again; retried at its next save");
+                if let Some(entry) = self
+                    .attempted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(id)
+                {
+                    entry.refreshed = None;
+                }
+            }
         }
         Ok(())
     }
@@ -801,7 +968,7 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         };
         self.cql.insert_claim(session_id, completed).await?;
         // A new epoch: its keys are fresh, whatever the old one tried.
-        self.owns(session_id, epoch, new_owner);
+        self.owns(session_id, epoch, new_owner, false);
         Ok((
             SessionRecord {
                 owner_instance: new_owner.to_owned(),
@@ -870,10 +1037,17 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
             });
         }
         self.forget(session_id);
+        let owner = claims.last().map(|(_, o)| o.as_str()).unwrap_or_default();
+        let closing = NewClaim {
+            epoch: TERMINAL_EPOCH,
+            owner,
+            cut: -1,
+            prev: Some((current.epoch, owner)),
+        };
+        self.cql.insert_claim(session_id, closing).await?;
         self.cql.delete_index(session_id).await?;
         self.cql.delete_events(session_id).await?;
-        self.cql.delete_session(session_id).await?;
-        self.cql.delete_claims(session_id).await
+        self.cql.delete_session(session_id).await
     }
 
     async fn ping(&self) -> StoreResult<()> {

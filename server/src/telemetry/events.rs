@@ -51,6 +51,10 @@ pub const INTERNAL_AUTH_REFUSED: u32 = 59616;
 /// chat has a gap below a completed claim's cut (a row lost or expired):
 /// taking it over would drop acknowledged events.
 pub const HISTORY_CORRUPT: u32 = 59617;
+/// A live chat's records were gone from the session store under their
+/// owner (expired: the TTL tables): the chat was closed from what the
+/// instance holds, its final transcript stored from memory.
+pub const RECORDS_LOST: u32 = 59618;
 
 /// Dashboard: a sign-in with a wrong admin token was refused.
 pub const DASHBOARD_SIGNIN_REFUSED: u32 = 59620;

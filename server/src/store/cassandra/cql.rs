@@ -16,13 +16,15 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 use tokio::sync::Semaphore;
 
-/// intx, subject, created_at, state, nickname, as stored (nullable)
+/// intx, subject, created_at, state, nickname, agent_joined, as stored
+/// (nullable)
 pub type HeaderRow = (
     Option<String>,
     Option<String>,
     Option<i64>,
     Option<String>,
     Option<String>,
+    Option<bool>,
 );
 
 /// epoch, owner, cut, prev_epoch, prev_owner
@@ -70,6 +72,9 @@ pub struct NewClaim<'a> {
 pub trait Cql: Send + Sync + 'static {
     async fn insert_session(&self, id: &str, h: NewHeader<'_>) -> StoreResult<()>;
     async fn select_session(&self, id: &str) -> StoreResult<Vec<HeaderRow>>;
+    /// Write the state; `active` also sets `agent_joined`, which nothing
+    /// unsets, so that a clock running ahead on the creating instance
+    /// cannot turn a joined chat back into a waiting one.
     async fn update_state(&self, id: &str, state: &str) -> StoreResult<()>;
     async fn insert_claim(&self, id: &str, c: NewClaim<'_>) -> StoreResult<()>;
     async fn select_claims(&self, id: &str) -> StoreResult<Vec<ClaimRow>>;
@@ -80,7 +85,6 @@ pub trait Cql: Send + Sync + 'static {
     async fn delete_index(&self, id: &str) -> StoreResult<()>;
     async fn delete_events(&self, id: &str) -> StoreResult<()>;
     async fn delete_session(&self, id: &str) -> StoreResult<()>;
-    async fn delete_claims(&self, id: &str) -> StoreResult<()>;
     async fn ping(&self) -> StoreResult<()>;
 }
 
@@ -98,6 +102,7 @@ struct Statements {
     ins_session: PreparedStatement,
     sel_session: PreparedStatement,
     upd_state: PreparedStatement,
+    upd_joined: PreparedStatement,
     ins_claim: PreparedStatement,
     sel_claims: PreparedStatement,
     ins_event: PreparedStatement,
@@ -105,7 +110,6 @@ struct Statements {
     ins_index: PreparedStatement,
     sel_index: PreparedStatement,
     del_events: PreparedStatement,
-    del_claims: PreparedStatement,
     del_session: PreparedStatement,
     del_index: PreparedStatement,
     ping: PreparedStatement,
@@ -133,8 +137,9 @@ impl Driver {
         };
         let st = Statements {
             ins_session: prepare(format!("INSERT INTO {ks}.sessions (session_id, intx, subject, created_at, state, nickname) VALUES (?, ?, ?, ?, ?, ?)"), write).await?,
-            sel_session: prepare(format!("SELECT intx, subject, created_at, state, nickname FROM {ks}.sessions WHERE session_id = ?"), read).await?,
+            sel_session: prepare(format!("SELECT intx, subject, created_at, state, nickname, agent_joined FROM {ks}.sessions WHERE session_id = ?"), read).await?,
             upd_state: prepare(format!("INSERT INTO {ks}.sessions (session_id, state) VALUES (?, ?)"), write).await?,
+            upd_joined: prepare(format!("INSERT INTO {ks}.sessions (session_id, state, agent_joined) VALUES (?, ?, ?)"), write).await?,
             ins_claim: prepare(format!("INSERT INTO {ks}.session_claims (session_id, epoch, owner, cut, prev_epoch, prev_owner) VALUES (?, ?, ?, ?, ?, ?)"), write).await?,
             sel_claims: prepare(format!("SELECT epoch, owner, cut, prev_epoch, prev_owner FROM {ks}.session_claims WHERE session_id = ?"), read).await?,
             ins_event: prepare(
@@ -150,7 +155,6 @@ impl Driver {
             ins_index: prepare(format!("INSERT INTO {ks}.session_index (bucket, session_id, state, created_at) VALUES (?, ?, ?, ?)"), write).await?,
             sel_index: prepare(format!("SELECT session_id, state, created_at FROM {ks}.session_index WHERE bucket = ?"), read).await?,
             del_events: prepare(format!("DELETE FROM {ks}.events WHERE session_id = ?"), write).await?,
-            del_claims: prepare(format!("DELETE FROM {ks}.session_claims WHERE session_id = ?"), write).await?,
             del_session: prepare(format!("DELETE FROM {ks}.sessions WHERE session_id = ?"), write).await?,
             del_index: prepare(format!("DELETE FROM {ks}.session_index WHERE bucket = ? AND session_id = ?"), write).await?,
             ping: prepare("SELECT release_version FROM system.local".to_owned(), Consistency::One).await?,
@@ -217,7 +221,11 @@ impl Cql for Driver {
     }
 
     async fn update_state(&self, id: &str, state: &str) -> StoreResult<()> {
-        self.exec(&self.st.upd_state, (id, state)).await
+        if state == crate::session::SessionState::Active.as_str() {
+            self.exec(&self.st.upd_joined, (id, state, true)).await
+        } else {
+            self.exec(&self.st.upd_state, (id, state)).await
+        }
     }
 
     async fn insert_claim(&self, id: &str, c: NewClaim<'_>) -> StoreResult<()> {
@@ -282,10 +290,6 @@ impl Cql for Driver {
 
     async fn delete_session(&self, id: &str) -> StoreResult<()> {
         self.exec(&self.st.del_session, (id,)).await
-    }
-
-    async fn delete_claims(&self, id: &str) -> StoreResult<()> {
-        self.exec(&self.st.del_claims, (id,)).await
     }
 
     async fn ping(&self) -> StoreResult<()> {

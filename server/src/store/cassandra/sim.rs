@@ -305,17 +305,17 @@ impl Cql for Sim {
                     int(r.get("created_at")),
                     text(r.get("state")),
                     text(r.get("nickname")),
+                    int(r.get("agent_joined")).map(|v| v == 1),
                 )
             })
             .collect())
     }
     async fn update_state(&self, id: &str, state: &str) -> StoreResult<()> {
-        self.upsert(
-            "sessions",
-            id,
-            (vec![], String::new()),
-            vec![("state", V::T(state.into()))],
-        )
+        let mut cells = vec![("state", V::T(state.into()))];
+        if state == SessionState::Active.as_str() {
+            cells.push(("agent_joined", V::I(1)));
+        }
+        self.upsert("sessions", id, (vec![], String::new()), cells)
     }
     async fn insert_claim(&self, id: &str, c: NewClaim<'_>) -> StoreResult<()> {
         self.upsert(
@@ -412,9 +412,6 @@ impl Cql for Sim {
     }
     async fn delete_session(&self, id: &str) -> StoreResult<()> {
         self.delete("sessions", id)
-    }
-    async fn delete_claims(&self, id: &str) -> StoreResult<()> {
-        self.delete("claims", id)
     }
     async fn ping(&self) -> StoreResult<()> {
         Ok(())
@@ -804,4 +801,176 @@ async fn a_corrupt_history_refuses_the_claim_without_fencing_the_owner() {
         })
         .await;
     assert_eq!(still, Ok(()), "the owner was fenced by a refused claim");
+}
+
+/// A handle whose clock runs `skew` ahead of the cluster's others.
+fn skewed(cluster: &Arc<Mutex<Cluster>>, skew: i64) -> CassandraStore<Sim> {
+    CassandraStore::over(Sim {
+        cluster: cluster.clone(),
+        clock: Arc::new(Mutex::new(1_000_000)),
+        skew,
+    })
+}
+
+/// Closed, final transcript stored, records deleted; then a write from an
+/// instance whose clock runs an hour ahead lands late and survives the
+/// deletes (its timestamp is newer): the header is back, saying "waiting".
+/// The closing claim still says closed: nobody restores or lists the chat.
+#[tokio::test]
+async fn a_late_write_with_a_clock_ahead_cannot_reopen_a_closed_chat() {
+    let cluster = quiet_cluster();
+    let a = handle(&cluster);
+    let record = created(&a, "reopen").await;
+    a.append_events(Append {
+        session_id: record.session_id.clone(),
+        epoch: 1,
+        events: vec![Draft::closed("customer-left").into_event(2, 1)],
+        state: SessionState::Closed,
+    })
+    .await
+    .unwrap();
+    a.delete_session("reopen", 1).await.unwrap();
+    assert_eq!(a.locate("reopen").await.unwrap(), None);
+    let ahead = skewed(&cluster, 3_600_000_000);
+    ahead
+        .cql
+        .insert_session(
+            "reopen",
+            NewHeader {
+                intx: "intx",
+                subject: None,
+                created_at_ms: 1,
+                state: "waiting",
+                nickname: None,
+            },
+        )
+        .await
+        .unwrap();
+    let seen = a
+        .locate("reopen")
+        .await
+        .unwrap()
+        .expect("the header is back");
+    assert_eq!(seen.state, SessionState::Closed, "{seen:?}");
+    let b = handle(&cluster);
+    assert!(matches!(
+        b.claim("reopen", "inst-b").await,
+        Err(StoreError::Closed(_))
+    ));
+    // And the closed owner's own late writes are fenced, not taken.
+    let late = a
+        .append_events(Append {
+            session_id: record.session_id,
+            epoch: 1,
+            events: vec![Draft::message(&customer(), "late".into(), None).into_event(3, 1)],
+            state: SessionState::Waiting,
+        })
+        .await;
+    assert!(matches!(late, Err(StoreError::Fenced { .. })), "{late:?}");
+}
+
+/// The creating instance's clock runs ahead: its "waiting" (written at
+/// creation) is newer than the owner's "active" written when an agent
+/// joined. The join still counts.
+#[tokio::test]
+async fn a_join_is_not_undone_by_a_waiting_state_from_a_clock_ahead() {
+    let cluster = quiet_cluster();
+    let ahead = skewed(&cluster, 3_600_000_000);
+    created(&ahead, "join").await;
+    let owner = handle(&cluster);
+    let (r, _) = owner.claim("join", "inst-b").await.unwrap();
+    let agent = Participant {
+        participant_id: "agent-1".into(),
+        nickname: "Carl".into(),
+        role: Role::Agent,
+    };
+    owner
+        .append_events(Append {
+            session_id: "join".into(),
+            epoch: r.epoch,
+            events: vec![Draft::joined(&agent, None).into_event(2, 2)],
+            state: SessionState::Active,
+        })
+        .await
+        .unwrap();
+    let seen = owner.locate("join").await.unwrap().unwrap();
+    assert_eq!(seen.state, SessionState::Active);
+}
+
+/// Records that expired under their owner (the TTL tables) answer its next
+/// append NotFound, not Fenced: the instance then closes the chat from
+/// what it holds. A header expired alone likewise; claims of another owner
+/// still fence.
+#[tokio::test]
+async fn expired_records_answer_their_owner_not_found() {
+    let cluster = quiet_cluster();
+    let a = handle(&cluster);
+    let message = |seq: u64| Append {
+        session_id: "gone".into(),
+        epoch: 1,
+        events: vec![Draft::message(&customer(), format!("m{seq}"), None).into_event(seq, 1)],
+        state: SessionState::Waiting,
+    };
+    created(&a, "gone").await;
+    let expire = |tables: &[&str]| {
+        for r in &mut cluster.lock().unwrap().replicas {
+            r.rows
+                .retain(|(t, id, _, _), _| !(tables.contains(t) && id == "gone"));
+        }
+    };
+    expire(&["sessions"]);
+    assert!(matches!(
+        a.append_events(message(2)).await,
+        Err(StoreError::NotFound(_))
+    ));
+    expire(&["sessions", "claims", "events"]);
+    assert!(matches!(
+        a.append_events(message(2)).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+/// A live session's owner writes its rows again (here at every append):
+/// once every cell written before (at the creation) has expired, the chat
+/// still has its whole history, and another instance can take it over.
+#[tokio::test]
+async fn a_live_chats_rows_are_written_again_before_they_expire() {
+    let cluster = quiet_cluster();
+    let a = handle(&cluster).refreshing_every(std::time::Duration::ZERO);
+    let record = created(&a, "long").await;
+    let joined = Participant {
+        participant_id: "agent-1".into(),
+        nickname: "Carl".into(),
+        role: Role::Agent,
+    };
+    a.append_events(Append {
+        session_id: record.session_id.clone(),
+        epoch: 1,
+        events: vec![Draft::joined(&joined, None).into_event(2, 1)],
+        state: SessionState::Active,
+    })
+    .await
+    .unwrap();
+    let before_last = *a.cql.clock.lock().unwrap();
+    a.append_events(Append {
+        session_id: record.session_id.clone(),
+        epoch: 1,
+        events: vec![Draft::message(&customer(), "m3".into(), None).into_event(3, 1)],
+        state: SessionState::Active,
+    })
+    .await
+    .unwrap();
+    // The TTL runs out for every cell written before that last append.
+    for r in &mut cluster.lock().unwrap().replicas {
+        for row in r.rows.values_mut() {
+            row.retain(|_, (_, ts)| *ts > before_last);
+        }
+        r.rows.retain(|_, row| !row.is_empty());
+    }
+    let (seen, events) = a.load("long").await.unwrap().expect("still there");
+    assert_eq!(seen.state, SessionState::Active);
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    let b = handle(&cluster);
+    let (_, taken) = b.claim("long", "inst-b").await.unwrap();
+    assert_eq!(taken.len(), 3);
 }
