@@ -1053,6 +1053,10 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
     async fn ping(&self) -> StoreResult<()> {
         self.cql.ping().await
     }
+
+    fn release(&self, session_id: &str) {
+        self.forget(session_id);
+    }
 }
 
 #[cfg(test)]

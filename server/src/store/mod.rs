@@ -180,6 +180,10 @@ pub trait SessionStore: Send + Sync + 'static {
     /// A cheap round trip, for availability probes.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// This handle will not write `session_id` again (it moved to another
+    /// instance): forget what is kept in memory for it.
+    fn release(&self, _session_id: &str) {}
+
     /// Owner and epoch of each of `session_ids` that still exists (the
     /// instance's ownership sweep). One `locate` each unless a backend can
     /// do better.

@@ -974,3 +974,15 @@ async fn a_live_chats_rows_are_written_again_before_they_expire() {
     let (_, taken) = b.claim("long", "inst-b").await.unwrap();
     assert_eq!(taken.len(), 3);
 }
+
+/// What a handle keeps per session goes when the session moves away
+/// (`release`) or is deleted, not only when a write is refused.
+#[tokio::test]
+async fn a_released_session_leaves_nothing_behind_in_the_handle() {
+    let cluster = quiet_cluster();
+    let a = handle(&cluster);
+    created(&a, "kept").await;
+    assert!(a.attempted.lock().unwrap().contains_key("kept"));
+    a.release("kept");
+    assert!(!a.attempted.lock().unwrap().contains_key("kept"));
+}
