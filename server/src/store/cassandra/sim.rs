@@ -225,9 +225,24 @@ struct Sim {
     cluster: Arc<Mutex<Cluster>>,
     clock: Arc<Mutex<i64>>,
     skew: i64,
+    /// When set, every statement first yields to the other instances' tasks
+    /// a random number of times (seeded): their operations interleave at
+    /// every statement, as on a real cluster.
+    interleave: Option<Arc<Mutex<Rng>>>,
 }
 
 impl Sim {
+    /// Let the other tasks run first, 0 to 3 times, as the seed says.
+    async fn pause(&self) {
+        let Some(rng) = &self.interleave else {
+            return;
+        };
+        let times = rng.lock().unwrap().below(4);
+        for _ in 0..times {
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn ts(&self) -> i64 {
         let mut c = self.clock.lock().unwrap();
         *c += 1;
@@ -281,6 +296,7 @@ fn opt_t(s: Option<&str>) -> V {
 #[async_trait]
 impl Cql for Sim {
     async fn insert_session(&self, id: &str, h: NewHeader<'_>) -> StoreResult<()> {
+        self.pause().await;
         self.upsert(
             "sessions",
             id,
@@ -295,6 +311,7 @@ impl Cql for Sim {
         )
     }
     async fn select_session(&self, id: &str) -> StoreResult<Vec<HeaderRow>> {
+        self.pause().await;
         Ok(self
             .read("sessions", id)
             .into_iter()
@@ -311,6 +328,7 @@ impl Cql for Sim {
             .collect())
     }
     async fn update_state(&self, id: &str, state: &str) -> StoreResult<()> {
+        self.pause().await;
         let mut cells = vec![("state", V::T(state.into()))];
         if state == SessionState::Active.as_str() {
             cells.push(("agent_joined", V::I(1)));
@@ -318,6 +336,7 @@ impl Cql for Sim {
         self.upsert("sessions", id, (vec![], String::new()), cells)
     }
     async fn insert_claim(&self, id: &str, c: NewClaim<'_>) -> StoreResult<()> {
+        self.pause().await;
         self.upsert(
             "claims",
             id,
@@ -330,6 +349,7 @@ impl Cql for Sim {
         )
     }
     async fn select_claims(&self, id: &str) -> StoreResult<Vec<ClaimRow>> {
+        self.pause().await;
         Ok(self
             .read("claims", id)
             .into_iter()
@@ -345,6 +365,7 @@ impl Cql for Sim {
             .collect())
     }
     async fn insert_event(&self, id: &str, epoch: i64, e: &Event) -> StoreResult<()> {
+        self.pause().await;
         self.upsert(
             "events",
             id,
@@ -362,6 +383,7 @@ impl Cql for Sim {
         )
     }
     async fn select_events(&self, id: &str) -> StoreResult<Vec<EventRow>> {
+        self.pause().await;
         Ok(self
             .read("events", id)
             .into_iter()
@@ -382,6 +404,7 @@ impl Cql for Sim {
             .collect())
     }
     async fn insert_index(&self, id: &str, state: &str, created_at_ms: i64) -> StoreResult<()> {
+        self.pause().await;
         self.upsert(
             "index",
             "bucket",
@@ -393,6 +416,7 @@ impl Cql for Sim {
         )
     }
     async fn select_index(&self) -> StoreResult<Vec<IndexRow>> {
+        self.pause().await;
         Ok(self
             .read("index", "bucket")
             .into_iter()
@@ -400,6 +424,7 @@ impl Cql for Sim {
             .collect())
     }
     async fn delete_index(&self, id: &str) -> StoreResult<()> {
+        self.pause().await;
         self.upsert(
             "index",
             "bucket",
@@ -408,9 +433,11 @@ impl Cql for Sim {
         )
     }
     async fn delete_events(&self, id: &str) -> StoreResult<()> {
+        self.pause().await;
         self.delete("events", id)
     }
     async fn delete_session(&self, id: &str) -> StoreResult<()> {
+        self.pause().await;
         self.delete("sessions", id)
     }
     async fn ping(&self) -> StoreResult<()> {
@@ -455,6 +482,7 @@ async fn run(seed: u64, steps: usize) -> Result<(), String> {
             cluster: cluster.clone(),
             clock: clock.clone(),
             skew,
+            interleave: None,
         }),
         owned: None,
         unsettled: Vec::new(),
@@ -703,6 +731,7 @@ fn handle(cluster: &Arc<Mutex<Cluster>>) -> CassandraStore<Sim> {
         cluster: cluster.clone(),
         clock: Arc::new(Mutex::new(1_000_000)),
         skew: 0,
+        interleave: None,
     })
 }
 
@@ -809,6 +838,7 @@ fn skewed(cluster: &Arc<Mutex<Cluster>>, skew: i64) -> CassandraStore<Sim> {
         cluster: cluster.clone(),
         clock: Arc::new(Mutex::new(1_000_000)),
         skew,
+        interleave: None,
     })
 }
 
@@ -985,4 +1015,298 @@ async fn a_released_session_leaves_nothing_behind_in_the_handle() {
     assert!(a.attempted.lock().unwrap().contains_key("kept"));
     a.release("kept");
     assert!(!a.attempted.lock().unwrap().contains_key("kept"));
+}
+
+/// What the instance tasks of an interleaved run share: the client's view.
+#[derive(Default)]
+struct Shared {
+    /// (text, instance, acknowledged directly) in the order the answers
+    /// came back.
+    acknowledged: Vec<(String, usize, bool)>,
+    /// Messages whose request failed: a client sends them again (the same
+    /// client_msg_id), through whichever instance.
+    pending: Vec<String>,
+    trace: Vec<String>,
+}
+
+/// Every message acknowledged (in `acknowledged`) once in `events`; each
+/// instance's direct acknowledgements in the order they came back. (Across
+/// instances the answers may come back in either order: an append's answer
+/// can be slower than the next owner's.)
+fn check_interleaved(
+    acknowledged: &[(String, usize, bool)],
+    events: &[Event],
+) -> Result<(), String> {
+    let texts: Vec<&str> = events.iter().filter_map(|e| e.text.as_deref()).collect();
+    let mut last_at = [None::<usize>; 2];
+    for (text, node, direct) in acknowledged {
+        let found: Vec<usize> = texts
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == text.as_str())
+            .map(|(i, _)| i)
+            .collect();
+        let at = match found.as_slice() {
+            [i] => *i,
+            [] => return Err(format!("acknowledged {text} is missing from {texts:?}")),
+            _ => {
+                return Err(format!(
+                    "acknowledged {text} shows {} times in {texts:?}",
+                    found.len()
+                ))
+            }
+        };
+        if *direct {
+            if last_at[*node].is_some_and(|before| at < before) {
+                return Err(format!("acknowledged {text} is out of order in {texts:?}"));
+            }
+            last_at[*node] = Some(at);
+        }
+    }
+    Ok(())
+}
+
+/// One instance's task in an interleaved run: `steps` random steps.
+async fn instance_task(
+    idx: usize,
+    mut node: Node,
+    id: String,
+    seed: u64,
+    steps: usize,
+    cluster: Arc<Mutex<Cluster>>,
+    shared: Arc<Mutex<Shared>>,
+) -> Result<(), String> {
+    let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(idx as u64));
+    let trace = |line: String| shared.lock().unwrap().trace.push(line);
+    for step in 0..steps {
+        if rng.below(10) < 7 {
+            let Some((epoch, local)) = node.owned.as_mut() else {
+                cluster.lock().unwrap().deliver_some();
+                continue;
+            };
+            let epoch = *epoch;
+            if !node.unsettled.is_empty() {
+                let answer = node
+                    .store
+                    .append_events(Append {
+                        session_id: id.clone(),
+                        epoch,
+                        events: node.unsettled.clone(),
+                        state: SessionState::Waiting,
+                    })
+                    .await;
+                trace(format!("{}@{step}: resends -> {answer:?}", node.name));
+                match answer {
+                    Ok(()) => local.append(&mut node.unsettled),
+                    Err(e) if e.is_transient() => continue,
+                    Err(_) => {
+                        node.owned = None;
+                        node.unsettled.clear();
+                        continue;
+                    }
+                }
+            }
+            let retry = {
+                let s = shared.lock().unwrap();
+                s.pending.first().cloned()
+            };
+            let text = match retry {
+                Some(t) if rng.chance(50) => t,
+                _ => format!("{}-{step}", node.name),
+            };
+            if local
+                .iter()
+                .any(|e| e.client_msg_id.as_deref() == Some(&text))
+            {
+                trace(format!("{}@{step}: {text} is a duplicate", node.name));
+                let mut s = shared.lock().unwrap();
+                s.pending.retain(|p| *p != text);
+                if !s.acknowledged.iter().any(|(a, _, _)| *a == text) {
+                    s.acknowledged.push((text, idx, false));
+                }
+                continue;
+            }
+            let next = local.len() as u64 + 1;
+            let event =
+                Draft::message(&customer(), text.clone(), Some(text.clone())).into_event(next, 1);
+            let answer = node
+                .store
+                .append_events(Append {
+                    session_id: id.clone(),
+                    epoch,
+                    events: vec![event.clone()],
+                    state: SessionState::Waiting,
+                })
+                .await;
+            trace(format!(
+                "{}@{step}: posts {text} at {next} -> {answer:?}",
+                node.name
+            ));
+            let Some((_, local)) = node.owned.as_mut() else {
+                continue;
+            };
+            match answer {
+                Ok(()) => {
+                    local.push(event);
+                    let mut s = shared.lock().unwrap();
+                    s.pending.retain(|p| *p != text);
+                    s.acknowledged.push((text, idx, true));
+                }
+                Err(e) => {
+                    let mut s = shared.lock().unwrap();
+                    if !s.pending.contains(&text) {
+                        s.pending.push(text);
+                    }
+                    if e.is_transient() {
+                        node.unsettled = vec![event];
+                    } else {
+                        node.owned = None;
+                        node.unsettled.clear();
+                    }
+                }
+            }
+        } else {
+            let answer = node.store.claim(&id, node.name).await;
+            trace(format!(
+                "{}@{step}: claims -> {:?}",
+                node.name,
+                answer.as_ref().map(|(r, e)| (r.epoch, e.len()))
+            ));
+            if let Ok((r, events)) = answer {
+                // Everything acknowledged before the claim came back is in
+                // what it took over.
+                let acknowledged = shared.lock().unwrap().acknowledged.clone();
+                check_interleaved(&acknowledged, &events)
+                    .map_err(|why| format!("{}@{step}: after its claim: {why}", node.name))?;
+                node.owned = Some((r.epoch, events));
+                node.unsettled.clear();
+            }
+        }
+        cluster.lock().unwrap().deliver_some();
+    }
+    Ok(())
+}
+
+/// One seeded run with the two instances as concurrent tasks whose
+/// statements interleave (every statement yields a random number of times
+/// first): an append's write and its read-back, a claim's row, read and
+/// cut, can each fall between the other instance's statements.
+async fn run_interleaved(seed: u64, steps: usize) -> Result<(), String> {
+    let mut rng = Rng(seed);
+    let cluster = Arc::new(Mutex::new(Cluster {
+        replicas: vec![Replica::default(); 3],
+        in_flight: Vec::new(),
+        rng: Rng(seed ^ 0x5eed),
+        lost_answer: 8,
+        partial: 8,
+        failed: 4,
+        log: Vec::new(),
+        forced: Default::default(),
+    }));
+    let clock = Arc::new(Mutex::new(1_000_000));
+    let schedule = Arc::new(Mutex::new(Rng(seed ^ 0x5c4e_d01e)));
+    let node = |name: &'static str, skew: i64, interleave: bool| Node {
+        name,
+        store: CassandraStore::over(Sim {
+            cluster: cluster.clone(),
+            clock: clock.clone(),
+            skew,
+            interleave: interleave.then(|| schedule.clone()),
+        }),
+        owned: None,
+        unsettled: Vec::new(),
+    };
+    let skew = |rng: &mut Rng| rng.below(2001) as i64 - 1000;
+    let (sa, sb) = (skew(&mut rng), skew(&mut rng));
+    let (a, b) = if seed % 2 == 1 {
+        ("inst-768", "inst-4746")
+    } else {
+        ("inst-a", "inst-b")
+    };
+    let (mut first, second) = (node(a, sa, true), node(b, sb, true));
+    let id = format!("sim-{seed}");
+    let joined = Draft::joined(&customer(), None).into_event(1, 1);
+    let plan = faults(&cluster, (0, 0, 0));
+    first
+        .store
+        .create_session(
+            SessionRecord {
+                session_id: id.clone(),
+                intx: "intx".into(),
+                owner_instance: a.into(),
+                epoch: 1,
+                state: SessionState::Waiting,
+                subject: None,
+                nickname: Some("Ann".into()),
+                created_at_ms: 1,
+            },
+            vec![joined.clone()],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    faults(&cluster, plan);
+    first.owned = Some((1, vec![joined]));
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let tasks = [first, second].into_iter().enumerate().map(|(i, n)| {
+        tokio::spawn(instance_task(
+            i,
+            n,
+            id.clone(),
+            seed,
+            steps / 2,
+            cluster.clone(),
+            shared.clone(),
+        ))
+    });
+    let results = futures_util::future::join_all(tasks).await;
+    let trace = || shared.lock().unwrap().trace.join("\n");
+    for r in results {
+        r.map_err(|e| e.to_string())?
+            .map_err(|why| format!("seed {seed}: {why}\n{}", trace()))?;
+    }
+    {
+        let mut c = cluster.lock().unwrap();
+        for (i, m) in std::mem::take(&mut c.in_flight) {
+            c.replicas[i].apply(&m);
+        }
+        (c.lost_answer, c.partial, c.failed) = (0, 0, 0);
+    }
+    let last = node("inst-c", 0, false);
+    let (_, events) = last
+        .store
+        .claim(&id, "inst-c")
+        .await
+        .map_err(|e| format!("seed {seed}: the final claim failed: {e}\n{}", trace()))?;
+    let acknowledged = shared.lock().unwrap().acknowledged.clone();
+    check_interleaved(&acknowledged, &events)
+        .map_err(|why| format!("seed {seed}: at the end: {why}\n{}", trace()))
+}
+
+#[tokio::test]
+async fn the_protocol_keeps_every_acknowledged_message_when_instances_interleave() {
+    // CONFAB_SIM_SEEDS / CONFAB_SIM_STEPS widen the hunt, CONFAB_SIM_SEED
+    // replays one seed; CI runs 1,000 x 60.
+    let number = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.parse::<u64>().expect("a number"))
+            .unwrap_or(default)
+    };
+    let seeds: Vec<u64> = match std::env::var("CONFAB_SIM_SEED") {
+        Ok(s) => vec![s.parse().expect("CONFAB_SIM_SEED: a number")],
+        Err(_) => (1..=number("CONFAB_SIM_SEEDS", 1000)).collect(),
+    };
+    let steps = number("CONFAB_SIM_STEPS", 60) as usize;
+    let mut failures = Vec::new();
+    for seed in seeds {
+        if let Err(why) = run_interleaved(seed, steps).await {
+            failures.push(why);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} seeds failed; the first (replay with CONFAB_SIM_SEED):\n{}",
+        failures.len(),
+        failures[0]
+    );
 }
