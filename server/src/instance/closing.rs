@@ -174,7 +174,7 @@ impl Instance {
     /// transcript so far goes to the contact store as the final one, and
     /// the chat is let go (event 59618). Nothing acknowledged is lost: the
     /// transcript held here has every acknowledged event.
-    pub(super) fn close_records_lost(&self, session: &LiveSession, live: &mut Live) {
+    pub(super) async fn close_records_lost(&self, session: &LiveSession, live: &mut Live) {
         let closed =
             Draft::closed(reason::RECORDS_LOST).into_event(live.transcript.next_seq(), now_ms());
         session.publish([EventView::from(&closed)]);
@@ -186,15 +186,40 @@ impl Instance {
             events = live.transcript.events.len(),
             "the session store lost the records of a live chat; closed, final transcript stored from memory"
         );
-        self.spawn_final_save(
-            FinalTranscript {
-                session_id: session.id.clone(),
-                intx: session.intx.clone(),
-                closed_at_ms: now_ms(),
-                events: live.transcript.events.clone(),
-            },
-            live.epoch,
-        );
+        let transcript = FinalTranscript {
+            session_id: session.id.clone(),
+            intx: session.intx.clone(),
+            closed_at_ms: now_ms(),
+            events: live.transcript.events.clone(),
+        };
+        // Stored now if the contact store answers; else the chat answers
+        // "closed" (not "not found") while the background retries run.
+        if self
+            .contacts
+            .save_final_transcript(transcript.clone())
+            .await
+            .is_err()
+        {
+            self.closing.lock().insert(session.id.clone());
+            let (contacts, closing) = (self.contacts.clone(), self.closing.clone());
+            let delay = self
+                .settings
+                .transcript_resend_delay
+                .max(Duration::from_secs(1));
+            tokio::spawn(async move {
+                let stored = keep_trying(delay, || async {
+                    contacts
+                        .save_final_transcript(transcript.clone())
+                        .await
+                        .is_ok()
+                })
+                .await;
+                if !stored {
+                    tracing::error!(event_id = events::FINAL_TRANSCRIPT_ABANDONED, sid = %transcript.session_id, "gave up storing the final transcript of a chat whose records were lost");
+                }
+                closing.lock().remove(&transcript.session_id);
+            });
+        }
         self.release_closed(session);
     }
 

@@ -160,8 +160,8 @@ impl Instance {
     /// Release a session that left for another instance (fenced, or found
     /// moved): counted out, as it was counted in when created or restored.
     pub(super) fn release_moved(&self, session: &LiveSession) {
-        self.store.release(&session.id);
         if self.release(session).is_some() {
+            self.store.release(&session.id);
             self.stats.session_moved_away();
             self.check_drained();
         }

@@ -356,7 +356,9 @@ impl Instance {
                             tracing::warn!(event_id = events::SESSION_FENCED, sid = %session.id, "write refused: session closed on another instance");
                             self.release_moved(session);
                         }
-                        _ => self.close_records_lost(session, live),
+                        Ok(None) => self.close_records_lost(session, live).await,
+                        // Cannot tell yet: keep the chat; the client retries.
+                        Err(e) => return Err(self.store_error(e)),
                     }
                     return Err(EngineError::Closed(session.id.clone()));
                 }

@@ -62,7 +62,21 @@ impl Instance {
                 Ok(Some(r)) if r.owner_instance == self.id && r.epoch == epoch => {
                     return Ok(self.restored(session_id, epoch, false));
                 }
-                Ok(_) => self.release_moved(&session),
+                Ok(Some(_)) => self.release_moved(&session),
+                // Its records are gone: closed elsewhere (its final
+                // transcript stored), or lost under this owner (expired):
+                // then it closes from what is held here.
+                Ok(None) => {
+                    match self.contacts.final_transcript(session_id).await {
+                        Ok(Some(_)) => self.release_moved(&session),
+                        Ok(None) => {
+                            let mut live = session.inner.lock().await;
+                            self.close_records_lost(&session, &mut live).await;
+                        }
+                        Err(e) => return Err(self.store_error(e)),
+                    }
+                    return Err(EngineError::Closed(session_id.to_owned()));
+                }
                 Err(e) => {
                     tracing::warn!(event_id = events::RESTORE_FAILED, sid = %session_id, error = %e, "restoration failed");
                     return Err(self.store_error(e));

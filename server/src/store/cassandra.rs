@@ -349,7 +349,12 @@ impl<C: Cql> CassandraStore<C> {
             .into_iter()
             .next()
             .and_then(|(intx, subject, created, state, nickname, joined)| {
-                let state = state.as_deref().and_then(SessionState::parse)?;
+                // Only appends write the state (a refresh does not): one
+                // that has expired was the creation's `waiting`.
+                let state = state
+                    .as_deref()
+                    .and_then(SessionState::parse)
+                    .unwrap_or(SessionState::Waiting);
                 Some(Header {
                     intx: intx?,
                     subject,
@@ -496,10 +501,15 @@ impl<C: Cql> CassandraStore<C> {
         Ok(resend)
     }
 
-    /// This handle now writes `epoch` of the session for `owner`; `fresh`:
-    /// every row was just written (a creation), else they are as old as
-    /// they are (a take-over).
-    fn owns(&self, session_id: &str, epoch: i64, owner: &str, fresh: bool) {
+    /// This handle now writes `epoch` of the session for `owner`, whose
+    /// rows are up to `rows_age` old (zero at creation; a taken-over
+    /// chat's age): they are written again once that reaches
+    /// [`REFRESH_EVERY`], at once if it has.
+    fn owns(&self, session_id: &str, epoch: i64, owner: &str, rows_age: std::time::Duration) {
+        let now = std::time::Instant::now();
+        let refreshed = (rows_age < self.refresh_every)
+            .then(|| now.checked_sub(rows_age))
+            .flatten();
         self.attempted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -510,7 +520,7 @@ impl<C: Cql> CassandraStore<C> {
                     owner: Some(owner.to_owned()),
                     last_seq: 0,
                     batch: Vec::new(),
-                    refreshed: fresh.then(std::time::Instant::now),
+                    refreshed,
                 },
             );
     }
@@ -521,6 +531,13 @@ impl<C: Cql> CassandraStore<C> {
         let Some((claim, owner)) = latest else {
             return false;
         };
+        // A closing claim is still the epoch's that wrote it (its closing
+        // resends, the deletes after the final transcript).
+        let (claim_epoch, claim_owner) = match (&claim.prev, claim.epoch) {
+            (Some((e, o)), TERMINAL_EPOCH) => (*e, o),
+            (None, TERMINAL_EPOCH) => return false,
+            _ => (claim.epoch, owner),
+        };
         let known = self
             .attempted
             .lock()
@@ -528,53 +545,58 @@ impl<C: Cql> CassandraStore<C> {
             .get(session_id)
             .filter(|a| a.epoch == epoch)
             .and_then(|a| a.owner.clone());
-        claim.epoch == epoch && known.is_none_or(|k| &k == owner)
+        claim_epoch == epoch && known.is_none_or(|k| &k == claim_owner)
     }
 
     /// Whether the session's rows are due to be written again, and if so,
-    /// count them as written now. A session taken over is due at once if it
-    /// is older than [`REFRESH_EVERY`] (its rows may be as old), else when
-    /// it is that old: a young chat's restoration writes nothing more.
-    fn refresh_due(&self, session_id: &str, created_at_ms: i64) -> bool {
+    /// count them as written now.
+    fn refresh_due(&self, session_id: &str) -> bool {
         let mut attempted = self.attempted.lock().unwrap_or_else(|p| p.into_inner());
         let Some(entry) = attempted.get_mut(session_id) else {
             return false;
         };
-        let now = std::time::Instant::now();
-        let age = std::time::Duration::from_millis(
-            u64::try_from(crate::session::now_ms() - created_at_ms).unwrap_or(0),
-        );
-        let due = match entry.refreshed {
-            Some(at) => now.duration_since(at) >= self.refresh_every,
-            None => age >= self.refresh_every,
-        };
-        if !due && entry.refreshed.is_none() {
-            // Its rows are as old as the chat.
-            entry.refreshed = Some(now.checked_sub(age).unwrap_or(now));
-        }
+        let due = entry
+            .refreshed
+            .is_none_or(|at| at.elapsed() >= self.refresh_every);
         if due {
             entry.refreshed = Some(std::time::Instant::now());
         }
         due
     }
 
+    /// The refresh failed: try again at the next append.
+    fn refresh_failed(&self, session_id: &str) {
+        if let Some(entry) = self
+            .attempted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(session_id)
+        {
+            entry.refreshed = None;
+        }
+    }
+
     /// Write every row the session's transcript depends on again, as read
-    /// (the header with its state, the claims on the chain, the events of
-    /// the history under their epochs, its index entry), so that their TTL
-    /// starts over. Identical content: no reader sees a change, and a
-    /// claim that runs meanwhile reads the same history. Pending and
-    /// abandoned claims and unacknowledged rows are left to expire.
-    async fn refresh(
-        &self,
-        session_id: &str,
-        header: &Header,
-        state: SessionState,
-        claims: &[(Claim, String)],
-    ) -> StoreResult<()> {
+    /// (the header's fixed columns and `agent_joined`, the claims on the
+    /// chain, the events of the history under their epochs, its index
+    /// entry), so that their TTL starts over. Identical content, and no
+    /// `state`: nothing newer is overwritten. Done before an append's
+    /// read-back, so that an append acknowledged after it proves every
+    /// rewrite landed before any later claim (and closing) began; nothing
+    /// is written once another claim is seen. Pending and abandoned claims
+    /// and unacknowledged rows are left to expire.
+    async fn refresh(&self, session_id: &str, epoch: i64) -> StoreResult<()> {
+        let (header, claims) = tokio::try_join!(self.header(session_id), self.claims(session_id))?;
+        let Some(header) = header else {
+            return Ok(());
+        };
+        if !self.still_owns(session_id, epoch, claims.last()) || self.closed_by_claim(&claims) {
+            return Ok(());
+        }
         let corrupt = |why: String| StoreError::Corrupt(format!("session {session_id}: {why}"));
         let rows = self.cql.select_events(session_id).await?;
-        let history = history_rows(claims, rows).map_err(corrupt)?;
-        let chain = chain(claims).map_err(corrupt)?;
+        let history = history_rows(&claims, rows).map_err(corrupt)?;
+        let chain = chain(&claims).map_err(corrupt)?;
         self.cql
             .insert_session(
                 session_id,
@@ -582,13 +604,13 @@ impl<C: Cql> CassandraStore<C> {
                     intx: &header.intx,
                     subject: header.subject.as_deref(),
                     created_at_ms: header.created_at_ms,
-                    state: state.as_str(),
+                    state: None,
                     nickname: header.nickname.as_deref(),
                 },
             )
             .await?;
-        if state == SessionState::Active {
-            self.cql.update_state(session_id, state.as_str()).await?;
+        if header.state == SessionState::Active {
+            self.cql.set_joined(session_id).await?;
         }
         for (c, owner) in chain {
             let claim = NewClaim {
@@ -603,12 +625,39 @@ impl<C: Cql> CassandraStore<C> {
             .iter()
             .map(|(epoch, e)| self.cql.insert_event(session_id, *epoch, e));
         futures_util::future::try_join_all(writes).await?;
-        if state != SessionState::Closed {
+        if header.state != SessionState::Closed {
             self.cql
-                .insert_index(session_id, state.as_str(), header.created_at_ms)
+                .insert_index(session_id, header.state.as_str(), header.created_at_ms)
                 .await?;
         }
         Ok(())
+    }
+
+    /// Whether the latest claim is a closing one.
+    fn closed_by_claim(&self, claims: &[(Claim, String)]) -> bool {
+        claims
+            .last()
+            .is_some_and(|(c, _)| c.epoch == TERMINAL_EPOCH)
+    }
+
+    /// The closing claim of the session, which `epoch` of `owner` closes.
+    async fn write_closing_claim(
+        &self,
+        session_id: &str,
+        epoch: i64,
+        owner: &str,
+    ) -> StoreResult<()> {
+        self.cql
+            .insert_claim(
+                session_id,
+                NewClaim {
+                    epoch: TERMINAL_EPOCH,
+                    owner,
+                    cut: -1,
+                    prev: Some((epoch, owner)),
+                },
+            )
+            .await
     }
 
     /// This handle no longer writes the session (moved, closed, deleted).
@@ -823,7 +872,7 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
             intx: &record.intx,
             subject: record.subject.as_deref(),
             created_at_ms: record.created_at_ms,
-            state: record.state.as_str(),
+            state: Some(record.state.as_str()),
             nickname: record.nickname.as_deref(),
         };
         self.cql.insert_session(id, header).await?;
@@ -837,7 +886,12 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         self.cql
             .insert_index(id, record.state.as_str(), record.created_at_ms)
             .await?;
-        self.owns(id, record.epoch as i64, &record.owner_instance, true);
+        self.owns(
+            id,
+            record.epoch as i64,
+            &record.owner_instance,
+            std::time::Duration::ZERO,
+        );
         let _ = self.fresh_keys(id, record.epoch as i64, &events)?;
         self.write_events(id, record.epoch as i64, &events).await
     }
@@ -848,6 +902,15 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         let epoch = a.epoch as i64;
         let resend = self.fresh_keys(id, epoch, &a.events)?;
         self.write_events(id, epoch, &a.events).await?;
+        // Rows due to be written again are, before the read-back (see
+        // `refresh`). The append does not depend on it: a failed refresh
+        // is tried again at the next append.
+        if a.state != SessionState::Closed && self.refresh_due(id) {
+            if let Err(e) = self.refresh(id, epoch).await {
+                tracing::warn!(sid = %id, error = %e, "rows of a live session not written again; retried at its next save");
+                self.refresh_failed(id);
+            }
+        }
         let changes_state = a.events.iter().any(|e| {
             e.kind == EventKind::Closed
                 || (e.kind == EventKind::Joined && e.role == Some(Role::Agent))
@@ -855,9 +918,9 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         // Read back: acknowledged only if this epoch still owns the session.
         let (header, claims) = tokio::try_join!(self.header(id), self.claims(id))?;
         let current = claims.last().map(|(c, _)| c.epoch).unwrap_or(-1);
-        // Nothing left at all: the records expired (TTL) under their owner;
-        // no other owner can have taken them (it would have left a claim).
-        if header.is_none() && claims.is_empty() {
+        // No claim left: the records expired (TTL) under their owner; no
+        // other owner can have taken them (it would have left a claim).
+        if claims.is_empty() {
             self.forget(id);
             return Err(StoreError::NotFound(a.session_id));
         }
@@ -875,35 +938,29 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
             self.forget(id);
             return Err(StoreError::NotFound(a.session_id));
         };
-        if header.state == SessionState::Closed {
+        if header.state == SessionState::Closed || self.closed_by_claim(&claims) {
             // The resend of a closing whose first try closed the session but
-            // lost its answer (or failed after the state): it is done; finish
-            // what may be missing. Anything else on a closed session: no.
+            // lost its answer (or failed after it): it is done; finish what
+            // may be missing. Anything else on a closed session: no.
             if resend && a.state == SessionState::Closed {
+                self.write_closing_claim(id, epoch, &claims[claims.len() - 1].1)
+                    .await?;
                 self.set_state(id, a.state, Some(header.created_at_ms))
                     .await?;
                 return Ok(());
             }
             return Err(StoreError::Closed(a.session_id));
         }
+        if a.state == SessionState::Closed {
+            // The closing claim first: from now on the chat reads closed
+            // whatever the header's state says (a `waiting` from a clock
+            // ahead cannot reopen it) and every owner is fenced.
+            let owner = claims[claims.len() - 1].1.clone();
+            self.write_closing_claim(id, epoch, &owner).await?;
+        }
         if changes_state && header.state != a.state {
             self.set_state(id, a.state, Some(header.created_at_ms))
                 .await?;
-        }
-        // The append is acknowledged whatever the refresh meets: a failed
-        // refresh is tried again at the next append.
-        if a.state != SessionState::Closed && self.refresh_due(id, header.created_at_ms) {
-            if let Err(e) = self.refresh(id, &header, a.state, &claims).await {
-                tracing::warn!(sid = %id, error = %e, "rows of a live session not written again; retried at its next save");
-                if let Some(entry) = self
-                    .attempted
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_mut(id)
-                {
-                    entry.refreshed = None;
-                }
-            }
         }
         Ok(())
     }
@@ -967,8 +1024,29 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
             prev,
         };
         self.cql.insert_claim(session_id, completed).await?;
+        // A claim that overtook this one meanwhile owns the chat: step back
+        // before acknowledging anything from what this one read (a retry
+        // answered as a duplicate from it could be missing there).
+        let after = self.claims(session_id).await?;
+        if let Some((c, o)) = after
+            .last()
+            .filter(|(c, o)| (c.epoch, o.as_str()) > (epoch, new_owner))
+        {
+            return Err(StoreError::Fenced {
+                session_id: session_id.to_owned(),
+                attempted: epoch as u64,
+                current: c.epoch as u64,
+            })
+            .inspect_err(|_| tracing::debug!(sid = %session_id, overtaken_by = %o, "claim overtaken; stepping back"));
+        }
         // A new epoch: its keys are fresh, whatever the old one tried.
-        self.owns(session_id, epoch, new_owner, false);
+        let age = u64::try_from(crate::session::now_ms() - record.created_at_ms).unwrap_or(0);
+        self.owns(
+            session_id,
+            epoch,
+            new_owner,
+            std::time::Duration::from_millis(age),
+        );
         Ok((
             SessionRecord {
                 owner_instance: new_owner.to_owned(),
@@ -1011,9 +1089,13 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         if order == super::Order::Newest {
             rows.reverse();
         }
-        rows.truncate(limit);
-        let mut out = Vec::with_capacity(rows.len());
+        // Stale index rows (a closed chat whose entry a late write brought
+        // back) are passed over, not counted against the limit.
+        let mut out = Vec::with_capacity(limit.min(rows.len()));
         for (id, _, _) in rows {
+            if out.len() >= limit {
+                break;
+            }
             if let Some(r) = self.locate(&id).await? {
                 if state.is_none_or(|s| s == r.state) {
                     out.push(r);
@@ -1037,14 +1119,13 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
             });
         }
         self.forget(session_id);
-        let owner = claims.last().map(|(_, o)| o.as_str()).unwrap_or_default();
-        let closing = NewClaim {
-            epoch: TERMINAL_EPOCH,
-            owner,
-            cut: -1,
-            prev: Some((current.epoch, owner)),
-        };
-        self.cql.insert_claim(session_id, closing).await?;
+        // The closing claim, if the closing append did not write it (a
+        // session closed by an earlier version): idempotent.
+        if !self.closed_by_claim(&claims) {
+            let owner = claims.last().map(|(_, o)| o.as_str()).unwrap_or_default();
+            self.write_closing_claim(session_id, current.epoch, owner)
+                .await?;
+        }
         self.cql.delete_index(session_id).await?;
         self.cql.delete_events(session_id).await?;
         self.cql.delete_session(session_id).await

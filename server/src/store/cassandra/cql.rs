@@ -48,12 +48,13 @@ pub type EventRow = (
 /// session_id, state, created_at
 pub type IndexRow = (String, Option<String>, Option<i64>);
 
-/// A session's header as written at creation.
+/// A session's header as written at creation (with its state) or again
+/// to renew its TTL (without: only its owner's appends write the state).
 pub struct NewHeader<'a> {
     pub intx: &'a str,
     pub subject: Option<&'a str>,
     pub created_at_ms: i64,
-    pub state: &'a str,
+    pub state: Option<&'a str>,
     pub nickname: Option<&'a str>,
 }
 
@@ -76,6 +77,8 @@ pub trait Cql: Send + Sync + 'static {
     /// unsets, so that a clock running ahead on the creating instance
     /// cannot turn a joined chat back into a waiting one.
     async fn update_state(&self, id: &str, state: &str) -> StoreResult<()>;
+    /// `agent_joined` alone, set again (its TTL renewed).
+    async fn set_joined(&self, id: &str) -> StoreResult<()>;
     async fn insert_claim(&self, id: &str, c: NewClaim<'_>) -> StoreResult<()>;
     async fn select_claims(&self, id: &str) -> StoreResult<Vec<ClaimRow>>;
     async fn insert_event(&self, id: &str, epoch: i64, e: &Event) -> StoreResult<()>;
@@ -100,6 +103,8 @@ pub struct Driver {
 
 struct Statements {
     ins_session: PreparedStatement,
+    ins_header: PreparedStatement,
+    set_joined: PreparedStatement,
     sel_session: PreparedStatement,
     upd_state: PreparedStatement,
     upd_joined: PreparedStatement,
@@ -137,6 +142,8 @@ impl Driver {
         };
         let st = Statements {
             ins_session: prepare(format!("INSERT INTO {ks}.sessions (session_id, intx, subject, created_at, state, nickname) VALUES (?, ?, ?, ?, ?, ?)"), write).await?,
+            ins_header: prepare(format!("INSERT INTO {ks}.sessions (session_id, intx, subject, created_at, nickname) VALUES (?, ?, ?, ?, ?)"), write).await?,
+            set_joined: prepare(format!("INSERT INTO {ks}.sessions (session_id, agent_joined) VALUES (?, ?)"), write).await?,
             sel_session: prepare(format!("SELECT intx, subject, created_at, state, nickname, agent_joined FROM {ks}.sessions WHERE session_id = ?"), read).await?,
             upd_state: prepare(format!("INSERT INTO {ks}.sessions (session_id, state) VALUES (?, ?)"), write).await?,
             upd_joined: prepare(format!("INSERT INTO {ks}.sessions (session_id, state, agent_joined) VALUES (?, ?, ?)"), write).await?,
@@ -209,11 +216,26 @@ const BUCKET: i32 = 0;
 #[async_trait]
 impl Cql for Driver {
     async fn insert_session(&self, id: &str, h: NewHeader<'_>) -> StoreResult<()> {
-        self.exec(
-            &self.st.ins_session,
-            (id, h.intx, h.subject, h.created_at_ms, h.state, h.nickname),
-        )
-        .await
+        match h.state {
+            Some(state) => {
+                self.exec(
+                    &self.st.ins_session,
+                    (id, h.intx, h.subject, h.created_at_ms, state, h.nickname),
+                )
+                .await
+            }
+            None => {
+                self.exec(
+                    &self.st.ins_header,
+                    (id, h.intx, h.subject, h.created_at_ms, h.nickname),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn set_joined(&self, id: &str) -> StoreResult<()> {
+        self.exec(&self.st.set_joined, (id, true)).await
     }
 
     async fn select_session(&self, id: &str) -> StoreResult<Vec<HeaderRow>> {
