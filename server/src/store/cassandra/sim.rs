@@ -557,15 +557,196 @@ fn customer() -> Participant {
     }
 }
 
-/// One seeded run: `steps` random steps; Err(why) on a violation.
-async fn run(seed: u64, steps: usize) -> Result<(), String> {
-    run_at(seed, steps, false).await
+/// What the instances of a run share: the client's view of the chat.
+#[derive(Default)]
+struct Shared {
+    /// (text, instance, acknowledged directly) in the order the answers
+    /// came back; a duplicate answer acknowledges an earlier write.
+    acknowledged: Vec<(String, usize, bool)>,
+    /// Messages whose request failed: a client sends them again (the same
+    /// client_msg_id), through whichever instance.
+    pending: Vec<String>,
+    trace: Vec<String>,
 }
 
-/// [`run`], with reads and writes at ONE when `at_one`.
-async fn run_at(seed: u64, steps: usize, at_one: bool) -> Result<(), String> {
-    let mut rng = Rng(seed);
-    let cluster = Arc::new(Mutex::new(Cluster {
+/// Every acknowledged message once in `events`; the direct
+/// acknowledgements in the order they came back: all of them (`global`,
+/// when the instances take turns), or each instance's (when they run
+/// concurrently, an append's answer can come back after the next owner's).
+fn check(
+    acknowledged: &[(String, usize, bool)],
+    events: &[Event],
+    global: bool,
+) -> Result<(), String> {
+    let texts: Vec<&str> = events.iter().filter_map(|e| e.text.as_deref()).collect();
+    let mut last_at = [None::<usize>; 2];
+    for (text, node, direct) in acknowledged {
+        let found: Vec<usize> = texts
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == text.as_str())
+            .map(|(i, _)| i)
+            .collect();
+        let at = match found.as_slice() {
+            [i] => *i,
+            [] => return Err(format!("acknowledged {text} is missing from {texts:?}")),
+            _ => {
+                return Err(format!(
+                    "acknowledged {text} shows {} times in {texts:?}",
+                    found.len()
+                ))
+            }
+        };
+        if *direct {
+            let slot = if global { 0 } else { *node };
+            if last_at[slot].is_some_and(|before| at < before) {
+                return Err(format!("acknowledged {text} is out of order in {texts:?}"));
+            }
+            last_at[slot] = Some(at);
+        }
+    }
+    Ok(())
+}
+
+/// One step of instance `idx`, driven as the instance drives the store:
+/// post a message (or a client's retry of one that failed), resending a
+/// given-up save first, identical; or take the chat over, then check that
+/// everything acknowledged before the claim came back is in what it took.
+async fn step(
+    idx: usize,
+    n: &mut Node,
+    id: &str,
+    step: usize,
+    rng: &mut Rng,
+    shared: &Mutex<Shared>,
+    global: bool,
+) -> Result<(), String> {
+    let trace = |line: String| shared.lock().unwrap().trace.push(line);
+    if rng.below(10) >= 7 {
+        let answer = n.store.claim(id, n.name).await;
+        trace(format!(
+            "{}@{step}: claims -> {:?}",
+            n.name,
+            answer.as_ref().map(|(r, e)| (r.epoch, e.len()))
+        ));
+        if let Ok((r, events)) = answer {
+            let acknowledged = shared.lock().unwrap().acknowledged.clone();
+            check(&acknowledged, &events, global)
+                .map_err(|why| format!("{}@{step}: after its claim: {why}", n.name))?;
+            n.owned = Some((r.epoch, events));
+            n.unsettled.clear();
+        }
+        return Ok(());
+    }
+    let Some((epoch, _)) = n.owned else {
+        return Ok(());
+    };
+    if !n.unsettled.is_empty() {
+        let answer = n
+            .store
+            .append_events(Append {
+                session_id: id.to_owned(),
+                epoch,
+                events: n.unsettled.clone(),
+                state: SessionState::Waiting,
+            })
+            .await;
+        trace(format!("{}@{step}: resends -> {answer:?}", n.name));
+        match answer {
+            Ok(()) => {
+                if let Some((_, local)) = n.owned.as_mut() {
+                    local.append(&mut n.unsettled);
+                }
+            }
+            Err(e) if e.is_transient() => return Ok(()),
+            Err(_) => {
+                n.owned = None;
+                n.unsettled.clear();
+                return Ok(());
+            }
+        }
+    }
+    let retry = shared.lock().unwrap().pending.first().cloned();
+    let text = match retry {
+        Some(t) if rng.chance(50) => t,
+        _ => format!("{}-{step}", n.name),
+    };
+    let Some((_, local)) = n.owned.as_ref() else {
+        return Ok(());
+    };
+    if local
+        .iter()
+        .any(|e| e.client_msg_id.as_deref() == Some(&text))
+    {
+        // A retry of a stored message: acknowledged as a duplicate.
+        trace(format!("{}@{step}: {text} is a duplicate", n.name));
+        let mut s = shared.lock().unwrap();
+        s.pending.retain(|p| *p != text);
+        if !s.acknowledged.iter().any(|(a, _, _)| *a == text) {
+            s.acknowledged.push((text, idx, false));
+        }
+        return Ok(());
+    }
+    let next = local.len() as u64 + 1;
+    // Now and then two messages in one save (a batch).
+    let mut texts = vec![text.clone()];
+    if rng.chance(20) {
+        texts.push(format!("{text}+"));
+    }
+    let batch: Vec<Event> = texts
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            Draft::message(&customer(), t.clone(), Some(t.clone())).into_event(next + k as u64, 1)
+        })
+        .collect();
+    let answer = n
+        .store
+        .append_events(Append {
+            session_id: id.to_owned(),
+            epoch,
+            events: batch.clone(),
+            state: SessionState::Waiting,
+        })
+        .await;
+    trace(format!(
+        "{}@{step}: posts {texts:?} at {next} -> {answer:?}",
+        n.name
+    ));
+    match answer {
+        Ok(()) => {
+            if let Some((_, local)) = n.owned.as_mut() {
+                local.extend(batch);
+            }
+            let mut s = shared.lock().unwrap();
+            for t in texts {
+                s.pending.retain(|p| *p != t);
+                s.acknowledged.push((t, idx, true));
+            }
+        }
+        Err(e) => {
+            // The client retries its first message; the batch's second was
+            // never acknowledged to anyone.
+            let mut s = shared.lock().unwrap();
+            if !s.pending.contains(&text) {
+                s.pending.push(text);
+            }
+            if e.is_transient() {
+                n.unsettled = batch;
+            } else {
+                n.owned = None;
+                n.unsettled.clear();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The cluster of a random run: 8 % of writes applied with their answer
+/// lost, 8 % reaching one replica (the others later), 4 % failed; at ONE
+/// instead of QUORUM when `at_one`.
+fn faulty_cluster(seed: u64, at_one: bool) -> Arc<Mutex<Cluster>> {
+    Arc::new(Mutex::new(Cluster {
         replicas: vec![Replica::default(); 3],
         in_flight: Vec::new(),
         rng: Rng(seed ^ 0x5eed),
@@ -575,22 +756,32 @@ async fn run_at(seed: u64, steps: usize, at_one: bool) -> Result<(), String> {
         log: Vec::new(),
         forced: Default::default(),
         at_one,
-    }));
-    let clock = Arc::new(Mutex::new(1_000_000));
+    }))
+}
+
+/// The two instances of a random run, the chat created on the first
+/// (without faults), and its id. Odd seeds use two instance ids whose
+/// epochs collide (ties); each instance's clock is up to 1 s off.
+async fn set_up(
+    seed: u64,
+    cluster: &Arc<Mutex<Cluster>>,
+    clock: &Arc<Mutex<i64>>,
+    interleave: Option<Arc<Mutex<Rng>>>,
+) -> Result<([Node; 2], String), String> {
+    let mut rng = Rng(seed);
     let node = |name: &'static str, skew: i64| Node {
         name,
         store: CassandraStore::over(Sim {
             cluster: cluster.clone(),
             clock: clock.clone(),
             skew,
-            interleave: None,
+            interleave: interleave.clone(),
         }),
         owned: None,
         unsettled: Vec::new(),
     };
     let skew = |rng: &mut Rng| rng.below(2001) as i64 - 1000;
     let (sa, sb) = (skew(&mut rng), skew(&mut rng));
-    // Odd seeds: two instance ids that share the epoch hash (ties).
     let (a, b) = if seed % 2 == 1 {
         ("inst-768", "inst-4746")
     } else {
@@ -598,170 +789,121 @@ async fn run_at(seed: u64, steps: usize, at_one: bool) -> Result<(), String> {
     };
     let mut nodes = [node(a, sa), node(b, sb)];
     let id = format!("sim-{seed}");
-    let record = SessionRecord {
-        session_id: id.clone(),
-        intx: "intx".into(),
-        owner_instance: a.into(),
-        epoch: 1,
-        state: SessionState::Waiting,
-        subject: None,
-        nickname: Some("Ann".into()),
-        created_at_ms: 1,
-    };
     let joined = Draft::joined(&customer(), None).into_event(1, 1);
-    // Creation without faults: the chat exists.
-    let plan = faults(&cluster, (0, 0, 0));
+    let plan = faults(cluster, (0, 0, 0));
     nodes[0]
         .store
-        .create_session(record.clone(), vec![joined.clone()])
+        .create_session(
+            SessionRecord {
+                session_id: id.clone(),
+                intx: "intx".into(),
+                owner_instance: a.into(),
+                epoch: 1,
+                state: SessionState::Waiting,
+                subject: None,
+                nickname: Some("Ann".into()),
+                created_at_ms: 1,
+            },
+            vec![joined.clone()],
+        )
         .await
         .map_err(|e| e.to_string())?;
-    faults(&cluster, plan);
+    faults(cluster, plan);
     nodes[0].owned = Some((1, vec![joined]));
-    // (text, acknowledged directly): a duplicate answer acknowledges an
-    // earlier write, so only direct acknowledgements fix the order.
-    let mut acknowledged: Vec<(String, bool)> = Vec::new();
-    let mut pending: Vec<String> = Vec::new();
-    let mut trace = Vec::new();
-    for step in 0..steps {
-        let who = rng.below(2) as usize;
-        let n = &mut nodes[who];
-        let action = rng.below(10);
-        if action < 7 {
-            // Post a message (or the client's retry of one that failed,
-            // with the same client_msg_id), if it owns the chat.
-            let Some((epoch, local)) = n.owned.as_mut() else {
-                continue;
-            };
-            let epoch = *epoch;
-            let text = match pending.first() {
-                Some(t) if rng.chance(50) => t.clone(),
-                _ => format!("m{step}"),
-            };
-            // As the instance does: first the given-up save, identical.
-            if !n.unsettled.is_empty() {
-                let answer = n
-                    .store
-                    .append_events(Append {
-                        session_id: id.clone(),
-                        epoch,
-                        events: n.unsettled.clone(),
-                        state: SessionState::Waiting,
-                    })
-                    .await;
-                trace.push(format!("{step}: {} resends -> {answer:?}", n.name));
-                match answer {
-                    Ok(()) => local.append(&mut n.unsettled),
-                    Err(e) if e.is_transient() => continue,
-                    Err(_) => {
-                        n.owned = None;
-                        n.unsettled.clear();
-                        continue;
-                    }
-                }
-            }
-            if local
-                .iter()
-                .any(|e| e.client_msg_id.as_deref() == Some(&text))
-            {
-                // A retry of a stored message: acknowledged as a duplicate.
-                trace.push(format!(
-                    "{step}: {} acknowledges {text} as a duplicate",
-                    n.name
-                ));
-                pending.retain(|p| *p != text);
-                if !acknowledged.iter().any(|(a, _)| *a == text) {
-                    acknowledged.push((text, false));
-                }
-                continue;
-            }
-            let next = local.len() as u64 + 1;
-            // Now and then two messages in one save (a batch).
-            let mut texts = vec![text.clone()];
-            if rng.chance(20) {
-                texts.push(format!("{text}+"));
-            }
-            let batch: Vec<Event> = texts
-                .iter()
-                .enumerate()
-                .map(|(k, t)| {
-                    Draft::message(&customer(), t.clone(), Some(t.clone()))
-                        .into_event(next + k as u64, 1)
-                })
-                .collect();
-            let answer = n
-                .store
-                .append_events(Append {
-                    session_id: id.clone(),
-                    epoch,
-                    events: batch.clone(),
-                    state: SessionState::Waiting,
-                })
-                .await;
-            trace.push(format!(
-                "{step}: {} posts {texts:?} at {next} -> {answer:?}",
-                n.name
-            ));
-            match answer {
-                Ok(()) => {
-                    local.extend(batch);
-                    for t in texts {
-                        pending.retain(|p| *p != t);
-                        acknowledged.push((t, true));
-                    }
-                }
-                Err(e) => {
-                    // The client retries its first message; the batch's
-                    // second was never acknowledged to anyone.
-                    if !pending.contains(&text) {
-                        pending.push(text);
-                    }
-                    if e.is_transient() {
-                        n.unsettled = batch;
-                    } else {
-                        n.owned = None;
-                        n.unsettled.clear();
-                    }
-                }
-            }
-        } else {
-            // Take the chat over.
-            let answer = n.store.claim(&id, n.name).await;
-            trace.push(format!(
-                "{step}: {} claims -> {:?}",
-                n.name,
-                answer.as_ref().map(|(r, e)| (r.epoch, e.len()))
-            ));
-            if let Ok((r, events)) = answer {
-                check(&acknowledged, &events).map_err(|why| {
-                    format!(
-                        "seed {seed}: after step {step}: {why}\n{}",
-                        trace.join("\n")
-                    )
-                })?;
-                n.owned = Some((r.epoch, events));
-                n.unsettled.clear();
-            }
-        }
-        cluster.lock().unwrap().deliver_some();
-    }
-    // Every late write lands; a third instance takes over without faults.
+    Ok((nodes, id))
+}
+
+/// The end of a run: every late write lands, the faults stop, a third
+/// instance takes the chat over, and everything acknowledged is there.
+async fn take_over_at_the_end(
+    seed: u64,
+    cluster: &Arc<Mutex<Cluster>>,
+    clock: &Arc<Mutex<i64>>,
+    id: &str,
+    shared: &Mutex<Shared>,
+    global: bool,
+) -> Result<(), String> {
     {
         let mut c = cluster.lock().unwrap();
         for (i, m) in std::mem::take(&mut c.in_flight) {
             c.replicas[i].apply(&m);
         }
-        (c.lost_answer, c.partial, c.failed) = (0, 0, 0);
+        (c.lost_answer, c.partial, c.failed, c.at_one) = (0, 0, 0, false);
     }
-    let last = node("inst-c", 0);
-    let (_, events) = last.store.claim(&id, "inst-c").await.map_err(|e| {
-        format!(
-            "seed {seed}: the final claim failed: {e}\n{}",
-            trace.join("\n")
-        )
-    })?;
-    check(&acknowledged, &events)
-        .map_err(|why| format!("seed {seed}: at the end: {why}\n{}", trace.join("\n")))
+    let last = CassandraStore::over(Sim {
+        cluster: cluster.clone(),
+        clock: clock.clone(),
+        skew: 0,
+        interleave: None,
+    });
+    let trace = || shared.lock().unwrap().trace.join("\n");
+    let (_, events) = last
+        .claim(id, "inst-c")
+        .await
+        .map_err(|e| format!("seed {seed}: the final claim failed: {e}\n{}", trace()))?;
+    let acknowledged = shared.lock().unwrap().acknowledged.clone();
+    check(&acknowledged, &events, global)
+        .map_err(|why| format!("seed {seed}: at the end: {why}\n{}", trace()))
+}
+
+/// One seeded run: `steps` random steps, the two instances taking turns at
+/// random; Err(why) on a violation.
+async fn run(seed: u64, steps: usize) -> Result<(), String> {
+    run_at(seed, steps, false).await
+}
+
+/// [`run`], with reads and writes at ONE when `at_one`.
+async fn run_at(seed: u64, steps: usize, at_one: bool) -> Result<(), String> {
+    let cluster = faulty_cluster(seed, at_one);
+    let clock = Arc::new(Mutex::new(1_000_000));
+    let (mut nodes, id) = set_up(seed, &cluster, &clock, None).await?;
+    let shared = Mutex::new(Shared::default());
+    let mut rng = Rng(seed.wrapping_add(0x77));
+    for s in 0..steps {
+        let who = rng.below(2) as usize;
+        step(who, &mut nodes[who], &id, s, &mut rng, &shared, true)
+            .await
+            .map_err(|why| {
+                format!(
+                    "seed {seed}: {why}\n{}",
+                    shared.lock().unwrap().trace.join("\n")
+                )
+            })?;
+        cluster.lock().unwrap().deliver_some();
+    }
+    take_over_at_the_end(seed, &cluster, &clock, &id, &shared, true).await
+}
+
+/// One seeded run with the two instances as concurrent tasks whose
+/// statements interleave (every statement yields a random number of times
+/// first): an append's write and its read-back, a claim's row, read and
+/// cut, can each fall between the other instance's statements.
+async fn run_interleaved(seed: u64, steps: usize) -> Result<(), String> {
+    let cluster = faulty_cluster(seed, false);
+    let clock = Arc::new(Mutex::new(1_000_000));
+    let schedule = Arc::new(Mutex::new(Rng(seed ^ 0x5c4e_d01e)));
+    let (nodes, id) = set_up(seed, &cluster, &clock, Some(schedule)).await?;
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let tasks = nodes.into_iter().enumerate().map(|(idx, mut node)| {
+        let (id, cluster, shared) = (id.clone(), cluster.clone(), shared.clone());
+        tokio::spawn(async move {
+            let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(idx as u64));
+            for s in 0..steps / 2 {
+                step(idx, &mut node, &id, s, &mut rng, &shared, false).await?;
+                cluster.lock().unwrap().deliver_some();
+            }
+            Ok::<(), String>(())
+        })
+    });
+    for result in futures_util::future::join_all(tasks).await {
+        result.map_err(|e| e.to_string())?.map_err(|why| {
+            format!(
+                "seed {seed}: {why}\n{}",
+                shared.lock().unwrap().trace.join("\n")
+            )
+        })?;
+    }
+    take_over_at_the_end(seed, &cluster, &clock, &id, &shared, false).await
 }
 
 /// Set the fault plan (lost answers, partial writes, failures, in percent);
@@ -771,33 +913,6 @@ fn faults(cluster: &Mutex<Cluster>, plan: (u64, u64, u64)) -> (u64, u64, u64) {
     let old = (c.lost_answer, c.partial, c.failed);
     (c.lost_answer, c.partial, c.failed) = plan;
     old
-}
-
-/// Every acknowledged message once; the directly acknowledged ones in the
-/// order they were acknowledged.
-fn check(acknowledged: &[(String, bool)], events: &[Event]) -> Result<(), String> {
-    let texts: Vec<&str> = events.iter().filter_map(|e| e.text.as_deref()).collect();
-    let mut at = 0;
-    for (a, direct) in acknowledged {
-        let found: Vec<usize> = texts
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| **t == a.as_str())
-            .map(|(i, _)| i)
-            .collect();
-        match found.as_slice() {
-            [i] if !direct || *i >= at => at = at.max(if *direct { *i } else { 0 }),
-            [] => return Err(format!("acknowledged {a} is missing from {texts:?}")),
-            [_] => return Err(format!("acknowledged {a} is out of order in {texts:?}")),
-            _ => {
-                return Err(format!(
-                    "acknowledged {a} shows {} times in {texts:?}",
-                    found.len()
-                ))
-            }
-        }
-    }
-    Ok(())
 }
 
 #[tokio::test]
@@ -1135,272 +1250,6 @@ async fn a_released_session_leaves_nothing_behind_in_the_handle() {
     assert!(a.attempted.lock().unwrap().contains_key("kept"));
     a.release("kept");
     assert!(!a.attempted.lock().unwrap().contains_key("kept"));
-}
-
-/// What the instance tasks of an interleaved run share: the client's view.
-#[derive(Default)]
-struct Shared {
-    /// (text, instance, acknowledged directly) in the order the answers
-    /// came back.
-    acknowledged: Vec<(String, usize, bool)>,
-    /// Messages whose request failed: a client sends them again (the same
-    /// client_msg_id), through whichever instance.
-    pending: Vec<String>,
-    trace: Vec<String>,
-}
-
-/// Every message acknowledged (in `acknowledged`) once in `events`; each
-/// instance's direct acknowledgements in the order they came back. (Across
-/// instances the answers may come back in either order: an append's answer
-/// can be slower than the next owner's.)
-fn check_interleaved(
-    acknowledged: &[(String, usize, bool)],
-    events: &[Event],
-) -> Result<(), String> {
-    let texts: Vec<&str> = events.iter().filter_map(|e| e.text.as_deref()).collect();
-    let mut last_at = [None::<usize>; 2];
-    for (text, node, direct) in acknowledged {
-        let found: Vec<usize> = texts
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| **t == text.as_str())
-            .map(|(i, _)| i)
-            .collect();
-        let at = match found.as_slice() {
-            [i] => *i,
-            [] => return Err(format!("acknowledged {text} is missing from {texts:?}")),
-            _ => {
-                return Err(format!(
-                    "acknowledged {text} shows {} times in {texts:?}",
-                    found.len()
-                ))
-            }
-        };
-        if *direct {
-            if last_at[*node].is_some_and(|before| at < before) {
-                return Err(format!("acknowledged {text} is out of order in {texts:?}"));
-            }
-            last_at[*node] = Some(at);
-        }
-    }
-    Ok(())
-}
-
-/// One instance's task in an interleaved run: `steps` random steps.
-async fn instance_task(
-    idx: usize,
-    mut node: Node,
-    id: String,
-    seed: u64,
-    steps: usize,
-    cluster: Arc<Mutex<Cluster>>,
-    shared: Arc<Mutex<Shared>>,
-) -> Result<(), String> {
-    let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(idx as u64));
-    let trace = |line: String| shared.lock().unwrap().trace.push(line);
-    for step in 0..steps {
-        if rng.below(10) < 7 {
-            let Some((epoch, local)) = node.owned.as_mut() else {
-                cluster.lock().unwrap().deliver_some();
-                continue;
-            };
-            let epoch = *epoch;
-            if !node.unsettled.is_empty() {
-                let answer = node
-                    .store
-                    .append_events(Append {
-                        session_id: id.clone(),
-                        epoch,
-                        events: node.unsettled.clone(),
-                        state: SessionState::Waiting,
-                    })
-                    .await;
-                trace(format!("{}@{step}: resends -> {answer:?}", node.name));
-                match answer {
-                    Ok(()) => local.append(&mut node.unsettled),
-                    Err(e) if e.is_transient() => continue,
-                    Err(_) => {
-                        node.owned = None;
-                        node.unsettled.clear();
-                        continue;
-                    }
-                }
-            }
-            let retry = {
-                let s = shared.lock().unwrap();
-                s.pending.first().cloned()
-            };
-            let text = match retry {
-                Some(t) if rng.chance(50) => t,
-                _ => format!("{}-{step}", node.name),
-            };
-            if local
-                .iter()
-                .any(|e| e.client_msg_id.as_deref() == Some(&text))
-            {
-                trace(format!("{}@{step}: {text} is a duplicate", node.name));
-                let mut s = shared.lock().unwrap();
-                s.pending.retain(|p| *p != text);
-                if !s.acknowledged.iter().any(|(a, _, _)| *a == text) {
-                    s.acknowledged.push((text, idx, false));
-                }
-                continue;
-            }
-            let next = local.len() as u64 + 1;
-            let event =
-                Draft::message(&customer(), text.clone(), Some(text.clone())).into_event(next, 1);
-            let answer = node
-                .store
-                .append_events(Append {
-                    session_id: id.clone(),
-                    epoch,
-                    events: vec![event.clone()],
-                    state: SessionState::Waiting,
-                })
-                .await;
-            trace(format!(
-                "{}@{step}: posts {text} at {next} -> {answer:?}",
-                node.name
-            ));
-            let Some((_, local)) = node.owned.as_mut() else {
-                continue;
-            };
-            match answer {
-                Ok(()) => {
-                    local.push(event);
-                    let mut s = shared.lock().unwrap();
-                    s.pending.retain(|p| *p != text);
-                    s.acknowledged.push((text, idx, true));
-                }
-                Err(e) => {
-                    let mut s = shared.lock().unwrap();
-                    if !s.pending.contains(&text) {
-                        s.pending.push(text);
-                    }
-                    if e.is_transient() {
-                        node.unsettled = vec![event];
-                    } else {
-                        node.owned = None;
-                        node.unsettled.clear();
-                    }
-                }
-            }
-        } else {
-            let answer = node.store.claim(&id, node.name).await;
-            trace(format!(
-                "{}@{step}: claims -> {:?}",
-                node.name,
-                answer.as_ref().map(|(r, e)| (r.epoch, e.len()))
-            ));
-            if let Ok((r, events)) = answer {
-                // Everything acknowledged before the claim came back is in
-                // what it took over.
-                let acknowledged = shared.lock().unwrap().acknowledged.clone();
-                check_interleaved(&acknowledged, &events)
-                    .map_err(|why| format!("{}@{step}: after its claim: {why}", node.name))?;
-                node.owned = Some((r.epoch, events));
-                node.unsettled.clear();
-            }
-        }
-        cluster.lock().unwrap().deliver_some();
-    }
-    Ok(())
-}
-
-/// One seeded run with the two instances as concurrent tasks whose
-/// statements interleave (every statement yields a random number of times
-/// first): an append's write and its read-back, a claim's row, read and
-/// cut, can each fall between the other instance's statements.
-async fn run_interleaved(seed: u64, steps: usize) -> Result<(), String> {
-    let mut rng = Rng(seed);
-    let cluster = Arc::new(Mutex::new(Cluster {
-        replicas: vec![Replica::default(); 3],
-        in_flight: Vec::new(),
-        rng: Rng(seed ^ 0x5eed),
-        lost_answer: 8,
-        partial: 8,
-        failed: 4,
-        log: Vec::new(),
-        forced: Default::default(),
-        at_one: false,
-    }));
-    let clock = Arc::new(Mutex::new(1_000_000));
-    let schedule = Arc::new(Mutex::new(Rng(seed ^ 0x5c4e_d01e)));
-    let node = |name: &'static str, skew: i64, interleave: bool| Node {
-        name,
-        store: CassandraStore::over(Sim {
-            cluster: cluster.clone(),
-            clock: clock.clone(),
-            skew,
-            interleave: interleave.then(|| schedule.clone()),
-        }),
-        owned: None,
-        unsettled: Vec::new(),
-    };
-    let skew = |rng: &mut Rng| rng.below(2001) as i64 - 1000;
-    let (sa, sb) = (skew(&mut rng), skew(&mut rng));
-    let (a, b) = if seed % 2 == 1 {
-        ("inst-768", "inst-4746")
-    } else {
-        ("inst-a", "inst-b")
-    };
-    let (mut first, second) = (node(a, sa, true), node(b, sb, true));
-    let id = format!("sim-{seed}");
-    let joined = Draft::joined(&customer(), None).into_event(1, 1);
-    let plan = faults(&cluster, (0, 0, 0));
-    first
-        .store
-        .create_session(
-            SessionRecord {
-                session_id: id.clone(),
-                intx: "intx".into(),
-                owner_instance: a.into(),
-                epoch: 1,
-                state: SessionState::Waiting,
-                subject: None,
-                nickname: Some("Ann".into()),
-                created_at_ms: 1,
-            },
-            vec![joined.clone()],
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    faults(&cluster, plan);
-    first.owned = Some((1, vec![joined]));
-    let shared = Arc::new(Mutex::new(Shared::default()));
-    let tasks = [first, second].into_iter().enumerate().map(|(i, n)| {
-        tokio::spawn(instance_task(
-            i,
-            n,
-            id.clone(),
-            seed,
-            steps / 2,
-            cluster.clone(),
-            shared.clone(),
-        ))
-    });
-    let results = futures_util::future::join_all(tasks).await;
-    let trace = || shared.lock().unwrap().trace.join("\n");
-    for r in results {
-        r.map_err(|e| e.to_string())?
-            .map_err(|why| format!("seed {seed}: {why}\n{}", trace()))?;
-    }
-    {
-        let mut c = cluster.lock().unwrap();
-        for (i, m) in std::mem::take(&mut c.in_flight) {
-            c.replicas[i].apply(&m);
-        }
-        (c.lost_answer, c.partial, c.failed) = (0, 0, 0);
-    }
-    let last = node("inst-c", 0, false);
-    let (_, events) = last
-        .store
-        .claim(&id, "inst-c")
-        .await
-        .map_err(|e| format!("seed {seed}: the final claim failed: {e}\n{}", trace()))?;
-    let acknowledged = shared.lock().unwrap().acknowledged.clone();
-    check_interleaved(&acknowledged, &events)
-        .map_err(|why| format!("seed {seed}: at the end: {why}\n{}", trace()))
 }
 
 #[tokio::test]
