@@ -90,12 +90,7 @@ impl Instance {
     /// After the `closed` event is saved: final transcript to the contact
     /// store, intermediate rows deleted, event 59245.
     async fn finish_close(&self, session: &LiveSession, live: &Live) {
-        let final_transcript = FinalTranscript {
-            session_id: session.id.clone(),
-            intx: session.intx.clone(),
-            closed_at_ms: now_ms(),
-            events: live.transcript.events.clone(),
-        };
+        let final_transcript = final_transcript(session, live);
         let mut saved = false;
         for attempt in 0..=self.settings.transcript_resend_attempts {
             match self
@@ -186,12 +181,7 @@ impl Instance {
             events = live.transcript.events.len(),
             "the session store lost the records of a live chat; closed, final transcript stored from memory"
         );
-        let transcript = FinalTranscript {
-            session_id: session.id.clone(),
-            intx: session.intx.clone(),
-            closed_at_ms: now_ms(),
-            events: live.transcript.events.clone(),
-        };
+        let transcript = final_transcript(session, live);
         // Stored now if the contact store answers; else the chat answers
         // "closed" (not "not found") while the background retries run.
         if self
@@ -207,14 +197,7 @@ impl Instance {
                 .transcript_resend_delay
                 .max(Duration::from_secs(1));
             tokio::spawn(async move {
-                let stored = keep_trying(delay, || async {
-                    contacts
-                        .save_final_transcript(transcript.clone())
-                        .await
-                        .is_ok()
-                })
-                .await;
-                if !stored {
+                if !keep_storing(&*contacts, &transcript, delay).await {
                     tracing::error!(event_id = events::FINAL_TRANSCRIPT_ABANDONED, sid = %transcript.session_id, "gave up storing the final transcript of a chat whose records were lost");
                 }
                 closing.lock().remove(&transcript.session_id);
@@ -234,14 +217,7 @@ impl Instance {
         tokio::spawn(async move {
             // The foreground has just tried: wait before the first retry.
             tokio::time::sleep(delay).await;
-            let stored = keep_trying(delay, || async {
-                contacts
-                    .save_final_transcript(transcript.clone())
-                    .await
-                    .is_ok()
-            })
-            .await;
-            if stored {
+            if keep_storing(&*contacts, &transcript, delay).await {
                 let _ = store.delete_session(&transcript.session_id, epoch).await;
                 tracing::info!(sid = %transcript.session_id, "final transcript stored after retries");
             } else {
@@ -298,4 +274,30 @@ where
         tokio::time::sleep(delay).await;
     }
     false
+}
+
+/// A closing chat's final transcript: what it holds now.
+fn final_transcript(session: &LiveSession, live: &Live) -> FinalTranscript {
+    FinalTranscript {
+        session_id: session.id.clone(),
+        intx: session.intx.clone(),
+        closed_at_ms: now_ms(),
+        events: live.transcript.events.clone(),
+    }
+}
+
+/// Store `transcript` in the contact store, trying again `delay` apart
+/// ([`keep_trying`]); whether it was stored.
+async fn keep_storing(
+    contacts: &dyn crate::store::ContactStore,
+    transcript: &FinalTranscript,
+    delay: Duration,
+) -> bool {
+    keep_trying(delay, || async {
+        contacts
+            .save_final_transcript(transcript.clone())
+            .await
+            .is_ok()
+    })
+    .await
 }

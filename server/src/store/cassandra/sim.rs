@@ -906,18 +906,14 @@ async fn run_interleaved(seed: u64, steps: usize) -> Result<(), String> {
     take_over_at_the_end(seed, &cluster, &clock, &id, &shared, false).await
 }
 
-/// Set the fault plan (lost answers, partial writes, failures, in percent);
-/// the previous one.
-fn faults(cluster: &Mutex<Cluster>, plan: (u64, u64, u64)) -> (u64, u64, u64) {
-    let mut c = cluster.lock().unwrap();
-    let old = (c.lost_answer, c.partial, c.failed);
-    (c.lost_answer, c.partial, c.failed) = plan;
-    old
-}
-
-#[tokio::test]
-async fn the_protocol_keeps_every_acknowledged_message_under_faults() {
-    // CONFAB_SIM_SEEDS and CONFAB_SIM_STEPS widen a hunt; CI runs 2,000 x 60.
+/// Run `run` over `default` seeds of 60 steps (CI), or what
+/// `CONFAB_SIM_SEEDS` / `CONFAB_SIM_STEPS` say for a longer hunt, or the one
+/// `CONFAB_SIM_SEED` to replay; fail with the first failure's trace.
+async fn hunt<F, Fut>(default: u64, run: F)
+where
+    F: Fn(u64, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     let number = |name: &str, default: u64| {
         std::env::var(name)
             .ok()
@@ -926,7 +922,7 @@ async fn the_protocol_keeps_every_acknowledged_message_under_faults() {
     };
     let seeds: Vec<u64> = match std::env::var("CONFAB_SIM_SEED") {
         Ok(s) => vec![s.parse().expect("CONFAB_SIM_SEED: a number")],
-        Err(_) => (1..=number("CONFAB_SIM_SEEDS", 2000)).collect(),
+        Err(_) => (1..=number("CONFAB_SIM_SEEDS", default)).collect(),
     };
     let steps = number("CONFAB_SIM_STEPS", 60) as usize;
     let mut failures = Vec::new();
@@ -941,6 +937,20 @@ async fn the_protocol_keeps_every_acknowledged_message_under_faults() {
         failures.len(),
         failures[0]
     );
+}
+
+/// Set the fault plan (lost answers, partial writes, failures, in percent);
+/// the previous one.
+fn faults(cluster: &Mutex<Cluster>, plan: (u64, u64, u64)) -> (u64, u64, u64) {
+    let mut c = cluster.lock().unwrap();
+    let old = (c.lost_answer, c.partial, c.failed);
+    (c.lost_answer, c.partial, c.failed) = plan;
+    old
+}
+
+#[tokio::test]
+async fn the_protocol_keeps_every_acknowledged_message_under_faults() {
+    hunt(2000, run).await;
 }
 
 /// A cluster without random faults, and a handle on it for `owner`.
@@ -1254,31 +1264,7 @@ async fn a_released_session_leaves_nothing_behind_in_the_handle() {
 
 #[tokio::test]
 async fn the_protocol_keeps_every_acknowledged_message_when_instances_interleave() {
-    // CONFAB_SIM_SEEDS / CONFAB_SIM_STEPS widen the hunt, CONFAB_SIM_SEED
-    // replays one seed; CI runs 1,000 x 60.
-    let number = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .map(|v| v.parse::<u64>().expect("a number"))
-            .unwrap_or(default)
-    };
-    let seeds: Vec<u64> = match std::env::var("CONFAB_SIM_SEED") {
-        Ok(s) => vec![s.parse().expect("CONFAB_SIM_SEED: a number")],
-        Err(_) => (1..=number("CONFAB_SIM_SEEDS", 1000)).collect(),
-    };
-    let steps = number("CONFAB_SIM_STEPS", 60) as usize;
-    let mut failures = Vec::new();
-    for seed in seeds {
-        if let Err(why) = run_interleaved(seed, steps).await {
-            failures.push(why);
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} seeds failed; the first (replay with CONFAB_SIM_SEED):\n{}",
-        failures.len(),
-        failures[0]
-    );
+    hunt(1000, run_interleaved).await;
 }
 
 /// Why start-up refuses read and write levels that need not meet (R + W
