@@ -294,8 +294,9 @@ struct Attempted {
     last_seq: u64,
     batch: Vec<Event>,
     /// When this handle last wrote every row of the session again (their
-    /// TTL starts over); None: not since it took the session over.
-    refreshed: Option<std::time::Instant>,
+    /// TTL starts over), ms on [`Cql::now_ms`]; None: not since it took the
+    /// session over.
+    refreshed: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -506,10 +507,8 @@ impl<C: Cql> CassandraStore<C> {
     /// chat's age): they are written again once that reaches
     /// [`REFRESH_EVERY`], at once if it has.
     fn owns(&self, session_id: &str, epoch: i64, owner: &str, rows_age: std::time::Duration) {
-        let now = std::time::Instant::now();
         let refreshed = (rows_age < self.refresh_every)
-            .then(|| now.checked_sub(rows_age))
-            .flatten();
+            .then(|| self.cql.now_ms() - rows_age.as_millis() as i64);
         self.attempted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -555,11 +554,12 @@ impl<C: Cql> CassandraStore<C> {
         let Some(entry) = attempted.get_mut(session_id) else {
             return false;
         };
+        let now = self.cql.now_ms();
         let due = entry
             .refreshed
-            .is_none_or(|at| at.elapsed() >= self.refresh_every);
+            .is_none_or(|at| now - at >= self.refresh_every.as_millis() as i64);
         if due {
-            entry.refreshed = Some(std::time::Instant::now());
+            entry.refreshed = Some(now);
         }
         due
     }
@@ -597,20 +597,27 @@ impl<C: Cql> CassandraStore<C> {
         let rows = self.cql.select_events(session_id).await?;
         let history = history_rows(&claims, rows).map_err(corrupt)?;
         let chain = chain(&claims).map_err(corrupt)?;
-        self.cql
-            .insert_session(
-                session_id,
-                NewHeader {
-                    intx: &header.intx,
-                    subject: header.subject.as_deref(),
-                    created_at_ms: header.created_at_ms,
-                    state: None,
-                    nickname: header.nickname.as_deref(),
-                },
-            )
-            .await?;
+        // Every row is tried, whatever became of the others: each one
+        // written counts (its TTL starts over), and a row whose write failed
+        // is tried again with all the others at the next save. A refresh
+        // that stopped at its first failure would, on a long chat, seldom
+        // get through at all.
+        let mut outcomes = vec![
+            self.cql
+                .insert_session(
+                    session_id,
+                    NewHeader {
+                        intx: &header.intx,
+                        subject: header.subject.as_deref(),
+                        created_at_ms: header.created_at_ms,
+                        state: None,
+                        nickname: header.nickname.as_deref(),
+                    },
+                )
+                .await,
+        ];
         if header.state == SessionState::Active {
-            self.cql.set_joined(session_id).await?;
+            outcomes.push(self.cql.set_joined(session_id).await);
         }
         for (c, owner) in chain {
             let claim = NewClaim {
@@ -619,18 +626,20 @@ impl<C: Cql> CassandraStore<C> {
                 cut: c.cut,
                 prev: c.prev.as_ref().map(|(e, o)| (*e, o.as_str())),
             };
-            self.cql.insert_claim(session_id, claim).await?;
+            outcomes.push(self.cql.insert_claim(session_id, claim).await);
         }
         let writes = history
             .iter()
             .map(|(epoch, e)| self.cql.insert_event(session_id, *epoch, e));
-        futures_util::future::try_join_all(writes).await?;
+        outcomes.extend(futures_util::future::join_all(writes).await);
         if header.state != SessionState::Closed {
-            self.cql
-                .insert_index(session_id, header.state.as_str(), header.created_at_ms)
-                .await?;
+            outcomes.push(
+                self.cql
+                    .insert_index(session_id, header.state.as_str(), header.created_at_ms)
+                    .await,
+            );
         }
-        Ok(())
+        outcomes.into_iter().collect()
     }
 
     /// Whether the latest claim is a closing one.
@@ -906,9 +915,21 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         // `refresh`). The append does not depend on it: a failed refresh
         // is tried again at the next append.
         if a.state != SessionState::Closed && self.refresh_due(id) {
-            if let Err(e) = self.refresh(id, epoch).await {
-                tracing::warn!(sid = %id, error = %e, "rows of a live session not written again; retried at its next save");
-                self.refresh_failed(id);
+            match self.refresh(id, epoch).await {
+                Ok(()) => {}
+                // Rows below the owner's cut are gone (expired: nothing was
+                // written for longer than the TTL allows): no other instance
+                // could take the chat over, so its owner, which holds all of
+                // it, closes it from memory as when every row is gone.
+                Err(StoreError::Corrupt(why)) => {
+                    tracing::warn!(sid = %id, %why, "the stored history of a live session is no longer whole");
+                    self.forget(id);
+                    return Err(StoreError::NotFound(a.session_id));
+                }
+                Err(e) => {
+                    tracing::warn!(sid = %id, error = %e, "rows of a live session not written again; retried at its next save");
+                    self.refresh_failed(id);
+                }
             }
         }
         let changes_state = a.events.iter().any(|e| {
@@ -1040,7 +1061,7 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
             .inspect_err(|_| tracing::debug!(sid = %session_id, overtaken_by = %o, "claim overtaken; stepping back"));
         }
         // A new epoch: its keys are fresh, whatever the old one tried.
-        let age = u64::try_from(crate::session::now_ms() - record.created_at_ms).unwrap_or(0);
+        let age = u64::try_from(self.cql.now_ms() - record.created_at_ms).unwrap_or(0);
         self.owns(
             session_id,
             epoch,

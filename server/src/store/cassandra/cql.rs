@@ -89,6 +89,12 @@ pub trait Cql: Send + Sync + 'static {
     async fn delete_events(&self, id: &str) -> StoreResult<()>;
     async fn delete_session(&self, id: &str) -> StoreResult<()>;
     async fn ping(&self) -> StoreResult<()>;
+    /// This instance's clock, in ms since the Unix epoch: when the rows of
+    /// a live session are due to be written again. The simulation's own
+    /// clock, so that its runs let rows expire deterministically.
+    fn now_ms(&self) -> i64 {
+        crate::session::now_ms()
+    }
 }
 
 /// Requests in flight at once, per instance.

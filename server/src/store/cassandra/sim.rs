@@ -29,10 +29,11 @@
 
 use super::cql::{ClaimRow, Cql, EventRow, HeaderRow, IndexRow, NewClaim, NewHeader};
 use super::CassandraStore;
-use crate::session::{Draft, Event, Participant, Role, SessionState};
+use crate::session::{Draft, Event, EventKind, Participant, Role, SessionState};
 use crate::store::{Append, SessionRecord, SessionStore, StoreError, StoreResult};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A small deterministic generator (SplitMix64).
@@ -62,7 +63,9 @@ enum V {
     Null,
 }
 
-type Row = BTreeMap<&'static str, (V, i64)>;
+/// A cell: its value, write timestamp, and when it expires (the TTL, on the
+/// coordinator's clock at the write: i64::MAX without one).
+type Row = BTreeMap<&'static str, (V, i64, i64)>;
 
 /// (table, partition, clustering) -> row; partition deletions by time.
 #[derive(Default, Clone)]
@@ -79,6 +82,7 @@ enum Mutation {
         clustering: (Vec<i64>, String),
         cells: Vec<(&'static str, V)>,
         ts: i64,
+        expires: i64,
     },
     DeletePartition {
         table: &'static str,
@@ -96,6 +100,7 @@ impl Replica {
                 clustering,
                 cells,
                 ts,
+                expires,
             } => {
                 let row = self
                     .rows
@@ -109,11 +114,11 @@ impl Replica {
                 for (col, v) in cells {
                     // Last write wins; on equal timestamps, as in Cassandra,
                     // the greater value (whichever arrives first).
-                    let newer = row.get(col).is_none_or(|(old_v, old)| {
+                    let newer = row.get(col).is_none_or(|(old_v, old, _)| {
                         ts > old || (ts == old && format!("{v:?}") > format!("{old_v:?}"))
                     });
                     if newer {
-                        row.insert(col, (v.clone(), *ts));
+                        row.insert(col, (v.clone(), *ts, *expires));
                     }
                 }
             }
@@ -124,8 +129,9 @@ impl Replica {
         }
     }
 
-    /// The live rows of a partition: cells newer than its deletion.
-    fn partition(&self, table: &'static str, id: &str) -> Vec<((Vec<i64>, String), Row)> {
+    /// The live rows of a partition at `now`: cells newer than its
+    /// deletion, and not expired.
+    fn partition(&self, table: &'static str, id: &str, now: i64) -> Vec<((Vec<i64>, String), Row)> {
         let deleted = self
             .deleted
             .get(&(table, id.to_owned()))
@@ -137,7 +143,7 @@ impl Replica {
             .filter_map(|((_, _, c, o), row)| {
                 let live: Row = row
                     .iter()
-                    .filter(|(_, (_, ts))| *ts > deleted)
+                    .filter(|(_, (_, ts, expires))| *ts > deleted && *expires > now)
                     .map(|(k, v)| (*k, v.clone()))
                     .collect();
                 (!live.is_empty()).then(|| ((c.clone(), o.clone()), live))
@@ -165,6 +171,11 @@ struct Cluster {
     /// RF 3): a write is answered once one replica has it (the others get
     /// it later), a read asks one replica.
     at_one: bool,
+    /// Every cell's time to live (the TTL tables): it expires `ttl` after
+    /// its write on the coordinator's clock (`now`, the true time: the
+    /// instances' skew moves write timestamps, not expiry), as in Cassandra.
+    ttl: Option<i64>,
+    now: i64,
 }
 
 impl Cluster {
@@ -219,6 +230,7 @@ impl Cluster {
 
     /// A QUORUM read: two replicas, merged cell by cell (newest wins).
     fn read(&mut self, table: &'static str, id: &str) -> Vec<((Vec<i64>, String), Row)> {
+        let now = self.now;
         let skip = self.rng.below(3) as usize;
         let only = (skip + 1) % 3;
         let mut merged: BTreeMap<(Vec<i64>, String), Row> = BTreeMap::new();
@@ -226,20 +238,21 @@ impl Cluster {
             if i == skip || (self.at_one && i != only) {
                 continue;
             }
-            for (key, row) in r.partition(table, id) {
+            for (key, row) in r.partition(table, id, now) {
                 let into = merged.entry(key).or_default();
-                for (col, (v, ts)) in row {
-                    let newer = into.get(col).is_none_or(|(old_v, old)| {
+                for (col, (v, ts, expires)) in row {
+                    let newer = into.get(col).is_none_or(|(old_v, old, _)| {
                         ts > *old || (ts == *old && format!("{v:?}") > format!("{old_v:?}"))
                     });
                     if newer {
-                        into.insert(col, (v, ts));
+                        into.insert(col, (v, ts, expires));
                     }
                 }
             }
         }
         // A partition deletion seen by any replica read hides what is older
-        // on the others (tombstones are merged too).
+        // on the others (tombstones are merged too); repair does not bring
+        // back what expired.
         let deleted = self
             .replicas
             .iter()
@@ -249,7 +262,7 @@ impl Cluster {
             .max();
         if let Some(d) = deleted {
             for row in merged.values_mut() {
-                row.retain(|_, (_, ts)| *ts > d);
+                row.retain(|_, (_, ts, _)| *ts > d);
             }
             merged.retain(|_, row| !row.is_empty());
         }
@@ -269,13 +282,14 @@ impl Cluster {
                 }
                 for ((c, o), row) in &merged {
                     // Each cell with its own timestamp.
-                    for (col, (v, ts)) in row {
+                    for (col, (v, ts, expires)) in row {
                         r.apply(&Mutation::Upsert {
                             table,
                             id: id.to_owned(),
                             clustering: (c.clone(), o.clone()),
                             cells: vec![(*col, v.clone())],
                             ts: *ts,
+                            expires: *expires,
                         });
                     }
                 }
@@ -339,14 +353,19 @@ impl Sim {
         clustering: (Vec<i64>, String),
         cells: Vec<(&'static str, V)>,
     ) -> StoreResult<()> {
+        let ts = self.ts();
+        let now = *self.clock.lock().unwrap();
+        let mut cluster = self.cluster.lock().unwrap();
+        cluster.now = now;
         let m = Mutation::Upsert {
             table,
             id: id.to_owned(),
             clustering,
             cells,
-            ts: self.ts(),
+            ts,
+            expires: cluster.ttl.map_or(i64::MAX, |ttl| now + ttl),
         };
-        self.cluster.lock().unwrap().write(m)
+        cluster.write(m)
     }
     fn delete(&self, table: &'static str, id: &str) -> StoreResult<()> {
         let m = Mutation::DeletePartition {
@@ -357,19 +376,22 @@ impl Sim {
         self.cluster.lock().unwrap().write(m)
     }
     fn read(&self, table: &'static str, id: &str) -> Vec<((Vec<i64>, String), Row)> {
-        self.cluster.lock().unwrap().read(table, id)
+        let now = *self.clock.lock().unwrap();
+        let mut cluster = self.cluster.lock().unwrap();
+        cluster.now = now;
+        cluster.read(table, id)
     }
 }
 
-fn text(v: Option<&(V, i64)>) -> Option<String> {
+fn text(v: Option<&(V, i64, i64)>) -> Option<String> {
     match v {
-        Some((V::T(s), _)) => Some(s.clone()),
+        Some((V::T(s), _, _)) => Some(s.clone()),
         _ => None,
     }
 }
-fn int(v: Option<&(V, i64)>) -> Option<i64> {
+fn int(v: Option<&(V, i64, i64)>) -> Option<i64> {
     match v {
-        Some((V::I(n), _)) => Some(*n),
+        Some((V::I(n), _, _)) => Some(*n),
         _ => None,
     }
 }
@@ -538,6 +560,9 @@ impl Cql for Sim {
     async fn ping(&self) -> StoreResult<()> {
         Ok(())
     }
+    fn now_ms(&self) -> i64 {
+        *self.clock.lock().unwrap() + self.skew
+    }
 }
 
 /// An instance as the store sees it: its local transcript of the chat (if
@@ -567,7 +592,39 @@ struct Shared {
     /// client_msg_id), through whichever instance.
     pending: Vec<String>,
     trace: Vec<String>,
+    /// The chat's closings, in order: the instance and the transcript it
+    /// held when its closing was stored (or, its records gone, when it
+    /// closed the chat from memory): what it saves as the final
+    /// transcript. The contact store keeps the first.
+    closed: Vec<(&'static str, Vec<Event>)>,
+    /// Closings from memory because the records were gone.
+    records_lost: usize,
 }
+
+/// What a random run puts the protocol through.
+#[derive(Clone, Copy)]
+struct Plan {
+    /// Instances taking the chat from one another.
+    instances: usize,
+    /// Check the direct acknowledgements' order across instances (they
+    /// take turns), or per instance (they run concurrently).
+    global: bool,
+    /// Time passes (up to [`TICK`] per step), every cell has a TTL of
+    /// [`TTL`], an owner writes its live chat's rows again every
+    /// [`REFRESH`], and the owner may close the chat (closing event,
+    /// closing claim, deletes) or find its records gone and close it from
+    /// memory: a closed chat must stay closed and its first final
+    /// transcript hold every acknowledged message.
+    lifecycle: bool,
+}
+
+/// The lifecycle runs' clock: up to this much time passes per step (ms on
+/// the instances' clocks, whose skew is up to ±1 s).
+const TICK: u64 = 300;
+/// The lifecycle runs' refresh interval and TTL (the README's rule: TTL at
+/// least three refresh intervals).
+const REFRESH: u64 = 2_000;
+const TTL: i64 = 8_000;
 
 /// Every acknowledged message once in `events`; the direct
 /// acknowledgements in the order they came back: all of them (`global`,
@@ -579,7 +636,7 @@ fn check(
     global: bool,
 ) -> Result<(), String> {
     let texts: Vec<&str> = events.iter().filter_map(|e| e.text.as_deref()).collect();
-    let mut last_at = [None::<usize>; 2];
+    let mut last_at = [None::<usize>; 4];
     for (text, node, direct) in acknowledged {
         let found: Vec<usize> = texts
             .iter()
@@ -619,7 +676,7 @@ async fn step(
     step: usize,
     rng: &mut Rng,
     shared: &Mutex<Shared>,
-    global: bool,
+    plan: Plan,
 ) -> Result<(), String> {
     let trace = |line: String| shared.lock().unwrap().trace.push(line);
     if rng.below(10) >= 7 {
@@ -630,41 +687,31 @@ async fn step(
             answer.as_ref().map(|(r, e)| (r.epoch, e.len()))
         ));
         if let Ok((r, events)) = answer {
-            let acknowledged = shared.lock().unwrap().acknowledged.clone();
-            check(&acknowledged, &events, global)
+            let (acknowledged, closed) = {
+                let s = shared.lock().unwrap();
+                (s.acknowledged.clone(), s.closed.first().map(|(by, _)| *by))
+            };
+            if let Some(by) = closed {
+                return Err(format!("{}@{step}: took over the chat {by} closed", n.name));
+            }
+            check(&acknowledged, &events, plan.global)
                 .map_err(|why| format!("{}@{step}: after its claim: {why}", n.name))?;
             n.owned = Some((r.epoch, events));
             n.unsettled.clear();
         }
         return Ok(());
     }
+    if n.owned.is_none() {
+        return Ok(());
+    }
+    if !n.unsettled.is_empty() && !resend(n, id, step, shared, plan).await {
+        return Ok(());
+    }
     let Some((epoch, _)) = n.owned else {
         return Ok(());
     };
-    if !n.unsettled.is_empty() {
-        let answer = n
-            .store
-            .append_events(Append {
-                session_id: id.to_owned(),
-                epoch,
-                events: n.unsettled.clone(),
-                state: SessionState::Waiting,
-            })
-            .await;
-        trace(format!("{}@{step}: resends -> {answer:?}", n.name));
-        match answer {
-            Ok(()) => {
-                if let Some((_, local)) = n.owned.as_mut() {
-                    local.append(&mut n.unsettled);
-                }
-            }
-            Err(e) if e.is_transient() => return Ok(()),
-            Err(_) => {
-                n.owned = None;
-                n.unsettled.clear();
-                return Ok(());
-            }
-        }
+    if plan.lifecycle && rng.chance(4) {
+        return close(n, id, epoch, step, shared).await;
     }
     let retry = shared.lock().unwrap().pending.first().cloned();
     let text = match retry {
@@ -724,6 +771,10 @@ async fn step(
                 s.acknowledged.push((t, idx, true));
             }
         }
+        Err(StoreError::NotFound(_)) if plan.lifecycle => {
+            shared.lock().unwrap().pending.push(text);
+            records_lost(n, step, shared);
+        }
         Err(e) => {
             // The client retries its first message; the batch's second was
             // never acknowledged to anyone.
@@ -742,6 +793,128 @@ async fn step(
     Ok(())
 }
 
+/// Resend a given-up save, identical, as the instance does before anything
+/// else; whether the instance may go on (the save is now stored).
+async fn resend(n: &mut Node, id: &str, step: usize, shared: &Mutex<Shared>, plan: Plan) -> bool {
+    let Some((epoch, _)) = n.owned else {
+        return false;
+    };
+    let closing = n.unsettled.iter().any(|e| e.kind == EventKind::Closed);
+    let answer = n
+        .store
+        .append_events(Append {
+            session_id: id.to_owned(),
+            epoch,
+            events: n.unsettled.clone(),
+            state: if closing {
+                SessionState::Closed
+            } else {
+                SessionState::Waiting
+            },
+        })
+        .await;
+    shared
+        .lock()
+        .unwrap()
+        .trace
+        .push(format!("{}@{step}: resends -> {answer:?}", n.name));
+    match answer {
+        Ok(()) => {
+            if let Some((_, local)) = n.owned.as_mut() {
+                local.append(&mut n.unsettled);
+            }
+            if closing {
+                closed(n, id, epoch, step, shared).await;
+                return false;
+            }
+            true
+        }
+        Err(e) if e.is_transient() => false,
+        Err(StoreError::NotFound(_)) if plan.lifecycle => {
+            records_lost(n, step, shared);
+            false
+        }
+        Err(_) => {
+            n.owned = None;
+            n.unsettled.clear();
+            false
+        }
+    }
+}
+
+/// The owner closes the chat: its closing event, then (once stored) the
+/// deletes; a closing whose outcome is unknown is resent like any save.
+async fn close(
+    n: &mut Node,
+    id: &str,
+    epoch: u64,
+    step: usize,
+    shared: &Mutex<Shared>,
+) -> Result<(), String> {
+    let Some((_, local)) = n.owned.as_ref() else {
+        return Ok(());
+    };
+    let closing = vec![Draft::closed("customer-left").into_event(local.len() as u64 + 1, 1)];
+    let answer = n
+        .store
+        .append_events(Append {
+            session_id: id.to_owned(),
+            epoch,
+            events: closing.clone(),
+            state: SessionState::Closed,
+        })
+        .await;
+    shared
+        .lock()
+        .unwrap()
+        .trace
+        .push(format!("{}@{step}: closes -> {answer:?}", n.name));
+    match answer {
+        Ok(()) => {
+            if let Some((_, local)) = n.owned.as_mut() {
+                local.extend(closing);
+            }
+            closed(n, id, epoch, step, shared).await;
+        }
+        Err(e) if e.is_transient() => n.unsettled = closing,
+        Err(StoreError::NotFound(_)) => records_lost(n, step, shared),
+        Err(_) => n.owned = None,
+    }
+    Ok(())
+}
+
+/// The closing is stored: the transcript held is the final one; the
+/// chat's rows are deleted (one try: the TTL takes what a failed delete
+/// leaves).
+async fn closed(n: &mut Node, id: &str, epoch: u64, step: usize, shared: &Mutex<Shared>) {
+    let Some((_, local)) = n.owned.take() else {
+        return;
+    };
+    shared.lock().unwrap().closed.push((n.name, local));
+    let deleted = n.store.delete_session(id, epoch).await;
+    shared
+        .lock()
+        .unwrap()
+        .trace
+        .push(format!("{}@{step}: deletes -> {deleted:?}", n.name));
+}
+
+/// The records are gone under their owner: it closes the chat from what it
+/// holds (the instance's `records-lost` closing).
+fn records_lost(n: &mut Node, step: usize, shared: &Mutex<Shared>) {
+    n.unsettled.clear();
+    let Some((_, local)) = n.owned.take() else {
+        return;
+    };
+    let mut s = shared.lock().unwrap();
+    s.trace.push(format!(
+        "{}@{step}: records gone, closes from memory",
+        n.name
+    ));
+    s.records_lost += 1;
+    s.closed.push((n.name, local));
+}
+
 /// The cluster of a random run: 8 % of writes applied with their answer
 /// lost, 8 % reaching one replica (the others later), 4 % failed; at ONE
 /// instead of QUORUM when `at_one`.
@@ -756,72 +929,92 @@ fn faulty_cluster(seed: u64, at_one: bool) -> Arc<Mutex<Cluster>> {
         log: Vec::new(),
         forced: Default::default(),
         at_one,
+        ttl: None,
+        now: 0,
     }))
 }
 
-/// The two instances of a random run, the chat created on the first
-/// (without faults), and its id. Odd seeds use two instance ids whose
-/// epochs collide (ties); each instance's clock is up to 1 s off.
+/// The instances of a random run, the chat created on the first (without
+/// faults), and its id. Odd seeds use instance ids whose epochs collide
+/// (ties); each instance's clock is up to 1 s off.
 async fn set_up(
     seed: u64,
+    plan: Plan,
     cluster: &Arc<Mutex<Cluster>>,
     clock: &Arc<Mutex<i64>>,
     interleave: Option<Arc<Mutex<Rng>>>,
-) -> Result<([Node; 2], String), String> {
+) -> Result<(Vec<Node>, String), String> {
     let mut rng = Rng(seed);
-    let node = |name: &'static str, skew: i64| Node {
-        name,
-        store: CassandraStore::over(Sim {
-            cluster: cluster.clone(),
-            clock: clock.clone(),
-            skew,
-            interleave: interleave.clone(),
-        }),
-        owned: None,
-        unsettled: Vec::new(),
-    };
-    let skew = |rng: &mut Rng| rng.below(2001) as i64 - 1000;
-    let (sa, sb) = (skew(&mut rng), skew(&mut rng));
-    let (a, b) = if seed % 2 == 1 {
-        ("inst-768", "inst-4746")
+    let names = if seed % 2 == 1 {
+        ["inst-768", "inst-4746", "inst-x"]
     } else {
-        ("inst-a", "inst-b")
+        ["inst-a", "inst-b", "inst-x"]
     };
-    let mut nodes = [node(a, sa), node(b, sb)];
+    let mut nodes: Vec<Node> = names[..plan.instances]
+        .iter()
+        .map(|name| {
+            let skew = rng.below(2001) as i64 - 1000;
+            let store = CassandraStore::over(Sim {
+                cluster: cluster.clone(),
+                clock: clock.clone(),
+                skew,
+                interleave: interleave.clone(),
+            });
+            Node {
+                name,
+                store: if plan.lifecycle {
+                    store.refreshing_every(std::time::Duration::from_millis(REFRESH))
+                } else {
+                    store
+                },
+                owned: None,
+                unsettled: Vec::new(),
+            }
+        })
+        .collect();
+    if plan.lifecycle {
+        cluster.lock().unwrap().ttl = Some(TTL);
+    }
     let id = format!("sim-{seed}");
     let joined = Draft::joined(&customer(), None).into_event(1, 1);
-    let plan = faults(cluster, (0, 0, 0));
+    let fault_plan = faults(cluster, (0, 0, 0));
+    // Without time passing, a chat two hours old: every claim writes its
+    // rows again at its first save (the refresh races the other instance).
+    let created_at_ms = *clock.lock().unwrap() - if plan.lifecycle { 0 } else { 7_200_000 };
     nodes[0]
         .store
         .create_session(
             SessionRecord {
                 session_id: id.clone(),
                 intx: "intx".into(),
-                owner_instance: a.into(),
+                owner_instance: names[0].into(),
                 epoch: 1,
                 state: SessionState::Waiting,
                 subject: None,
                 nickname: Some("Ann".into()),
-                created_at_ms: 1,
+                created_at_ms,
             },
             vec![joined.clone()],
         )
         .await
         .map_err(|e| e.to_string())?;
-    faults(cluster, plan);
+    faults(cluster, fault_plan);
     nodes[0].owned = Some((1, vec![joined]));
     Ok((nodes, id))
 }
 
-/// The end of a run: every late write lands, the faults stop, a third
-/// instance takes the chat over, and everything acknowledged is there.
+/// The end of a run: every late write lands, the faults stop, the
+/// instances resend what they gave up on, and a last instance takes the
+/// chat over: everything acknowledged is in what it took. A closed chat
+/// must refuse it, and its first final transcript hold everything.
 async fn take_over_at_the_end(
     seed: u64,
+    plan: Plan,
     cluster: &Arc<Mutex<Cluster>>,
     clock: &Arc<Mutex<i64>>,
+    nodes: &mut [Node],
     id: &str,
     shared: &Mutex<Shared>,
-    global: bool,
 ) -> Result<(), String> {
     {
         let mut c = cluster.lock().unwrap();
@@ -830,20 +1023,43 @@ async fn take_over_at_the_end(
         }
         (c.lost_answer, c.partial, c.failed, c.at_one) = (0, 0, 0, false);
     }
+    let trace = || shared.lock().unwrap().trace.join("\n");
+    if plan.lifecycle {
+        for n in nodes.iter_mut().filter(|n| !n.unsettled.is_empty()) {
+            resend(n, id, usize::MAX, shared, plan).await;
+        }
+    }
     let last = CassandraStore::over(Sim {
         cluster: cluster.clone(),
         clock: clock.clone(),
         skew: 0,
         interleave: None,
     });
-    let trace = || shared.lock().unwrap().trace.join("\n");
-    let (_, events) = last
-        .claim(id, "inst-c")
-        .await
-        .map_err(|e| format!("seed {seed}: the final claim failed: {e}\n{}", trace()))?;
+    let taken = last.claim(id, "inst-z").await;
     let acknowledged = shared.lock().unwrap().acknowledged.clone();
-    check(&acknowledged, &events, global)
-        .map_err(|why| format!("seed {seed}: at the end: {why}\n{}", trace()))
+    let closed = shared.lock().unwrap().closed.first().cloned();
+    match (taken, closed) {
+        (Ok((_, events)), None) => check(&acknowledged, &events, plan.global)
+            .map_err(|why| format!("seed {seed}: at the end: {why}\n{}", trace())),
+        // Closed, or (its closing claim expired, or its records lost) gone.
+        (
+            Err(StoreError::Closed(_) | StoreError::NotFound(_) | StoreError::Corrupt(_)),
+            Some((by, transcript)),
+        ) => check(&acknowledged, &transcript, plan.global).map_err(|why| {
+            format!(
+                "seed {seed}: the final transcript {by} saved: {why}\n{}",
+                trace()
+            )
+        }),
+        (Ok(_), Some((by, _))) => Err(format!(
+            "seed {seed}: the chat {by} closed was taken over at the end\n{}",
+            trace()
+        )),
+        (Err(e), _) => Err(format!(
+            "seed {seed}: the final claim failed: {e}\n{}",
+            trace()
+        )),
+    }
 }
 
 /// One seeded run: `steps` random steps, the two instances taking turns at
@@ -854,14 +1070,43 @@ async fn run(seed: u64, steps: usize) -> Result<(), String> {
 
 /// [`run`], with reads and writes at ONE when `at_one`.
 async fn run_at(seed: u64, steps: usize, at_one: bool) -> Result<(), String> {
-    let cluster = faulty_cluster(seed, at_one);
+    let plan = Plan {
+        instances: 2,
+        global: true,
+        lifecycle: false,
+    };
+    run_plan(seed, steps, plan, faulty_cluster(seed, at_one)).await
+}
+
+/// The lifecycle run: three instances take turns; time passes, rows
+/// expire unless written again, the chat may close or lose its records.
+async fn run_lifecycle(seed: u64, steps: usize) -> Result<(), String> {
+    let plan = Plan {
+        instances: 3,
+        global: true,
+        lifecycle: true,
+    };
+    let cluster = faulty_cluster(seed, false);
+    // Fewer faults: a refresh writes every row of the chat, and must get
+    // through now and then.
+    faults(&cluster, (3, 3, 2));
+    run_plan(seed, steps * 2, plan, cluster).await
+}
+
+/// One sequential run of `plan` on `cluster`.
+async fn run_plan(
+    seed: u64,
+    steps: usize,
+    plan: Plan,
+    cluster: Arc<Mutex<Cluster>>,
+) -> Result<(), String> {
     let clock = Arc::new(Mutex::new(1_000_000));
-    let (mut nodes, id) = set_up(seed, &cluster, &clock, None).await?;
+    let (mut nodes, id) = set_up(seed, plan, &cluster, &clock, None).await?;
     let shared = Mutex::new(Shared::default());
     let mut rng = Rng(seed.wrapping_add(0x77));
     for s in 0..steps {
-        let who = rng.below(2) as usize;
-        step(who, &mut nodes[who], &id, s, &mut rng, &shared, true)
+        let who = rng.below(plan.instances as u64) as usize;
+        step(who, &mut nodes[who], &id, s, &mut rng, &shared, plan)
             .await
             .map_err(|why| {
                 format!(
@@ -870,46 +1115,77 @@ async fn run_at(seed: u64, steps: usize, at_one: bool) -> Result<(), String> {
                 )
             })?;
         cluster.lock().unwrap().deliver_some();
+        if plan.lifecycle {
+            *clock.lock().unwrap() += rng.below(TICK) as i64;
+        }
     }
-    take_over_at_the_end(seed, &cluster, &clock, &id, &shared, true).await
+    let lost = shared.lock().unwrap().records_lost;
+    LIFECYCLE.records_lost.fetch_add(lost, Ordering::Relaxed);
+    if !shared.lock().unwrap().closed.is_empty() {
+        LIFECYCLE.closed.fetch_add(1, Ordering::Relaxed);
+    }
+    take_over_at_the_end(seed, plan, &cluster, &clock, &mut nodes, &id, &shared).await
 }
+
+/// What the lifecycle runs came to, over all seeds: chats closed, and
+/// closings from memory (records gone).
+struct Outcomes {
+    closed: AtomicUsize,
+    records_lost: AtomicUsize,
+}
+
+static LIFECYCLE: Outcomes = Outcomes {
+    closed: AtomicUsize::new(0),
+    records_lost: AtomicUsize::new(0),
+};
 
 /// One seeded run with the two instances as concurrent tasks whose
 /// statements interleave (every statement yields a random number of times
 /// first): an append's write and its read-back, a claim's row, read and
 /// cut, can each fall between the other instance's statements.
 async fn run_interleaved(seed: u64, steps: usize) -> Result<(), String> {
+    let plan = Plan {
+        instances: 2,
+        global: false,
+        lifecycle: false,
+    };
     let cluster = faulty_cluster(seed, false);
     let clock = Arc::new(Mutex::new(1_000_000));
     let schedule = Arc::new(Mutex::new(Rng(seed ^ 0x5c4e_d01e)));
-    let (nodes, id) = set_up(seed, &cluster, &clock, Some(schedule)).await?;
+    let (nodes, id) = set_up(seed, plan, &cluster, &clock, Some(schedule)).await?;
     let shared = Arc::new(Mutex::new(Shared::default()));
     let tasks = nodes.into_iter().enumerate().map(|(idx, mut node)| {
         let (id, cluster, shared) = (id.clone(), cluster.clone(), shared.clone());
         tokio::spawn(async move {
             let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(idx as u64));
             for s in 0..steps / 2 {
-                step(idx, &mut node, &id, s, &mut rng, &shared, false).await?;
+                if let Err(why) = step(idx, &mut node, &id, s, &mut rng, &shared, plan).await {
+                    return (node, Err(why));
+                }
                 cluster.lock().unwrap().deliver_some();
             }
-            Ok::<(), String>(())
+            (node, Ok::<(), String>(()))
         })
     });
-    for result in futures_util::future::join_all(tasks).await {
-        result.map_err(|e| e.to_string())?.map_err(|why| {
+    let mut nodes = Vec::new();
+    for joined in futures_util::future::join_all(tasks).await {
+        let (node, result) = joined.map_err(|e| e.to_string())?;
+        nodes.push(node);
+        result.map_err(|why| {
             format!(
                 "seed {seed}: {why}\n{}",
                 shared.lock().unwrap().trace.join("\n")
             )
         })?;
     }
-    take_over_at_the_end(seed, &cluster, &clock, &id, &shared, false).await
+    take_over_at_the_end(seed, plan, &cluster, &clock, &mut nodes, &id, &shared).await
 }
 
 /// Run `run` over `default` seeds of 60 steps (CI), or what
 /// `CONFAB_SIM_SEEDS` / `CONFAB_SIM_STEPS` say for a longer hunt, or the one
-/// `CONFAB_SIM_SEED` to replay; fail with the first failure's trace.
-async fn hunt<F, Fut>(default: u64, run: F)
+/// `CONFAB_SIM_SEED` to replay; fail with the first failure's trace. The
+/// number of seeds run.
+async fn hunt<F, Fut>(default: u64, run: F) -> usize
 where
     F: Fn(u64, usize) -> Fut,
     Fut: std::future::Future<Output = Result<(), String>>,
@@ -926,6 +1202,7 @@ where
     };
     let steps = number("CONFAB_SIM_STEPS", 60) as usize;
     let mut failures = Vec::new();
+    let count = seeds.len();
     for seed in seeds {
         if let Err(why) = run(seed, steps).await {
             failures.push(why);
@@ -937,6 +1214,7 @@ where
         failures.len(),
         failures[0]
     );
+    count
 }
 
 /// Set the fault plan (lost answers, partial writes, failures, in percent);
@@ -965,6 +1243,8 @@ fn quiet_cluster() -> Arc<Mutex<Cluster>> {
         log: Vec::new(),
         forced: Default::default(),
         at_one: false,
+        ttl: None,
+        now: 0,
     }))
 }
 
@@ -1238,7 +1518,7 @@ async fn a_live_chats_rows_are_written_again_before_they_expire() {
     // The TTL runs out for every cell written before that last append.
     for r in &mut cluster.lock().unwrap().replicas {
         for row in r.rows.values_mut() {
-            row.retain(|_, (_, ts)| *ts > before_last);
+            row.retain(|_, (_, ts, _)| *ts > before_last);
         }
         r.rows.retain(|_, row| !row.is_empty());
     }
@@ -1260,6 +1540,18 @@ async fn a_released_session_leaves_nothing_behind_in_the_handle() {
     assert!(a.attempted.lock().unwrap().contains_key("kept"));
     a.release("kept");
     assert!(!a.attempted.lock().unwrap().contains_key("kept"));
+}
+
+/// Three instances, time passing, rows expiring unless written again,
+/// closings with their deletes racing late writes under skew.
+#[tokio::test]
+async fn the_protocol_keeps_every_acknowledged_message_through_closings_and_expiry() {
+    let seeds = hunt(500, run_lifecycle).await;
+    println!(
+        "lifecycle runs: {} of {seeds} chats closed, {} closings from memory (records gone)",
+        LIFECYCLE.closed.load(Ordering::Relaxed),
+        LIFECYCLE.records_lost.load(Ordering::Relaxed)
+    );
 }
 
 #[tokio::test]
