@@ -274,6 +274,19 @@ pub struct CassandraStore<C: Cql = Driver> {
 /// at least every TTL minus an hour.
 pub const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// How many times a refresh tries a row whose write failed.
+const REWRITE_ATTEMPTS: usize = 3;
+
+/// One row of a live session that a refresh writes again, as read.
+enum Rewrite<'a> {
+    /// The header's fixed columns (never `state`).
+    Header,
+    Joined,
+    Claim(&'a Claim, &'a str),
+    Event(i64, &'a Event),
+    Index,
+}
+
 /// What this handle last tried to write to a session it owns. Inserts are
 /// upserts and a write whose answer was lost may have landed, so a (seq,
 /// epoch) key once tried is never given other content: at or below
@@ -297,6 +310,9 @@ struct Attempted {
     /// TTL starts over), ms on [`Cql::now_ms`]; None: not since it took the
     /// session over.
     refreshed: Option<i64>,
+    /// This handle found the session's records gone and closes it: its
+    /// closing claim's write may have landed with its answer lost.
+    lost: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -475,6 +491,7 @@ impl<C: Cql> CassandraStore<C> {
                 last_seq: 0,
                 batch: Vec::new(),
                 refreshed: None,
+                lost: false,
             });
         let tried_before = |e: &Event| entry.batch.iter().any(|b| b == e);
         let resend = entry.epoch == epoch && events.iter().all(tried_before);
@@ -495,6 +512,7 @@ impl<C: Cql> CassandraStore<C> {
                 last_seq: 0,
                 batch: Vec::new(),
                 refreshed: None,
+                lost: false,
             };
         }
         entry.last_seq = entry.last_seq.max(last);
@@ -520,6 +538,7 @@ impl<C: Cql> CassandraStore<C> {
                     last_seq: 0,
                     batch: Vec::new(),
                     refreshed,
+                    lost: false,
                 },
             );
     }
@@ -537,13 +556,7 @@ impl<C: Cql> CassandraStore<C> {
             (None, TERMINAL_EPOCH) => return false,
             _ => (claim.epoch, owner),
         };
-        let known = self
-            .attempted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(session_id)
-            .filter(|a| a.epoch == epoch)
-            .and_then(|a| a.owner.clone());
+        let known = self.owner_of(session_id, epoch);
         claim_epoch == epoch && known.is_none_or(|k| &k == claim_owner)
     }
 
@@ -597,49 +610,81 @@ impl<C: Cql> CassandraStore<C> {
         let rows = self.cql.select_events(session_id).await?;
         let history = history_rows(&claims, rows).map_err(corrupt)?;
         let chain = chain(&claims).map_err(corrupt)?;
-        // Every row is tried, whatever became of the others: each one
-        // written counts (its TTL starts over), and a row whose write failed
-        // is tried again with all the others at the next save. A refresh
-        // that stopped at its first failure would, on a long chat, seldom
-        // get through at all.
-        let mut outcomes = vec![
-            self.cql
-                .insert_session(
-                    session_id,
-                    NewHeader {
-                        intx: &header.intx,
-                        subject: header.subject.as_deref(),
-                        created_at_ms: header.created_at_ms,
-                        state: None,
-                        nickname: header.nickname.as_deref(),
-                    },
-                )
-                .await,
-        ];
+        // The header first: it then expires before the rows it heads (a
+        // claim checks it after reading the history). The other rows are
+        // written at once, each tried again on its own if it fails: a
+        // refresh that stopped at its first failed write seldom got
+        // through a long chat, and one left half done waits for a save
+        // that may not come before the rest expires.
+        self.rewrite(session_id, &header, vec![Rewrite::Header])
+            .await?;
+        let mut rows = Vec::new();
         if header.state == SessionState::Active {
-            outcomes.push(self.cql.set_joined(session_id).await);
+            rows.push(Rewrite::Joined);
         }
-        for (c, owner) in chain {
-            let claim = NewClaim {
-                epoch: c.epoch,
-                owner,
-                cut: c.cut,
-                prev: c.prev.as_ref().map(|(e, o)| (*e, o.as_str())),
-            };
-            outcomes.push(self.cql.insert_claim(session_id, claim).await);
-        }
-        let writes = history
-            .iter()
-            .map(|(epoch, e)| self.cql.insert_event(session_id, *epoch, e));
-        outcomes.extend(futures_util::future::join_all(writes).await);
+        rows.extend(chain.iter().map(|(c, o)| Rewrite::Claim(c, o)));
+        rows.extend(history.iter().map(|(epoch, e)| Rewrite::Event(*epoch, e)));
         if header.state != SessionState::Closed {
-            outcomes.push(
-                self.cql
-                    .insert_index(session_id, header.state.as_str(), header.created_at_ms)
-                    .await,
-            );
+            rows.push(Rewrite::Index);
         }
-        outcomes.into_iter().collect()
+        self.rewrite(session_id, &header, rows).await
+    }
+
+    /// Write `rows` of the session again, at once; those whose write
+    /// failed are tried again, up to [`REWRITE_ATTEMPTS`] times in all.
+    async fn rewrite(
+        &self,
+        session_id: &str,
+        header: &Header,
+        mut rows: Vec<Rewrite<'_>>,
+    ) -> StoreResult<()> {
+        let mut last = Ok(());
+        for _ in 0..REWRITE_ATTEMPTS {
+            let writes = rows
+                .iter()
+                .map(|row| self.rewrite_one(session_id, header, row));
+            let outcomes = futures_util::future::join_all(writes).await;
+            rows = rows
+                .into_iter()
+                .zip(outcomes)
+                .filter_map(|(row, outcome)| outcome.map_err(|e| last = Err(e)).err().map(|_| row))
+                .collect();
+            if rows.is_empty() {
+                return Ok(());
+            }
+        }
+        last
+    }
+
+    async fn rewrite_one(&self, id: &str, header: &Header, row: &Rewrite<'_>) -> StoreResult<()> {
+        match row {
+            Rewrite::Header => {
+                let fixed = NewHeader {
+                    intx: &header.intx,
+                    subject: header.subject.as_deref(),
+                    created_at_ms: header.created_at_ms,
+                    state: None,
+                    nickname: header.nickname.as_deref(),
+                };
+                self.cql.insert_session(id, fixed).await
+            }
+            Rewrite::Joined => self.cql.set_joined(id).await,
+            Rewrite::Claim(c, owner) => {
+                let claim = NewClaim {
+                    epoch: c.epoch,
+                    owner,
+                    cut: c.cut,
+                    prev: c.prev.as_ref().map(|(e, o)| (*e, o.as_str())),
+                };
+                self.cql.insert_claim(id, claim).await
+            }
+            Rewrite::Event(epoch, e) => self.cql.insert_event(id, *epoch, e).await,
+            Rewrite::Index => {
+                self.cql
+                    .insert_index(id, header.state.as_str(), header.created_at_ms)
+                    .await
+            }
+        }
     }
 
     /// Whether the latest claim is a closing one.
@@ -667,6 +712,51 @@ impl<C: Cql> CassandraStore<C> {
                 },
             )
             .await
+    }
+
+    /// The records of a session this handle owns are gone or no longer
+    /// whole (expired): its owner closes it from what it holds. The closing
+    /// claim goes first, so that nobody takes over what is left, not even
+    /// through a replica that still has a row the others lost; then
+    /// NotFound. If that write fails, its error, and the owner's next save
+    /// comes back here (the refresh is tried again).
+    async fn records_lost(&self, session_id: &str, epoch: i64) -> StoreError {
+        if let Some(owner) = self.owner_of(session_id, epoch) {
+            if let Some(a) = self
+                .attempted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(session_id)
+            {
+                a.lost = true;
+            }
+            if let Err(e) = self.write_closing_claim(session_id, epoch, &owner).await {
+                self.refresh_failed(session_id);
+                return e;
+            }
+        }
+        self.forget(session_id);
+        StoreError::NotFound(session_id.to_owned())
+    }
+
+    /// The instance this handle writes `epoch` of the session for, if it
+    /// created or claimed it itself and has not let it go.
+    fn owner_of(&self, session_id: &str, epoch: i64) -> Option<String> {
+        self.attempted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(session_id)
+            .filter(|a| a.epoch == epoch)
+            .and_then(|a| a.owner.clone())
+    }
+
+    /// Whether this handle found the session's records gone.
+    fn found_lost(&self, session_id: &str) -> bool {
+        self.attempted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(session_id)
+            .is_some_and(|a| a.lost)
     }
 
     /// This handle no longer writes the session (moved, closed, deleted).
@@ -923,8 +1013,7 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
                 // it, closes it from memory as when every row is gone.
                 Err(StoreError::Corrupt(why)) => {
                     tracing::warn!(sid = %id, %why, "the stored history of a live session is no longer whole");
-                    self.forget(id);
-                    return Err(StoreError::NotFound(a.session_id));
+                    return Err(self.records_lost(id, epoch).await);
                 }
                 Err(e) => {
                     tracing::warn!(sid = %id, error = %e, "rows of a live session not written again; retried at its next save");
@@ -942,8 +1031,7 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         // No claim left: the records expired (TTL) under their owner; no
         // other owner can have taken them (it would have left a claim).
         if claims.is_empty() {
-            self.forget(id);
-            return Err(StoreError::NotFound(a.session_id));
+            return Err(self.records_lost(id, epoch).await);
         }
         if !self.still_owns(id, epoch, claims.last()) {
             self.forget(id);
@@ -956,9 +1044,13 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         // Still ours, but the header is gone (expired): NotFound; the
         // owner closes the chat from what it holds.
         let Some(header) = header else {
-            self.forget(id);
-            return Err(StoreError::NotFound(a.session_id));
+            return Err(self.records_lost(id, epoch).await);
         };
+        // Our own closing claim, written when this handle found the
+        // records gone (its answer lost): they still are.
+        if self.closed_by_claim(&claims) && self.found_lost(id) {
+            return Err(self.records_lost(id, epoch).await);
+        }
         if header.state == SessionState::Closed || self.closed_by_claim(&claims) {
             // The resend of a closing whose first try closed the session but
             // lost its answer (or failed after it): it is done; finish what
@@ -1027,6 +1119,12 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
                 current: latest as u64,
             });
         }
+        // Every chat has a completed claim (its creation's, at least): none
+        // left means its rows expired meanwhile (TTL; an idle chat). This
+        // claim stays without a cut and expires with them.
+        if !claims_now.iter().any(|(c, _)| c.cut >= 0) {
+            return Err(StoreError::NotFound(session_id.to_owned()));
+        }
         // A gap below the latest completed cut refuses the claim (Corrupt):
         // this claim stays without a cut, so it changes nothing.
         let stored = contiguous_prefix(self.history(session_id, &claims_now).await?);
@@ -1048,7 +1146,14 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         // A claim that overtook this one meanwhile owns the chat: step back
         // before acknowledging anything from what this one read (a retry
         // answered as a duplicate from it could be missing there).
-        let after = self.claims(session_id).await?;
+        let (header, after) = tokio::try_join!(self.header(session_id), self.claims(session_id))?;
+        // The header is written before a chat's other rows (at creation and
+        // at each refresh), so it expires first: gone now, the history read
+        // above may have lost rows to the TTL while this claim ran (an idle
+        // chat).
+        if header.is_none() {
+            return Err(StoreError::NotFound(session_id.to_owned()));
+        }
         if let Some((c, o)) = after
             .last()
             .filter(|(c, o)| (c.epoch, o.as_str()) > (epoch, new_owner))

@@ -20,12 +20,14 @@
 //! timestamps resolve to the greater value, as in Cassandra; 2 % of hints
 //! are lost; one save in five carries two messages. A second run
 //! (`run_interleaved`) makes the two instances concurrent tasks whose
-//! statements interleave. Directed cases cover TTL expiry, late writes from
-//! a clock ahead after a closing, and a join against a late `waiting`.
+//! statements interleave. A third (`run_lifecycle`) has three instances,
+//! time passing with every cell under a TTL, the owner's refresh, closings
+//! (closing claim, deletes racing late writes under skew) and records lost
+//! and closed from memory. Directed cases cover late writes from a clock
+//! ahead after a closing, and a join against a late `waiting`.
 //!
-//! Not modelled in the random runs yet: TTL expiry, tombstones racing
-//! writes under skew (the deletes at closing), more than two instances, and
-//! the instance's own save loop (this re-implements it).
+//! Not modelled yet: the instance's own save loop (this re-implements it),
+//! and the lifecycle with interleaved instances.
 
 use super::cql::{ClaimRow, Cql, EventRow, HeaderRow, IndexRow, NewClaim, NewHeader};
 use super::CassandraStore;
@@ -599,6 +601,19 @@ struct Shared {
     closed: Vec<(&'static str, Vec<Event>)>,
     /// Closings from memory because the records were gone.
     records_lost: usize,
+    /// When (the cluster's time) a save last succeeded, and whether two
+    /// saves were ever further apart than the TTL allows (TTL minus the
+    /// refresh interval): a chat not saved for that long may lose rows.
+    last_saved: i64,
+    went_idle: bool,
+}
+
+impl Shared {
+    /// A save succeeded at `now`.
+    fn saved(&mut self, now: i64) {
+        self.went_idle |= self.last_saved > 0 && now - self.last_saved > IDLE;
+        self.last_saved = now;
+    }
 }
 
 /// What a random run puts the protocol through.
@@ -616,6 +631,8 @@ struct Plan {
     /// memory: a closed chat must stay closed and its first final
     /// transcript hold every acknowledged message.
     lifecycle: bool,
+    /// Percent of steps that are claims.
+    claims: u64,
 }
 
 /// The lifecycle runs' clock: up to this much time passes per step (ms on
@@ -625,6 +642,9 @@ const TICK: u64 = 300;
 /// least three refresh intervals).
 const REFRESH: u64 = 2_000;
 const TTL: i64 = 8_000;
+/// A chat saved less often than this may lose rows to the TTL (the rule:
+/// saved at least every TTL minus the refresh interval).
+const IDLE: i64 = TTL - REFRESH as i64;
 
 /// Every acknowledged message once in `events`; the direct
 /// acknowledgements in the order they came back: all of them (`global`,
@@ -679,10 +699,11 @@ async fn step(
     plan: Plan,
 ) -> Result<(), String> {
     let trace = |line: String| shared.lock().unwrap().trace.push(line);
-    if rng.below(10) >= 7 {
+    let at = *n.store.cql.clock.lock().unwrap() / 1000;
+    if rng.below(100) < plan.claims {
         let answer = n.store.claim(id, n.name).await;
         trace(format!(
-            "{}@{step}: claims -> {:?}",
+            "{}@{step} t={at}s: claims -> {:?}",
             n.name,
             answer.as_ref().map(|(r, e)| (r.epoch, e.len()))
         ));
@@ -757,7 +778,7 @@ async fn step(
         })
         .await;
     trace(format!(
-        "{}@{step}: posts {texts:?} at {next} -> {answer:?}",
+        "{}@{step} t={at}s: posts {texts:?} at {next} -> {answer:?}",
         n.name
     ));
     match answer {
@@ -766,6 +787,7 @@ async fn step(
                 local.extend(batch);
             }
             let mut s = shared.lock().unwrap();
+            s.saved(*n.store.cql.clock.lock().unwrap());
             for t in texts {
                 s.pending.retain(|p| *p != t);
                 s.acknowledged.push((t, idx, true));
@@ -823,6 +845,10 @@ async fn resend(n: &mut Node, id: &str, step: usize, shared: &Mutex<Shared>, pla
             if let Some((_, local)) = n.owned.as_mut() {
                 local.append(&mut n.unsettled);
             }
+            shared
+                .lock()
+                .unwrap()
+                .saved(*n.store.cql.clock.lock().unwrap());
             if closing {
                 closed(n, id, epoch, step, shared).await;
                 return false;
@@ -1036,8 +1062,25 @@ async fn take_over_at_the_end(
         interleave: None,
     });
     let taken = last.claim(id, "inst-z").await;
+    if plan.lifecycle {
+        let s = shared.lock().unwrap();
+        let tally = Outcomes::of(plan);
+        tally
+            .records_lost
+            .fetch_add(s.records_lost, Ordering::Relaxed);
+        tally
+            .closed
+            .fetch_add(usize::from(!s.closed.is_empty()), Ordering::Relaxed);
+    }
     let acknowledged = shared.lock().unwrap().acknowledged.clone();
     let closed = shared.lock().unwrap().closed.first().cloned();
+    // Nobody saved for longer than the TTL minus the refresh interval, now
+    // or at some point: rows may have expired (an idle chat), and its
+    // owner, if any, closes it from memory at its next save.
+    let idle = {
+        let s = shared.lock().unwrap();
+        s.went_idle || *clock.lock().unwrap() - s.last_saved > IDLE
+    };
     match (taken, closed) {
         (Ok((_, events)), None) => check(&acknowledged, &events, plan.global)
             .map_err(|why| format!("seed {seed}: at the end: {why}\n{}", trace())),
@@ -1051,6 +1094,12 @@ async fn take_over_at_the_end(
                 trace()
             )
         }),
+        (Err(StoreError::NotFound(_) | StoreError::Corrupt(_)), None) if plan.lifecycle && idle => {
+            Outcomes::of(plan)
+                .expired_idle
+                .fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
         (Ok(_), Some((by, _))) => Err(format!(
             "seed {seed}: the chat {by} closed was taken over at the end\n{}",
             trace()
@@ -1074,6 +1123,7 @@ async fn run_at(seed: u64, steps: usize, at_one: bool) -> Result<(), String> {
         instances: 2,
         global: true,
         lifecycle: false,
+        claims: 30,
     };
     run_plan(seed, steps, plan, faulty_cluster(seed, at_one)).await
 }
@@ -1081,16 +1131,36 @@ async fn run_at(seed: u64, steps: usize, at_one: bool) -> Result<(), String> {
 /// The lifecycle run: three instances take turns; time passes, rows
 /// expire unless written again, the chat may close or lose its records.
 async fn run_lifecycle(seed: u64, steps: usize) -> Result<(), String> {
-    let plan = Plan {
+    run_plan(
+        seed,
+        steps * 2,
+        run_lifecycle_plan(true),
+        lifecycle_cluster(seed),
+    )
+    .await
+}
+
+/// The lifecycle runs' plan: three instances taking turns (`sequential`)
+/// or concurrent.
+fn run_lifecycle_plan(sequential: bool) -> Plan {
+    Plan {
         instances: 3,
-        global: true,
+        global: sequential,
         lifecycle: true,
-    };
+        // Three instances claiming at once overtake one another for long
+        // stretches (nobody saves, and the idle chat expires): concurrent
+        // ones claim less often.
+        claims: if sequential { 30 } else { 15 },
+    }
+}
+
+/// The lifecycle runs' cluster: fewer faults (3 % lost answers, 3 %
+/// partial, 2 % failed), as a refresh writes every row of the chat and
+/// must get through now and then.
+fn lifecycle_cluster(seed: u64) -> Arc<Mutex<Cluster>> {
     let cluster = faulty_cluster(seed, false);
-    // Fewer faults: a refresh writes every row of the chat, and must get
-    // through now and then.
     faults(&cluster, (3, 3, 2));
-    run_plan(seed, steps * 2, plan, cluster).await
+    cluster
 }
 
 /// One sequential run of `plan` on `cluster`.
@@ -1119,25 +1189,46 @@ async fn run_plan(
             *clock.lock().unwrap() += rng.below(TICK) as i64;
         }
     }
-    let lost = shared.lock().unwrap().records_lost;
-    LIFECYCLE.records_lost.fetch_add(lost, Ordering::Relaxed);
-    if !shared.lock().unwrap().closed.is_empty() {
-        LIFECYCLE.closed.fetch_add(1, Ordering::Relaxed);
-    }
     take_over_at_the_end(seed, plan, &cluster, &clock, &mut nodes, &id, &shared).await
 }
 
-/// What the lifecycle runs came to, over all seeds: chats closed, and
-/// closings from memory (records gone).
+/// What the lifecycle runs came to, over all seeds: chats closed,
+/// closings from memory (records gone), idle chats expired.
 struct Outcomes {
     closed: AtomicUsize,
     records_lost: AtomicUsize,
+    expired_idle: AtomicUsize,
 }
 
-static LIFECYCLE: Outcomes = Outcomes {
-    closed: AtomicUsize::new(0),
-    records_lost: AtomicUsize::new(0),
-};
+impl Outcomes {
+    const fn new() -> Self {
+        Outcomes {
+            closed: AtomicUsize::new(0),
+            records_lost: AtomicUsize::new(0),
+            expired_idle: AtomicUsize::new(0),
+        }
+    }
+
+    /// The sequential (`global`) or interleaved lifecycle runs' tally.
+    fn of(plan: Plan) -> &'static Outcomes {
+        static SEQUENTIAL: Outcomes = Outcomes::new();
+        static INTERLEAVED: Outcomes = Outcomes::new();
+        if plan.global {
+            &SEQUENTIAL
+        } else {
+            &INTERLEAVED
+        }
+    }
+
+    fn report(&self, seeds: usize) {
+        println!(
+            "{seeds} chats: {} closed, {} closed from memory (records gone), {} idle and expired",
+            self.closed.load(Ordering::Relaxed),
+            self.records_lost.load(Ordering::Relaxed),
+            self.expired_idle.load(Ordering::Relaxed)
+        );
+    }
+}
 
 /// One seeded run with the two instances as concurrent tasks whose
 /// statements interleave (every statement yields a random number of times
@@ -1148,21 +1239,42 @@ async fn run_interleaved(seed: u64, steps: usize) -> Result<(), String> {
         instances: 2,
         global: false,
         lifecycle: false,
+        claims: 30,
     };
-    let cluster = faulty_cluster(seed, false);
+    run_interleaved_plan(seed, steps, plan, faulty_cluster(seed, false)).await
+}
+
+/// The lifecycle run with its three instances as concurrent tasks.
+async fn run_lifecycle_interleaved(seed: u64, steps: usize) -> Result<(), String> {
+    let (plan, cluster) = (run_lifecycle_plan(false), lifecycle_cluster(seed));
+    run_interleaved_plan(seed, steps * 4, plan, cluster).await
+}
+
+/// One interleaved run of `plan` on `cluster`: each instance takes
+/// `steps / instances` steps (time passes by a share of a tick at each).
+async fn run_interleaved_plan(
+    seed: u64,
+    steps: usize,
+    plan: Plan,
+    cluster: Arc<Mutex<Cluster>>,
+) -> Result<(), String> {
     let clock = Arc::new(Mutex::new(1_000_000));
     let schedule = Arc::new(Mutex::new(Rng(seed ^ 0x5c4e_d01e)));
     let (nodes, id) = set_up(seed, plan, &cluster, &clock, Some(schedule)).await?;
     let shared = Arc::new(Mutex::new(Shared::default()));
     let tasks = nodes.into_iter().enumerate().map(|(idx, mut node)| {
-        let (id, cluster, shared) = (id.clone(), cluster.clone(), shared.clone());
+        let (id, cluster, shared, clock) =
+            (id.clone(), cluster.clone(), shared.clone(), clock.clone());
         tokio::spawn(async move {
             let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(idx as u64));
-            for s in 0..steps / 2 {
+            for s in 0..steps / plan.instances {
                 if let Err(why) = step(idx, &mut node, &id, s, &mut rng, &shared, plan).await {
                     return (node, Err(why));
                 }
                 cluster.lock().unwrap().deliver_some();
+                if plan.lifecycle {
+                    *clock.lock().unwrap() += (rng.below(TICK) / plan.instances as u64) as i64;
+                }
             }
             (node, Ok::<(), String>(()))
         })
@@ -1547,11 +1659,14 @@ async fn a_released_session_leaves_nothing_behind_in_the_handle() {
 #[tokio::test]
 async fn the_protocol_keeps_every_acknowledged_message_through_closings_and_expiry() {
     let seeds = hunt(500, run_lifecycle).await;
-    println!(
-        "lifecycle runs: {} of {seeds} chats closed, {} closings from memory (records gone)",
-        LIFECYCLE.closed.load(Ordering::Relaxed),
-        LIFECYCLE.records_lost.load(Ordering::Relaxed)
-    );
+    Outcomes::of(run_lifecycle_plan(true)).report(seeds);
+}
+
+/// The same with the three instances' statements interleaved.
+#[tokio::test]
+async fn the_protocol_keeps_every_acknowledged_message_through_closings_and_expiry_interleaved() {
+    let seeds = hunt(300, run_lifecycle_interleaved).await;
+    Outcomes::of(run_lifecycle_plan(false)).report(seeds);
 }
 
 #[tokio::test]
