@@ -1151,9 +1151,9 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         // at each refresh), so it expires first: gone now, the history read
         // above may have lost rows to the TTL while this claim ran (an idle
         // chat).
-        if header.is_none() {
+        let Some(header) = header else {
             return Err(StoreError::NotFound(session_id.to_owned()));
-        }
+        };
         if let Some((c, o)) = after
             .last()
             .filter(|(c, o)| (c.epoch, o.as_str()) > (epoch, new_owner))
@@ -1177,6 +1177,9 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
             SessionRecord {
                 owner_instance: new_owner.to_owned(),
                 epoch: epoch as u64,
+                // As read after the history: an agent's join acknowledged
+                // while this claim ran is in both.
+                state: header.state,
                 ..record
             },
             events,

@@ -601,6 +601,8 @@ struct Shared {
     closed: Vec<(&'static str, Vec<Event>)>,
     /// Closings from memory because the records were gone.
     records_lost: usize,
+    /// An agent's join was acknowledged: the chat is active for good.
+    joined: bool,
     /// When (the cluster's time) a save last succeeded, and whether two
     /// saves were ever further apart than the TTL allows (TTL minus the
     /// refresh interval): a chat not saved for that long may lose rows.
@@ -715,6 +717,12 @@ async fn step(
             if let Some(by) = closed {
                 return Err(format!("{}@{step}: took over the chat {by} closed", n.name));
             }
+            if shared.lock().unwrap().joined && r.state != SessionState::Active {
+                return Err(format!(
+                    "{}@{step}: took over a chat an agent joined as {:?}",
+                    n.name, r.state
+                ));
+            }
             check(&acknowledged, &events, plan.global)
                 .map_err(|why| format!("{}@{step}: after its claim: {why}", n.name))?;
             n.owned = Some((r.epoch, events));
@@ -733,6 +741,9 @@ async fn step(
     };
     if plan.lifecycle && rng.chance(4) {
         return close(n, id, epoch, step, shared).await;
+    }
+    if plan.lifecycle && !shared.lock().unwrap().joined && rng.chance(5) {
+        return join(n, id, epoch, step, shared).await;
     }
     let retry = shared.lock().unwrap().pending.first().cloned();
     let text = match retry {
@@ -822,6 +833,7 @@ async fn resend(n: &mut Node, id: &str, step: usize, shared: &Mutex<Shared>, pla
         return false;
     };
     let closing = n.unsettled.iter().any(|e| e.kind == EventKind::Closed);
+    let joining = n.unsettled.iter().any(|e| e.role == Some(Role::Agent));
     let answer = n
         .store
         .append_events(Append {
@@ -830,6 +842,8 @@ async fn resend(n: &mut Node, id: &str, step: usize, shared: &Mutex<Shared>, pla
             events: n.unsettled.clone(),
             state: if closing {
                 SessionState::Closed
+            } else if joining {
+                SessionState::Active
             } else {
                 SessionState::Waiting
             },
@@ -845,6 +859,7 @@ async fn resend(n: &mut Node, id: &str, step: usize, shared: &Mutex<Shared>, pla
             if let Some((_, local)) = n.owned.as_mut() {
                 local.append(&mut n.unsettled);
             }
+            shared.lock().unwrap().joined |= joining;
             shared
                 .lock()
                 .unwrap()
@@ -903,6 +918,54 @@ async fn close(
             closed(n, id, epoch, step, shared).await;
         }
         Err(e) if e.is_transient() => n.unsettled = closing,
+        Err(StoreError::NotFound(_)) => records_lost(n, step, shared),
+        Err(_) => n.owned = None,
+    }
+    Ok(())
+}
+
+/// An agent joins: the chat becomes active, and stays so whatever a clock
+/// running ahead wrote before (the creation's `waiting`).
+async fn join(
+    n: &mut Node,
+    id: &str,
+    epoch: u64,
+    step: usize,
+    shared: &Mutex<Shared>,
+) -> Result<(), String> {
+    let Some((_, local)) = n.owned.as_ref() else {
+        return Ok(());
+    };
+    let agent = Participant {
+        participant_id: "agent-1".into(),
+        nickname: "Carl".into(),
+        role: Role::Agent,
+    };
+    let joined = vec![Draft::joined(&agent, None).into_event(local.len() as u64 + 1, 1)];
+    let answer = n
+        .store
+        .append_events(Append {
+            session_id: id.to_owned(),
+            epoch,
+            events: joined.clone(),
+            state: SessionState::Active,
+        })
+        .await;
+    shared
+        .lock()
+        .unwrap()
+        .trace
+        .push(format!("{}@{step}: an agent joins -> {answer:?}", n.name));
+    match answer {
+        Ok(()) => {
+            if let Some((_, local)) = n.owned.as_mut() {
+                local.extend(joined);
+            }
+            let mut s = shared.lock().unwrap();
+            s.joined = true;
+            s.saved(*n.store.cql.clock.lock().unwrap());
+        }
+        Err(e) if e.is_transient() => n.unsettled = joined,
         Err(StoreError::NotFound(_)) => records_lost(n, step, shared),
         Err(_) => n.owned = None,
     }
@@ -1082,6 +1145,13 @@ async fn take_over_at_the_end(
         s.went_idle || *clock.lock().unwrap() - s.last_saved > IDLE
     };
     match (taken, closed) {
+        (Ok((r, _)), None) if shared.lock().unwrap().joined && r.state != SessionState::Active => {
+            Err(format!(
+                "seed {seed}: at the end, a chat an agent joined reads {:?}\n{}",
+                r.state,
+                trace()
+            ))
+        }
         (Ok((_, events)), None) => check(&acknowledged, &events, plan.global)
             .map_err(|why| format!("seed {seed}: at the end: {why}\n{}", trace())),
         // Closed, or (its closing claim expired, or its records lost) gone.
