@@ -17,6 +17,7 @@ pub mod cql_proxy;
 pub mod deploy;
 pub mod history;
 pub mod kassandra;
+pub mod load;
 pub mod netns;
 pub mod slowlink;
 pub mod sockets;
@@ -600,4 +601,94 @@ pub fn data_dir() -> tempfile::TempDir {
         eprintln!("data dir: {}", dir.path().display());
     }
     dir
+}
+
+/// A `confab gateway` process on loopback in front of `instances` (their
+/// URLs), checking them every 200 ms, with no rate limit to speak of.
+pub struct Gateway {
+    pub url: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Gateway {
+    /// Start it, and wait until it sees every instance healthy.
+    pub async fn start(dir: &Path, instances: &[&str]) -> Gateway {
+        let port = free_port();
+        let log = dir.join(format!("gateway-{port}.log"));
+        let out = std::fs::File::create(&log).expect("gateway log");
+        let child = Command::new(confab_bin())
+            .args(["--log-format", "json", "gateway", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--instance")
+            .arg(instances.join(","))
+            .args([
+                "--set",
+                &format!("cluster.secret={CLUSTER_SECRET}"),
+                "--set",
+                "gateway.token-secret=e2e",
+                "--set",
+                "gateway.rate-limit-per-second=100000",
+                "--set",
+                "gateway.rate-limit-burst=100000",
+                "--set",
+                "gateway.health-interval=200ms",
+            ])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log handle"))
+            .stderr(out)
+            .spawn()
+            .expect("starting confab gateway");
+        let gateway = Gateway {
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+            child,
+        };
+        let http = client().build().expect("an HTTP client");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let healthy = match http.get(format!("{}/status", gateway.url)).send().await {
+                Ok(r) => r.json::<Value>().await.ok().map_or(0, |s| {
+                    s["instances"]
+                        .as_array()
+                        .map_or(0, |a| a.iter().filter(|i| i["healthy"] == true).count())
+                }),
+                Err(_) => 0,
+            };
+            if healthy == instances.len() {
+                return gateway;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway does not see its instances:\n{}",
+                std::fs::read_to_string(&gateway.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A counter (or gauge) of its `/metrics`, 0 if absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = client()
+            .build()
+            .expect("an HTTP client")
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("gateway metrics")
+            .text()
+            .await
+            .unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -3,10 +3,11 @@
 //! a paused owner, and the availability alarms 59520 / 59521 when the node
 //! freezes (connections open, no answers) or dies.
 
+use confab_e2e::cql_proxy::CqlProxy;
 use confab_e2e::kassandra::{
     init_keyspace, init_keyspace_with, Node, SecuredNode, TlsIdentity, NO_OUTAGE_COMMANDS,
 };
-use confab_e2e::{data_dir, run_confab, texts, Http, Server};
+use confab_e2e::{data_dir, run_confab, texts, Gateway, Http, Server, ADMIN_TOKEN};
 use std::time::{Duration, Instant};
 
 fn cassandra_sets(node: &Node, keyspace: &str) -> Vec<String> {
@@ -24,6 +25,22 @@ fn cassandra_sets(node: &Node, keyspace: &str) -> Vec<String> {
             confab_e2e::kassandra::schema_agreement()
         ),
     ]
+}
+
+/// [`cassandra_sets`] through `proxy`, whose faults the instance sees as
+/// timeouts after 1 s.
+fn via(proxy: &CqlProxy, node: &Node, keyspace: &str) -> Vec<String> {
+    let mut sets = cassandra_sets(node, keyspace);
+    sets.retain(|s| {
+        !s.starts_with("cassandra.contact-points=")
+            && !s.starts_with("cassandra.reconnect-timeout=")
+    });
+    sets.push(format!(
+        "cassandra.contact-points={}",
+        proxy.contact_point()
+    ));
+    sets.push("cassandra.reconnect-timeout=1s".into());
+    sets
 }
 
 async fn start(dir: &std::path::Path, id: &str, sets: &[String]) -> Server {
@@ -388,8 +405,6 @@ async fn confab_up_runs_on_the_cassandra_store() {
 /// shows once, and the sender's retry of it is answered as a duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lost_answers_while_another_instance_takes_over_lose_nothing() {
-    use confab_e2e::cql_proxy::CqlProxy;
-
     let node = Node::get().await;
     let keyspace = init_keyspace(&node.contact_point()).await;
     let proxy = CqlProxy::start(&node.contact_point()).await;
@@ -399,16 +414,7 @@ async fn lost_answers_while_another_instance_takes_over_lose_nothing() {
         "settings.transcript-resend-delay=100ms".to_string(),
         "settings.transcript-save-on-error=continue".to_string(),
     ];
-    let mut through_proxy = cassandra_sets(&node, &keyspace);
-    through_proxy.retain(|s| {
-        !s.starts_with("cassandra.contact-points=")
-            && !s.starts_with("cassandra.reconnect-timeout=")
-    });
-    through_proxy.push(format!(
-        "cassandra.contact-points={}",
-        proxy.contact_point()
-    ));
-    through_proxy.push("cassandra.reconnect-timeout=1s".into());
+    let mut through_proxy = via(&proxy, &node, &keyspace);
     through_proxy.extend(settings.iter().cloned());
     let mut direct = cassandra_sets(&node, &keyspace);
     direct.extend(settings.iter().cloned());
@@ -456,4 +462,90 @@ async fn lost_answers_while_another_instance_takes_over_lose_nothing() {
     let back = http.restore(&a, &chat).await.ok();
     assert_eq!(back["instance_id"], "inst-a");
     assert_eq!(texts(&http.events(&a, &chat).await), acknowledged);
+}
+
+/// The issue's end-to-end case: one instance's link to the store loses
+/// answers (writes applied, answers dropped), then gets them late, then
+/// has its writes applied late, each for 6 s, while 16 chats send through
+/// a gateway as fast as they are acknowledged (a failed request retried
+/// with the same client_msg_id). Each time the gateway moves that
+/// instance's chats to the other one (it cannot reach the store while the
+/// other can), which fences it; between the faults the chats are taken
+/// back to it. Every acknowledged message is in its chat's transcript
+/// once, in order (the history checker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_losing_its_stores_answers_has_its_chats_moved_and_loses_nothing() {
+    use confab_e2e::load::{check, load};
+    use std::sync::Arc;
+
+    let node = Node::get().await;
+    let keyspace = init_keyspace(&node.contact_point()).await;
+    let proxy = CqlProxy::start(&node.contact_point()).await;
+    let dir = data_dir();
+    let a = start(dir.path(), "inst-a", &via(&proxy, &node, &keyspace)).await;
+    let b = start(dir.path(), "inst-b", &cassandra_sets(&node, &keyspace)).await;
+    let gateway = Gateway::start(dir.path(), &[&a.url, &b.url]).await;
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let sending = tokio::spawn(load(vec![gateway.url.clone()], 16, stop.clone()));
+    let window = Duration::from_secs(6);
+    let http = Http::default();
+    // Between the faults every chat goes back to inst-a (restored there,
+    // as a gateway would), so that each fault meets busy chats; the
+    // gateway finds them there when inst-b answers that it lost them.
+    let back_to_a = || async {
+        let hosted = http
+            .get(
+                &format!("{}/admin/sessions?limit=500", b.url),
+                Some(ADMIN_TOKEN),
+            )
+            .await
+            .ok();
+        for s in hosted["sessions"].as_array().into_iter().flatten() {
+            if let Some(chat) = s["session_id"].as_str() {
+                http.restore(&a, chat).await;
+            }
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.drop_answers(true);
+    tokio::time::sleep(window).await;
+    proxy.drop_answers(false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    back_to_a().await;
+    proxy.hold_answers(Duration::from_secs(3));
+    tokio::time::sleep(window).await;
+    proxy.hold_answers(Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    back_to_a().await;
+    proxy.hold_requests(Duration::from_secs(3));
+    tokio::time::sleep(window).await;
+    proxy.hold_requests(Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.notify_one();
+    let (chats, longest) = sending.await.expect("the load");
+    let checked = check(gateway.url.clone(), &chats, None).await;
+    let moved = gateway
+        .metric("confab_gateway_failovers_total{result=\"ok\"}")
+        .await;
+    let (held_answers, held_requests) = proxy.held();
+    let retries: usize = chats.iter().map(|c| c.retries).sum();
+    println!(
+        "{} acknowledged messages in {} chats checked; {} answers dropped, {held_answers} held, \
+         {held_requests} requests held; {moved} chats moved; {retries} client retries; \
+         longest wait for an acknowledgement {longest:?}; fenced writes on inst-a: {}",
+        checked.read,
+        chats.len(),
+        proxy.dropped(),
+        a.events(59608).len()
+    );
+    assert!(
+        checked.problems.is_empty(),
+        "{:#?}\ninst-a:\n{}",
+        checked.problems,
+        a.log_text()
+    );
+    assert!(checked.read > 100, "too little traffic: {}", checked.read);
+    assert!(proxy.dropped() > 0 && held_answers > 0 && held_requests > 0);
+    assert!(moved >= 1.0, "the gateway moved no chat");
+    drop(b);
 }

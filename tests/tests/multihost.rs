@@ -14,6 +14,7 @@
 //! node (kassandra): a real Cassandra cannot run inside these namespaces.
 
 use confab_e2e::deploy;
+use confab_e2e::load::{check, load, Chat};
 use confab_e2e::netns::{Host, Net};
 use confab_e2e::{confab_bin, CLUSTER_SECRET};
 use serde_json::{json, Value};
@@ -289,193 +290,6 @@ async fn healthy_instances(http: &reqwest::Client, g: &str) -> usize {
     }
 }
 
-/// A chat of the load: its id, customer token and the texts acknowledged.
-struct Chat {
-    id: String,
-    token: String,
-    acked: Vec<String>,
-    /// From the first try to the acknowledgement, per message.
-    waits: Vec<Duration>,
-    /// Requests that failed and were sent again.
-    retries: usize,
-}
-
-/// The load, run on the client host: `chats` chats, each sending one
-/// message after another, half of them through each gateway, until `stop`;
-/// a message whose request failed is sent again through the other gateway
-/// with the same `client_msg_id` (a client's retry), so an acknowledged
-/// message can be duplicated only by the server. Returns the chats, their
-/// acknowledged texts, and the longest time a chat went without an
-/// acknowledgement.
-async fn load(
-    gateways: Vec<String>,
-    chats: usize,
-    stop: Arc<tokio::sync::Notify>,
-) -> (Vec<Chat>, Duration) {
-    // A client gives up on a request after 2 s and sends it again through
-    // the other gateway (with the same client_msg_id): a host that died
-    // answers nothing, not even a reset.
-    let http = confab_e2e::client()
-        .timeout(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(1))
-        .build()
-        .unwrap();
-    let mut made = Vec::new();
-    for i in 0..chats {
-        let g = &gateways[i % gateways.len()];
-        let r: Value = http
-            .post(format!("{g}/api/v1/chats"))
-            .json(&json!({"nickname": format!("c{i}")}))
-            .send()
-            .await
-            .expect("create a chat")
-            .json()
-            .await
-            .unwrap();
-        made.push(Chat {
-            id: r["chat_id"].as_str().unwrap().to_owned(),
-            token: r["token"].as_str().unwrap().to_owned(),
-            acked: Vec::new(),
-            waits: Vec::new(),
-            retries: 0,
-        });
-    }
-    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let (stop, stopped) = (stop.clone(), stopped.clone());
-        tokio::spawn(async move {
-            stop.notified().await;
-            stopped.store(true, std::sync::atomic::Ordering::Relaxed);
-        });
-    }
-    let mut tasks = Vec::new();
-    for (c, mut chat) in made.into_iter().enumerate() {
-        let (http, gateways, stopped) = (http.clone(), gateways.clone(), stopped.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut longest = Duration::ZERO;
-            let mut n = 0u64;
-            // Half the chats start on each gateway; a chat moves to the
-            // other one when a request fails.
-            let mut through = c;
-            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                let text = format!("chat {c} message {n}");
-                let cmid = format!("m{n}");
-                let began = Instant::now();
-                loop {
-                    let g = &gateways[through % gateways.len()];
-                    let r = http
-                        .post(format!("{g}/api/v1/chats/{}/messages", chat.id))
-                        .bearer_auth(&chat.token)
-                        .json(&json!({"text": text, "client_msg_id": cmid}))
-                        .send()
-                        .await;
-                    if matches!(&r, Ok(r) if r.status().is_success()) {
-                        break;
-                    }
-                    through += 1;
-                    chat.retries += 1;
-                    assert!(
-                        began.elapsed() < Duration::from_secs(30),
-                        "chat {c}: message {n} not acknowledged in 30 s: {r:?}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                longest = longest.max(began.elapsed());
-                chat.waits.push(began.elapsed());
-                chat.acked.push(text);
-                n += 1;
-            }
-            (chat, longest)
-        }));
-    }
-    let mut done = Vec::new();
-    let mut longest = Duration::ZERO;
-    for t in tasks {
-        let (chat, l) = t.await.expect("a chat's sender");
-        longest = longest.max(l);
-        done.push(chat);
-    }
-    (done, longest)
-}
-
-/// What [`check`] read: messages, the problems found, and the instances
-/// that answered (the chats' owners, or the readers of closed chats).
-struct Checked {
-    read: usize,
-    problems: Vec<String>,
-    instances: std::collections::BTreeSet<String>,
-}
-
-/// Every acknowledged message exactly once in its chat's transcript, in
-/// the order acknowledged, read through `gateway` with the chat's token or,
-/// once `closed`, also with the agents' credential (the contact history);
-/// a closed chat's pages must say so.
-async fn check(gateway: String, chats: &[Chat], closed: bool) -> Checked {
-    let http = confab_e2e::client().build().unwrap();
-    let mut checked = Checked {
-        read: 0,
-        problems: Vec::new(),
-        instances: Default::default(),
-    };
-    let readers: &[Option<&str>] = if closed {
-        &[None, Some(AGENT_CREDENTIAL)]
-    } else {
-        &[None]
-    };
-    for chat in chats {
-        for reader in readers {
-            let bearer = reader.unwrap_or(&chat.token);
-            let mut texts = Vec::new();
-            let mut after = 0;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let answer = http
-                    .get(format!(
-                        "{gateway}/api/v1/chats/{}/transcript?after={after}",
-                        chat.id
-                    ))
-                    .bearer_auth(bearer)
-                    .send()
-                    .await
-                    .expect("a transcript");
-                let status = answer.status();
-                let page: Value = answer.json().await.unwrap();
-                // A closing still under way has no final transcript yet.
-                if closed && status == 409 && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-                assert!(status.is_success(), "{}: {status} {page}", chat.id);
-                if closed && page["state"] != "closed" {
-                    checked
-                        .problems
-                        .push(format!("{}: not closed: {}", chat.id, page["state"]));
-                }
-                if let Some(i) = page["instance_id"].as_str() {
-                    checked.instances.insert(i.to_owned());
-                }
-                let events = page["events"].as_array().cloned().unwrap_or_default();
-                after = events
-                    .last()
-                    .and_then(|e| e["seq"].as_u64())
-                    .unwrap_or(after);
-                texts.extend(confab_e2e::texts(&events));
-                if page["more"] != true {
-                    break;
-                }
-            }
-            checked.read += texts.len();
-            let whose = if reader.is_some() { " (agent)" } else { "" };
-            checked.problems.extend(confab_e2e::history::problems(
-                &format!("{}{whose}", chat.id),
-                &chat.acked,
-                &texts,
-            ));
-        }
-    }
-    checked
-}
-
 /// How the chats' owners settled after the load stopped.
 struct Settled {
     /// Chats that two instances hosted at the first look.
@@ -610,7 +424,7 @@ fn under_load_with(
     let (checked, chats, settled) = hosts
         .client
         .run(async move {
-            let checked = check(reader, &chats, false).await;
+            let checked = check(reader, &chats, None).await;
             let ids: Vec<String> = chats.iter().map(|c| c.id.clone()).collect();
             let settled = one_owner_each(&instance_urls, &ids).await;
             (checked, chats, settled)
@@ -645,7 +459,7 @@ fn under_load_with(
         .client
         .run(async move {
             close_all(reader.clone(), &chats).await;
-            check(reader, &chats, true).await
+            check(reader, &chats, Some(AGENT_CREDENTIAL)).await
         })
         .join()
         .expect("the client host")
