@@ -20,14 +20,15 @@
 //! timestamps resolve to the greater value, as in Cassandra; 2 % of hints
 //! are lost; one save in five carries two messages. A second run
 //! (`run_interleaved`) makes the two instances concurrent tasks whose
-//! statements interleave. A third (`run_lifecycle`) has three instances,
-//! time passing with every cell under a TTL, the owner's refresh, closings
-//! (closing claim, deletes racing late writes under skew) and records lost
-//! and closed from memory. Directed cases cover late writes from a clock
-//! ahead after a closing, and a join against a late `waiting`.
+//! statements interleave. A third (`run_lifecycle`, sequential and
+//! interleaved) has three instances, time passing with every cell under a
+//! TTL (expiring on the coordinator's clock), the owner's refresh, an
+//! agent's join that must never be undone, closings (closing claim,
+//! deletes racing late writes under skew) and records lost and closed
+//! from memory. Directed cases cover late writes from a clock ahead after
+//! a closing, and a join against a late `waiting`.
 //!
-//! Not modelled yet: the instance's own save loop (this re-implements it),
-//! and the lifecycle with interleaved instances.
+//! Not modelled yet: the instance's own save loop (this re-implements it).
 
 use super::cql::{ClaimRow, Cql, EventRow, HeaderRow, IndexRow, NewClaim, NewHeader};
 use super::CassandraStore;
