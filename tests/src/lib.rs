@@ -603,8 +603,31 @@ pub fn data_dir() -> tempfile::TempDir {
     dir
 }
 
+/// The token secret of the tests' gateways.
+pub const TOKEN_SECRET: &str = "e2e";
+
+/// The command line of a test gateway listening on `listen` in front of
+/// `instances` (their URLs): the cluster secret, [`TOKEN_SECRET`], health
+/// checks every 200 ms, no rate limit to speak of.
+pub fn gateway_args(listen: &str, instances: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--log-format", "json", "gateway", "--listen", listen]
+        .map(String::from)
+        .into();
+    args.extend(["--instance".into(), instances.join(",")]);
+    for set in [
+        format!("cluster.secret={CLUSTER_SECRET}"),
+        format!("gateway.token-secret={TOKEN_SECRET}"),
+        "gateway.rate-limit-per-second=100000".into(),
+        "gateway.rate-limit-burst=100000".into(),
+        "gateway.health-interval=200ms".into(),
+    ] {
+        args.extend(["--set".into(), set]);
+    }
+    args
+}
+
 /// A `confab gateway` process on loopback in front of `instances` (their
-/// URLs), checking them every 200 ms, with no rate limit to speak of.
+/// URLs), as [`gateway_args`] says.
 pub struct Gateway {
     pub url: String,
     pub log: PathBuf,
@@ -618,22 +641,7 @@ impl Gateway {
         let log = dir.join(format!("gateway-{port}.log"));
         let out = std::fs::File::create(&log).expect("gateway log");
         let child = Command::new(confab_bin())
-            .args(["--log-format", "json", "gateway", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--instance")
-            .arg(instances.join(","))
-            .args([
-                "--set",
-                &format!("cluster.secret={CLUSTER_SECRET}"),
-                "--set",
-                "gateway.token-secret=e2e",
-                "--set",
-                "gateway.rate-limit-per-second=100000",
-                "--set",
-                "gateway.rate-limit-burst=100000",
-                "--set",
-                "gateway.health-interval=200ms",
-            ])
+            .args(gateway_args(&format!("127.0.0.1:{port}"), instances))
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log handle"))
             .stderr(out)

@@ -137,34 +137,19 @@ fn start_with(links: Links) -> Hosts {
     // the second is started as the deployment pack starts one
     // (`confab-gateway.service`, `gateway.toml`, `gateway.env`): it finds
     // the instances in the session store, and any instance added later.
-    let secret = format!("cluster.secret={CLUSTER_SECRET}");
     let listen = format!("{}:{PORT}", gateways[0].addr);
-    let static_args = [
-        "--log-format",
-        "json",
-        "gateway",
-        "--listen",
-        &listen,
-        "--instance",
-        &instance_urls.join(","),
-        "--set",
-        &secret,
-        "--set",
-        "gateway.token-secret=multihost",
-        "--set",
-        &format!("gateway.agent-credential={AGENT_CREDENTIAL}"),
-        "--set",
-        "gateway.rate-limit-per-second=100000",
-        "--set",
-        "gateway.rate-limit-burst=100000",
-        "--set",
-        "gateway.health-interval=200ms",
-    ];
+    let urls: Vec<&str> = instance_urls.iter().map(String::as_str).collect();
+    let mut static_args = confab_e2e::gateway_args(&listen, &urls);
+    static_args.extend([
+        "--set".into(),
+        format!("gateway.agent-credential={AGENT_CREDENTIAL}"),
+    ]);
+    let static_args: Vec<&str> = static_args.iter().map(String::as_str).collect();
     gateways[0]
         .spawn(confab_bin(), &static_args, &dir.path().join("g1.log"))
         .unwrap_or_else(|e| panic!("{e}"));
     let token_secret = dir.path().join("token-secret");
-    std::fs::write(&token_secret, "multihost").unwrap();
+    std::fs::write(&token_secret, confab_e2e::TOKEN_SECRET).unwrap();
     let mut gateway_env: Vec<(&str, String)> = vec![
         (
             "CONFAB_GATEWAY_LISTEN",

@@ -638,6 +638,32 @@ struct Plan {
     claims: u64,
 }
 
+impl Plan {
+    /// Two instances, no time passing: the first two runs; `sequential`:
+    /// taking turns, else concurrent.
+    fn pair(sequential: bool) -> Plan {
+        Plan {
+            instances: 2,
+            global: sequential,
+            lifecycle: false,
+            claims: 30,
+        }
+    }
+
+    /// The lifecycle runs: three instances.
+    fn lifecycle_of_three(sequential: bool) -> Plan {
+        Plan {
+            instances: 3,
+            global: sequential,
+            lifecycle: true,
+            // Three instances claiming at once overtake one another for
+            // long stretches (nobody saves, and the idle chat expires):
+            // concurrent ones claim less often.
+            claims: if sequential { 30 } else { 15 },
+        }
+    }
+}
+
 /// The lifecycle runs' clock: up to this much time passes per step (ms on
 /// the instances' clocks, whose skew is up to ±1 s).
 const TICK: u64 = 300;
@@ -1190,13 +1216,7 @@ async fn run(seed: u64, steps: usize) -> Result<(), String> {
 
 /// [`run`], with reads and writes at ONE when `at_one`.
 async fn run_at(seed: u64, steps: usize, at_one: bool) -> Result<(), String> {
-    let plan = Plan {
-        instances: 2,
-        global: true,
-        lifecycle: false,
-        claims: 30,
-    };
-    run_plan(seed, steps, plan, faulty_cluster(seed, at_one)).await
+    run_plan(seed, steps, Plan::pair(true), faulty_cluster(seed, at_one)).await
 }
 
 /// The lifecycle run: three instances take turns; time passes, rows
@@ -1205,24 +1225,10 @@ async fn run_lifecycle(seed: u64, steps: usize) -> Result<(), String> {
     run_plan(
         seed,
         steps * 2,
-        run_lifecycle_plan(true),
+        Plan::lifecycle_of_three(true),
         lifecycle_cluster(seed),
     )
     .await
-}
-
-/// The lifecycle runs' plan: three instances taking turns (`sequential`)
-/// or concurrent.
-fn run_lifecycle_plan(sequential: bool) -> Plan {
-    Plan {
-        instances: 3,
-        global: sequential,
-        lifecycle: true,
-        // Three instances claiming at once overtake one another for long
-        // stretches (nobody saves, and the idle chat expires): concurrent
-        // ones claim less often.
-        claims: if sequential { 30 } else { 15 },
-    }
 }
 
 /// The lifecycle runs' cluster: fewer faults (3 % lost answers, 3 %
@@ -1306,18 +1312,13 @@ impl Outcomes {
 /// first): an append's write and its read-back, a claim's row, read and
 /// cut, can each fall between the other instance's statements.
 async fn run_interleaved(seed: u64, steps: usize) -> Result<(), String> {
-    let plan = Plan {
-        instances: 2,
-        global: false,
-        lifecycle: false,
-        claims: 30,
-    };
-    run_interleaved_plan(seed, steps, plan, faulty_cluster(seed, false)).await
+    let (plan, cluster) = (Plan::pair(false), faulty_cluster(seed, false));
+    run_interleaved_plan(seed, steps, plan, cluster).await
 }
 
 /// The lifecycle run with its three instances as concurrent tasks.
 async fn run_lifecycle_interleaved(seed: u64, steps: usize) -> Result<(), String> {
-    let (plan, cluster) = (run_lifecycle_plan(false), lifecycle_cluster(seed));
+    let (plan, cluster) = (Plan::lifecycle_of_three(false), lifecycle_cluster(seed));
     run_interleaved_plan(seed, steps * 4, plan, cluster).await
 }
 
@@ -1730,14 +1731,14 @@ async fn a_released_session_leaves_nothing_behind_in_the_handle() {
 #[tokio::test]
 async fn the_protocol_keeps_every_acknowledged_message_through_closings_and_expiry() {
     let seeds = hunt(500, run_lifecycle).await;
-    Outcomes::of(run_lifecycle_plan(true)).report(seeds);
+    Outcomes::of(Plan::lifecycle_of_three(true)).report(seeds);
 }
 
 /// The same with the three instances' statements interleaved.
 #[tokio::test]
 async fn the_protocol_keeps_every_acknowledged_message_through_closings_and_expiry_interleaved() {
     let seeds = hunt(300, run_lifecycle_interleaved).await;
-    Outcomes::of(run_lifecycle_plan(false)).report(seeds);
+    Outcomes::of(Plan::lifecycle_of_three(false)).report(seeds);
 }
 
 #[tokio::test]
