@@ -767,10 +767,10 @@ async fn step(
         return Ok(());
     };
     if plan.lifecycle && rng.chance(4) {
-        return close(n, id, epoch, step, shared).await;
+        return change(n, id, epoch, step, shared, Change::Close).await;
     }
     if plan.lifecycle && !shared.lock().unwrap().joined && rng.chance(5) {
-        return join(n, id, epoch, step, shared).await;
+        return change(n, id, epoch, step, shared, Change::Join).await;
     }
     let retry = shared.lock().unwrap().pending.first().cloned();
     let text = match retry {
@@ -910,55 +910,26 @@ async fn resend(n: &mut Node, id: &str, step: usize, shared: &Mutex<Shared>, pla
     }
 }
 
-/// The owner closes the chat: its closing event, then (once stored) the
-/// deletes; a closing whose outcome is unknown is resent like any save.
-async fn close(
-    n: &mut Node,
-    id: &str,
-    epoch: u64,
-    step: usize,
-    shared: &Mutex<Shared>,
-) -> Result<(), String> {
-    let Some((_, local)) = n.owned.as_ref() else {
-        return Ok(());
-    };
-    let closing = vec![Draft::closed("customer-left").into_event(local.len() as u64 + 1, 1)];
-    let answer = n
-        .store
-        .append_events(Append {
-            session_id: id.to_owned(),
-            epoch,
-            events: closing.clone(),
-            state: SessionState::Closed,
-        })
-        .await;
-    shared
-        .lock()
-        .unwrap()
-        .trace
-        .push(format!("{}@{step}: closes -> {answer:?}", n.name));
-    match answer {
-        Ok(()) => {
-            if let Some((_, local)) = n.owned.as_mut() {
-                local.extend(closing);
-            }
-            closed(n, id, epoch, step, shared).await;
-        }
-        Err(e) if e.is_transient() => n.unsettled = closing,
-        Err(StoreError::NotFound(_)) => records_lost(n, step, shared),
-        Err(_) => n.owned = None,
-    }
-    Ok(())
+/// A save that changes the chat's state.
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    /// The owner closes the chat: its closing event, then (once stored)
+    /// the deletes.
+    Close,
+    /// An agent joins: the chat becomes active, and stays so whatever a
+    /// clock running ahead wrote before (the creation's `waiting`).
+    Join,
 }
 
-/// An agent joins: the chat becomes active, and stays so whatever a clock
-/// running ahead wrote before (the creation's `waiting`).
-async fn join(
+/// The owner saves `change`; one whose outcome is unknown is resent like
+/// any save.
+async fn change(
     n: &mut Node,
     id: &str,
     epoch: u64,
     step: usize,
     shared: &Mutex<Shared>,
+    change: Change,
 ) -> Result<(), String> {
     let Some((_, local)) = n.owned.as_ref() else {
         return Ok(());
@@ -968,31 +939,40 @@ async fn join(
         nickname: "Carl".into(),
         role: Role::Agent,
     };
-    let joined = vec![Draft::joined(&agent, None).into_event(local.len() as u64 + 1, 1)];
+    let (draft, state) = match change {
+        Change::Close => (Draft::closed("customer-left"), SessionState::Closed),
+        Change::Join => (Draft::joined(&agent, None), SessionState::Active),
+    };
+    let events = vec![draft.into_event(local.len() as u64 + 1, 1)];
     let answer = n
         .store
         .append_events(Append {
             session_id: id.to_owned(),
             epoch,
-            events: joined.clone(),
-            state: SessionState::Active,
+            events: events.clone(),
+            state,
         })
         .await;
     shared
         .lock()
         .unwrap()
         .trace
-        .push(format!("{}@{step}: an agent joins -> {answer:?}", n.name));
+        .push(format!("{}@{step}: {change:?} -> {answer:?}", n.name));
     match answer {
         Ok(()) => {
             if let Some((_, local)) = n.owned.as_mut() {
-                local.extend(joined);
+                local.extend(events);
             }
-            let mut s = shared.lock().unwrap();
-            s.joined = true;
-            s.saved(*n.store.cql.clock.lock().unwrap());
+            match change {
+                Change::Close => closed(n, id, epoch, step, shared).await,
+                Change::Join => {
+                    let mut s = shared.lock().unwrap();
+                    s.joined = true;
+                    s.saved(*n.store.cql.clock.lock().unwrap());
+                }
+            }
         }
-        Err(e) if e.is_transient() => n.unsettled = joined,
+        Err(e) if e.is_transient() => n.unsettled = events,
         Err(StoreError::NotFound(_)) => records_lost(n, step, shared),
         Err(_) => n.owned = None,
     }
