@@ -62,11 +62,17 @@ impl Instance {
                 Ok(Some(r)) if r.owner_instance == self.id && r.epoch == epoch => {
                     return Ok(self.restored(session_id, epoch, false));
                 }
-                Ok(Some(_)) => self.release_moved(&session),
                 // Its records are gone: closed elsewhere (its final
                 // transcript stored), or lost under this owner (expired):
-                // then it closes from what is held here.
-                Ok(None) => {
+                // then it closes from what is held here. Lost too: closed
+                // by this instance's own closing claim while it holds the
+                // chat live (the store wrote it on finding the records
+                // gone, and the save that did so lost its answer).
+                Ok(r)
+                    if r.as_ref().is_none_or(|r| {
+                        r.state == SessionState::Closed && r.owner_instance == self.id
+                    }) =>
+                {
                     match self.contacts.final_transcript(session_id).await {
                         Ok(Some(_)) => self.release_moved(&session),
                         Ok(None) => {
@@ -77,6 +83,7 @@ impl Instance {
                     }
                     return Err(EngineError::Closed(session_id.to_owned()));
                 }
+                Ok(_) => self.release_moved(&session),
                 Err(e) => {
                     tracing::warn!(event_id = events::RESTORE_FAILED, sid = %session_id, error = %e, "restoration failed");
                     return Err(self.store_error(e));

@@ -568,9 +568,10 @@ impl<C: Cql> CassandraStore<C> {
             return false;
         };
         let now = self.cql.now_ms();
+        // A clock set back counts as due, so as not to wait out the step.
         let due = entry
             .refreshed
-            .is_none_or(|at| now - at >= self.refresh_every.as_millis() as i64);
+            .is_none_or(|at| now - at >= self.refresh_every.as_millis() as i64 || now < at);
         if due {
             entry.refreshed = Some(now);
         }
@@ -715,21 +716,16 @@ impl<C: Cql> CassandraStore<C> {
     }
 
     /// The records of a session this handle owns are gone or no longer
-    /// whole (expired): its owner closes it from what it holds. The closing
-    /// claim goes first, so that nobody takes over what is left, not even
-    /// through a replica that still has a row the others lost; then
-    /// NotFound. If that write fails, its error, and the owner's next save
-    /// comes back here (the refresh is tried again).
-    async fn records_lost(&self, session_id: &str, epoch: i64) -> StoreError {
-        if let Some(owner) = self.owner_of(session_id, epoch) {
-            if let Some(a) = self
-                .attempted
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_mut(session_id)
-            {
-                a.lost = true;
-            }
+    /// whole (expired): its owner closes it from what it holds. When the
+    /// latest claim is still `ours`, the closing claim goes first, so that
+    /// nobody takes over what is left, not even through a replica that
+    /// still has a row the others lost; then NotFound. If that write fails,
+    /// its error, and the owner's next save comes back here (a closing
+    /// save, which skips the refresh, finds the records gone at its
+    /// read-back, or closes the chat: either way from what it holds).
+    async fn records_lost(&self, session_id: &str, epoch: i64, ours: bool) -> StoreError {
+        if let Some(owner) = self.owner_of(session_id, epoch).filter(|_| ours) {
+            self.set_lost(session_id, true);
             if let Err(e) = self.write_closing_claim(session_id, epoch, &owner).await {
                 self.refresh_failed(session_id);
                 return e;
@@ -748,6 +744,19 @@ impl<C: Cql> CassandraStore<C> {
             .get(session_id)
             .filter(|a| a.epoch == epoch)
             .and_then(|a| a.owner.clone())
+    }
+
+    /// Mark that this handle found the session's records gone (or, once a
+    /// read-back shows them whole again, that it did not).
+    fn set_lost(&self, session_id: &str, lost: bool) {
+        if let Some(a) = self
+            .attempted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(session_id)
+        {
+            a.lost = lost;
+        }
     }
 
     /// Whether this handle found the session's records gone.
@@ -1013,7 +1022,7 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
                 // it, closes it from memory as when every row is gone.
                 Err(StoreError::Corrupt(why)) => {
                     tracing::warn!(sid = %id, %why, "the stored history of a live session is no longer whole");
-                    return Err(self.records_lost(id, epoch).await);
+                    return Err(self.records_lost(id, epoch, true).await);
                 }
                 Err(e) => {
                     tracing::warn!(sid = %id, error = %e, "rows of a live session not written again; retried at its next save");
@@ -1028,12 +1037,20 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         // Read back: acknowledged only if this epoch still owns the session.
         let (header, claims) = tokio::try_join!(self.header(id), self.claims(id))?;
         let current = claims.last().map(|(c, _)| c.epoch).unwrap_or(-1);
-        // No claim left: the records expired (TTL) under their owner; no
-        // other owner can have taken them (it would have left a claim).
-        if claims.is_empty() {
-            return Err(self.records_lost(id, epoch).await);
-        }
-        if !self.still_owns(id, epoch, claims.last()) {
+        // No claim left, or no header (it expires first): the records
+        // expired (TTL) under their owner, and nobody can take the chat
+        // over. The owner closes it from what it holds, also when a claim
+        // that found them gone has left its row (it would fence us; the
+        // closing claim is then not ours to write), and also when another
+        // owner closed and deleted it (the instance finds its final
+        // transcript and lets the chat go).
+        let ours = self.still_owns(id, epoch, claims.last());
+        let Some(header) = header.filter(|_| !claims.is_empty()) else {
+            return Err(self
+                .records_lost(id, epoch, ours || claims.is_empty())
+                .await);
+        };
+        if !ours {
             self.forget(id);
             return Err(StoreError::Fenced {
                 session_id: a.session_id,
@@ -1041,16 +1058,12 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
                 current: current.max(0) as u64,
             });
         }
-        // Still ours, but the header is gone (expired): NotFound; the
-        // owner closes the chat from what it holds.
-        let Some(header) = header else {
-            return Err(self.records_lost(id, epoch).await);
-        };
         // Our own closing claim, written when this handle found the
         // records gone (its answer lost): they still are.
         if self.closed_by_claim(&claims) && self.found_lost(id) {
-            return Err(self.records_lost(id, epoch).await);
+            return Err(self.records_lost(id, epoch, true).await);
         }
+        self.set_lost(id, false);
         if header.state == SessionState::Closed || self.closed_by_claim(&claims) {
             // The resend of a closing whose first try closed the session but
             // lost its answer (or failed after it): it is done; finish what
@@ -1132,6 +1145,9 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         // history it continues (the latest completed claim it read).
         let cut = stored.last().map(|e| e.seq as i64).unwrap_or(0);
         let events = super::first_of_each_client_msg_id(stored);
+        let has_agent_join = events
+            .iter()
+            .any(|e| e.kind == EventKind::Joined && e.role == Some(Role::Agent));
         let prev = claims_now
             .iter()
             .rfind(|(c, _)| c.cut >= 0)
@@ -1177,9 +1193,14 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
             SessionRecord {
                 owner_instance: new_owner.to_owned(),
                 epoch: epoch as u64,
-                // As read after the history: an agent's join acknowledged
-                // while this claim ran is in both.
-                state: header.state,
+                // As read after the history, or active if that history has
+                // an agent's join: one acknowledged while this claim ran
+                // is in the history even if its state write (after the
+                // owner's read-back) is not yet.
+                state: match header.state {
+                    SessionState::Waiting if has_agent_join => SessionState::Active,
+                    state => state,
+                },
                 ..record
             },
             events,
