@@ -1003,6 +1003,13 @@ fn records_lost(n: &mut Node, step: usize, shared: &Mutex<Shared>) {
         return;
     };
     let mut s = shared.lock().unwrap();
+    // As the instance: a final transcript stored already (closed by
+    // another owner, which deleted the rows) means let the chat go.
+    if !s.closed.is_empty() {
+        s.trace
+            .push(format!("{}@{step}: records gone, closed elsewhere", n.name));
+        return;
+    }
     s.trace.push(format!(
         "{}@{step}: records gone, closes from memory",
         n.name
