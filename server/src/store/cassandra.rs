@@ -1038,18 +1038,20 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
         let (header, claims) = tokio::try_join!(self.header(id), self.claims(id))?;
         let current = claims.last().map(|(c, _)| c.epoch).unwrap_or(-1);
         // No claim left, or no header (it expires first): the records
-        // expired (TTL) under their owner, and nobody can take the chat
-        // over. The owner closes it from what it holds, also when a claim
-        // that found them gone has left its row (it would fence us; the
-        // closing claim is then not ours to write), and also when another
-        // owner closed and deleted it (the instance finds its final
-        // transcript and lets the chat go).
+        // expired (TTL), and nobody can take the chat over. If the head of
+        // the chain (the latest completed claim) is ours, we own what is
+        // left, even when a claim that found the records gone left its
+        // pending row after it (it would fence us): we close the chat from
+        // what we hold. Under another owner's head we are fenced: that
+        // owner holds the chat. (Also when another owner closed and
+        // deleted it: its closing claim fences us.)
         let ours = self.still_owns(id, epoch, claims.last());
-        let Some(header) = header.filter(|_| !claims.is_empty()) else {
-            return Err(self
-                .records_lost(id, epoch, ours || claims.is_empty())
-                .await);
-        };
+        let head = claims
+            .iter()
+            .rfind(|(c, _)| c.cut >= 0 && c.epoch != TERMINAL_EPOCH);
+        if claims.is_empty() || (header.is_none() && self.still_owns(id, epoch, head)) {
+            return Err(self.records_lost(id, epoch, true).await);
+        }
         if !ours {
             self.forget(id);
             return Err(StoreError::Fenced {
@@ -1058,6 +1060,9 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
                 current: current.max(0) as u64,
             });
         }
+        let Some(header) = header else {
+            return Err(self.records_lost(id, epoch, true).await);
+        };
         // Our own closing claim, written when this handle found the
         // records gone (its answer lost): they still are.
         if self.closed_by_claim(&claims) && self.found_lost(id) {
