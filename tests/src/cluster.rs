@@ -302,11 +302,7 @@ impl TestCluster {
     }
 
     pub async fn metric(&self, base_url: &str, name: &str) -> f64 {
-        let text = self.http.text(&format!("{base_url}/metrics")).await;
-        text.lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            .sum()
+        self.http.metric(base_url, name).await
     }
 
     /// Read a counter until it reaches `at_least` or 10 s pass; its last

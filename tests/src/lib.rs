@@ -427,6 +427,16 @@ impl Http {
     }
 
     /// A plain-text GET (metrics, pages).
+    /// The sum of the series of `/metrics` at `base_url` whose line starts
+    /// with `name` (labels included in it or not), 0 if none.
+    pub async fn metric(&self, base_url: &str, name: &str) -> f64 {
+        let text = self.text(&format!("{base_url}/metrics")).await;
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    }
+
     pub async fn text(&self, url: &str) -> String {
         let r = self
             .client
@@ -677,20 +687,7 @@ impl Gateway {
 
     /// A counter (or gauge) of its `/metrics`, 0 if absent.
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = client()
-            .build()
-            .expect("an HTTP client")
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .expect("gateway metrics")
-            .text()
-            .await
-            .unwrap_or_default();
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        Http::default().metric(&self.url, name).await
     }
 }
 

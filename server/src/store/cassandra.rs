@@ -716,15 +716,15 @@ impl<C: Cql> CassandraStore<C> {
     }
 
     /// The records of a session this handle owns are gone or no longer
-    /// whole (expired): its owner closes it from what it holds. When the
-    /// latest claim is still `ours`, the closing claim goes first, so that
+    /// whole (expired): its owner closes it from what it holds. The
+    /// closing claim goes first (when this handle knows the owner), so that
     /// nobody takes over what is left, not even through a replica that
     /// still has a row the others lost; then NotFound. If that write fails,
     /// its error, and the owner's next save comes back here (a closing
     /// save, which skips the refresh, finds the records gone at its
     /// read-back, or closes the chat: either way from what it holds).
-    async fn records_lost(&self, session_id: &str, epoch: i64, ours: bool) -> StoreError {
-        if let Some(owner) = self.owner_of(session_id, epoch).filter(|_| ours) {
+    async fn records_lost(&self, session_id: &str, epoch: i64) -> StoreError {
+        if let Some(owner) = self.owner_of(session_id, epoch) {
             self.set_lost(session_id, true);
             if let Err(e) = self.write_closing_claim(session_id, epoch, &owner).await {
                 self.refresh_failed(session_id);
@@ -1022,7 +1022,7 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
                 // it, closes it from memory as when every row is gone.
                 Err(StoreError::Corrupt(why)) => {
                     tracing::warn!(sid = %id, %why, "the stored history of a live session is no longer whole");
-                    return Err(self.records_lost(id, epoch, true).await);
+                    return Err(self.records_lost(id, epoch).await);
                 }
                 Err(e) => {
                     tracing::warn!(sid = %id, error = %e, "rows of a live session not written again; retried at its next save");
@@ -1050,7 +1050,7 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
             .iter()
             .rfind(|(c, _)| c.cut >= 0 && c.epoch != TERMINAL_EPOCH);
         if claims.is_empty() || (header.is_none() && self.still_owns(id, epoch, head)) {
-            return Err(self.records_lost(id, epoch, true).await);
+            return Err(self.records_lost(id, epoch).await);
         }
         if !ours {
             self.forget(id);
@@ -1061,12 +1061,12 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
             });
         }
         let Some(header) = header else {
-            return Err(self.records_lost(id, epoch, true).await);
+            return Err(self.records_lost(id, epoch).await);
         };
         // Our own closing claim, written when this handle found the
         // records gone (its answer lost): they still are.
         if self.closed_by_claim(&claims) && self.found_lost(id) {
-            return Err(self.records_lost(id, epoch, true).await);
+            return Err(self.records_lost(id, epoch).await);
         }
         self.set_lost(id, false);
         if header.state == SessionState::Closed || self.closed_by_claim(&claims) {
