@@ -239,8 +239,10 @@ async fn raw_store_rate(
     text: &str,
 ) -> anyhow::Result<f64> {
     let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(confab::store::sqlite::events_path(path, "bench"));
     let store = Arc::new(SqliteStore::open(
         path,
+        "bench",
         SqliteOptions {
             synchronous,
             ..SqliteOptions::default()

@@ -68,7 +68,7 @@ impl Application {
                     .with_context(init_hint)?,
             ),
             _ => Arc::new(
-                SqliteStore::open(&server.sqlite_path, sqlite).with_context(|| {
+                SqliteStore::open(&server.sqlite_path, &server.instance_id, sqlite).with_context(|| {
                     format!(
                         "opening the SQLite session store {}",
                         server.sqlite_path.display()
