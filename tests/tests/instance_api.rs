@@ -6,10 +6,15 @@ use confab_e2e::{data_dir, run_confab, texts, Http, Server, ADMIN_TOKEN};
 use serde_json::{json, Value};
 use std::time::Duration;
 
-/// Events of `chat` in the file, in either of the store's tables (new
-/// ones wait in `recent_N` until the writer moves them to `events`).
+/// The events file of the instance `inst-a` whose shared file is `db`.
+fn events_file(db: &std::path::Path) -> std::path::PathBuf {
+    confab::store::sqlite::events_path(db, "inst-a")
+}
+
+/// Events of `chat` in `inst-a`'s events file, in either of its tables
+/// (new ones wait in `recent_N` until the writer moves them to `events`).
 fn stored_event_count(db: &std::path::Path, chat: &str) -> i64 {
-    let conn = rusqlite::Connection::open(db).unwrap();
+    let conn = rusqlite::Connection::open(events_file(db)).unwrap();
     conn.query_row(
         "SELECT (SELECT count(*) FROM events WHERE session_id = ?1)
               + (SELECT count(*) FROM recent_0 WHERE session_id = ?1)
@@ -463,9 +468,10 @@ async fn auto_save_two_notifies_clients_after_each_save() {
     assert_eq!(http.events(&s, &chat).await.len(), 2);
 }
 
-/// Hold SQLite's write lock from outside, as a stuck writer would.
+/// Hold the write lock of `inst-a`'s events file from outside, as a stuck
+/// writer would.
 fn lock_store(db: &std::path::Path) -> rusqlite::Connection {
-    let conn = rusqlite::Connection::open(db).unwrap();
+    let conn = rusqlite::Connection::open(events_file(db)).unwrap();
     conn.execute_batch("BEGIN IMMEDIATE").unwrap();
     conn
 }
