@@ -68,12 +68,14 @@ impl Application {
                     .with_context(init_hint)?,
             ),
             _ => Arc::new(
-                SqliteStore::open(&server.sqlite_path, &server.instance_id, sqlite).with_context(|| {
-                    format!(
-                        "opening the SQLite session store {}",
-                        server.sqlite_path.display()
-                    )
-                })?,
+                SqliteStore::open(&server.sqlite_path, &server.instance_id, sqlite).with_context(
+                    || {
+                        format!(
+                            "opening the SQLite session store {}",
+                            server.sqlite_path.display()
+                        )
+                    },
+                )?,
             ),
         };
         let registry: Arc<dyn InstanceRegistry> = match (server.store, &cassandra) {

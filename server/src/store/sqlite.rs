@@ -131,7 +131,7 @@ fn partitions() -> &'static [Partition] {
                 Partition {
                     create: format!(
                         "CREATE TABLE IF NOT EXISTS {t} (
-                            id INTEGER PRIMARY KEY AUTOINCREMENT, {EVENT_COLUMN_TYPES})"
+                            id INTEGER PRIMARY KEY, {EVENT_COLUMN_TYPES})"
                     ),
                     insert: format!(
                         "INSERT INTO {t} ({EVENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
@@ -395,8 +395,8 @@ fn sweep(conn: &mut Connection, shared: &Path, file_id: &str) -> rusqlite::Resul
 fn sweep_attached(conn: &mut Connection, file_id: &str) -> rusqlite::Result<usize> {
     let tx = conn.transaction()?;
     let mut swept = 0;
-    let tables = std::iter::once("events".to_owned())
-        .chain((0..PARTITIONS).map(|n| format!("recent_{n}")));
+    let tables =
+        std::iter::once("events".to_owned()).chain((0..PARTITIONS).map(|n| format!("recent_{n}")));
     for table in tables {
         swept += tx.execute(
             &format!(
@@ -544,6 +544,7 @@ impl SqliteStore {
                     tails: HashMap::new(),
                     pending: HashMap::new(),
                     steps_seen: 0,
+                    appended: 0,
                     flush_rows: options.flush_rows.max(1),
                     busy_timeout: options.busy_timeout,
                 };
@@ -629,6 +630,8 @@ struct Writer {
     /// Moves of a table of `recent` this writer has seen
     /// (`recent_moves.steps`).
     steps_seen: i64,
+    /// Rows this writer appended to `recent` since its last move.
+    appended: usize,
     flush_rows: usize,
     busy_timeout: Duration,
 }
@@ -730,16 +733,10 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<i64> {
 }
 
 impl Writer {
-    /// Rows ever appended to `recent` (AUTOINCREMENT ids are never given
-    /// again), the moves so far, and the rows appended at the last move.
-    /// Lookups in small tables, no scan.
-    fn move_state(conn: &Connection) -> rusqlite::Result<(i64, i64, i64)> {
-        conn.prepare_cached(
-            "SELECT (SELECT coalesce(sum(seq), 0) FROM sqlite_sequence WHERE name LIKE 'recent\\_%' ESCAPE '\\'),
-                    steps, moved_upto
-             FROM recent_moves",
-        )?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    /// The moves so far (by any process writing this file).
+    fn move_steps(conn: &Connection) -> rusqlite::Result<i64> {
+        conn.prepare_cached("SELECT steps FROM recent_moves")?
+            .query_row([], |r| r.get(0))
     }
 
     /// Tables of `recent` were emptied: forget the row ids kept for them.
@@ -760,27 +757,24 @@ impl Writer {
         self.steps_seen = steps;
     }
 
-    /// Move the next table of `recent` once `flush_rows / PARTITIONS`
-    /// rows have been appended since the last move (by any process).
+    /// Move the next table of `recent` once this writer has appended
+    /// `flush_rows / PARTITIONS` rows since its last move. Counted in
+    /// memory: a count in the file (AUTOINCREMENT's `sqlite_sequence`)
+    /// cost every commit one more page written.
     fn move_if_due(&mut self) -> rusqlite::Result<()> {
-        let every = (self.flush_rows / PARTITIONS).max(1) as i64;
-        let (appended, steps, upto) = Self::move_state(&self.conn)?;
-        self.saw_steps(steps);
-        if appended - upto < every {
+        let every = (self.flush_rows / PARTITIONS).max(1);
+        if self.appended < every {
             return Ok(());
         }
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // Another process may have moved it meanwhile.
-        let (appended, steps, upto) = Self::move_state(&tx)?;
-        if appended - upto < every {
-            return Ok(());
-        }
+        let steps = Self::move_steps(&tx)?;
         move_partition(&tx, steps as usize % PARTITIONS)?;
-        tx.prepare_cached("UPDATE recent_moves SET steps = ?1, moved_upto = ?2")?
-            .execute(params![steps + 1, appended])?;
+        tx.prepare_cached("UPDATE recent_moves SET steps = ?1")?
+            .execute(params![steps + 1])?;
         tx.commit()?;
+        self.appended = 0;
         self.saw_steps(steps + 1);
         if (steps + 1) % SWEEP_EVERY_MOVES == 0 {
             sweep(&mut self.conn, &self.files.shared, &self.file_id)?;
@@ -836,7 +830,18 @@ impl Writer {
             &mut learned,
             &mut state_changes,
         ) {
-            Ok(moved) => self.moved(&moved),
+            Ok(moved) => {
+                self.moved(&moved);
+                self.appended += ran
+                    .iter()
+                    .filter(|&&i| matches!(results[i], Some(Ok(_))))
+                    .map(|&i| match &batch[i].0 {
+                        WriteOp::Create(_, events) => events.len(),
+                        WriteOp::Append(a) => a.events.len(),
+                        _ => 0,
+                    })
+                    .sum::<usize>();
+            }
             Err(e) => {
                 for &i in &ran {
                     results[i] = Some(Err(unavailable(&e)));
@@ -907,21 +912,23 @@ impl Writer {
                             Ok(h)
                         }
                     },
-                    WriteOp::Delete { session_id, epoch } => match select_header(&tx, session_id)? {
-                        None => Err(StoreError::NotFound(session_id.clone())),
-                        // A closed session is deleted too: closing precedes
-                        // deletion.
-                        Some(h) if h.record.epoch != *epoch => Err(StoreError::Fenced {
-                            session_id: session_id.clone(),
-                            attempted: *epoch,
-                            current: h.record.epoch,
-                        }),
-                        Some(h) => {
-                            tx.prepare_cached("DELETE FROM sessions WHERE session_id = ?1")?
-                                .execute(params![session_id])?;
-                            Ok(h)
+                    WriteOp::Delete { session_id, epoch } => {
+                        match select_header(&tx, session_id)? {
+                            None => Err(StoreError::NotFound(session_id.clone())),
+                            // A closed session is deleted too: closing precedes
+                            // deletion.
+                            Some(h) if h.record.epoch != *epoch => Err(StoreError::Fenced {
+                                session_id: session_id.clone(),
+                                attempted: *epoch,
+                                current: h.record.epoch,
+                            }),
+                            Some(h) => {
+                                tx.prepare_cached("DELETE FROM sessions WHERE session_id = ?1")?
+                                    .execute(params![session_id])?;
+                                Ok(h)
+                            }
                         }
-                    },
+                    }
                     _ => continue,
                 };
                 found.push((i, verdict));
@@ -1035,10 +1042,7 @@ impl Writer {
         results: &mut [Option<StoreResult<WriteOutput>>],
         state_changes: &[usize],
     ) {
-        let saved_now: Vec<bool> = results
-            .iter()
-            .map(|r| matches!(r, Some(Ok(_))))
-            .collect();
+        let saved_now: Vec<bool> = results.iter().map(|r| matches!(r, Some(Ok(_)))).collect();
         let saved = |i: usize| saved_now[i];
         let writes = batch.iter().enumerate().any(|(i, (op, _))| {
             saved(i)
@@ -1159,7 +1163,8 @@ impl Writer {
                 }
                 WriteOp::Append(a) => {
                     let header = select_header(&tx, &a.session_id)?;
-                    let verdict = check_owner(&a.session_id, a.epoch, header.as_ref(), &self.file_id);
+                    let verdict =
+                        check_owner(&a.session_id, a.epoch, header.as_ref(), &self.file_id);
                     if verdict.is_ok() && state_changes.contains(&i) {
                         tx.prepare_cached(set_state)?.execute(params![
                             a.session_id,
@@ -1174,8 +1179,11 @@ impl Writer {
         }
         if write {
             for (id, (epoch, state)) in &self.unsaved_states {
-                tx.prepare_cached(set_state)?
-                    .execute(params![id, *epoch as i64, state.as_str()])?;
+                tx.prepare_cached(set_state)?.execute(params![
+                    id,
+                    *epoch as i64,
+                    state.as_str()
+                ])?;
             }
         }
         tx.commit()?;
@@ -1954,7 +1962,8 @@ mod tests {
             flush_rows: 50,
             ..SqliteOptions::default()
         };
-        let [a, b, c] = ["a", "b", "c"].map(|id| Arc::new(SqliteStore::open(&path, id, options).unwrap()));
+        let [a, b, c] =
+            ["a", "b", "c"].map(|id| Arc::new(SqliteStore::open(&path, id, options).unwrap()));
         let mut chats = Vec::new();
         for store in [&a, &b] {
             for _ in 0..20 {
