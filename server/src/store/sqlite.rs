@@ -184,10 +184,6 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("sessions", "events_file", "TEXT"),
 ];
 
-/// Moves of a `recent_N` table between two sweeps of an events file (64
-/// moves: 262,144 appends with the default `flush_rows`).
-const SWEEP_EVERY_MOVES: i64 = 64;
-
 /// How often the WAL is copied back into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 /// How often while the WAL keeps growing.
@@ -381,7 +377,8 @@ impl EventFiles {
 /// whose header still names this file stay, also while another
 /// instance is claiming it. Claims into this file and creates run on
 /// the writer's thread, so none is halfway while this runs. A scan of the
-/// file: at open and every `SWEEP_EVERY_MOVES` moves.
+/// file, at open; while the writer runs, it deletes the rows of each chat
+/// it lost ([`Writer::drop_gone`]) instead, by key.
 fn sweep(conn: &mut Connection, shared: &Path, file_id: &str) -> rusqlite::Result<usize> {
     // Attached only meanwhile: `BEGIN IMMEDIATE` takes the write lock
     // of every attached file.
@@ -449,6 +446,8 @@ type Reply = oneshot::Sender<StoreResult<WriteOutput>>;
 pub struct SqliteStore {
     path: PathBuf,
     file_id: String,
+    /// Chats released by the instance, for the writer to delete.
+    gone: Arc<Mutex<std::collections::HashSet<String>>>,
     writer: mpsc::Sender<(WriteOp, Reply)>,
     reader: Arc<Mutex<Readers>>,
 }
@@ -532,6 +531,8 @@ impl SqliteStore {
             })
             .map_err(unavailable)?;
         let (shared_path, writer_file_id) = (path.to_owned(), file_id.to_owned());
+        let gone = Arc::new(Mutex::new(std::collections::HashSet::new()));
+        let writer_gone = gone.clone();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
@@ -545,6 +546,7 @@ impl SqliteStore {
                     pending: HashMap::new(),
                     steps_seen: 0,
                     appended: 0,
+                    gone: writer_gone,
                     flush_rows: options.flush_rows.max(1),
                     busy_timeout: options.busy_timeout,
                 };
@@ -554,6 +556,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             path: path.to_owned(),
             file_id: file_id.to_owned(),
+            gone,
             writer: tx,
             reader: Arc::new(Mutex::new(Readers {
                 shared: reader,
@@ -632,6 +635,8 @@ struct Writer {
     steps_seen: i64,
     /// Rows this writer appended to `recent` since its last move.
     appended: usize,
+    /// Chats this writer lost, whose rows may go (`drop_gone`).
+    gone: Arc<Mutex<std::collections::HashSet<String>>>,
     flush_rows: usize,
     busy_timeout: Duration,
 }
@@ -776,10 +781,29 @@ impl Writer {
         tx.commit()?;
         self.appended = 0;
         self.saw_steps(steps + 1);
-        if (steps + 1) % SWEEP_EVERY_MOVES == 0 {
-            sweep(&mut self.conn, &self.files.shared, &self.file_id)?;
-        }
+        self.drop_gone(steps as usize % PARTITIONS)?;
         Ok(())
+    }
+
+    /// Delete the rows of the chats this writer lost (refused, or released
+    /// by the instance) whose table of `recent` has just moved, so that all
+    /// their rows are in `events`, if their header no longer names this
+    /// file. A full sweep scanned the whole file (0.5 s with 300,000 rows,
+    /// a p99 of 520 ms in the open loop).
+    fn drop_gone(&mut self, moved: usize) -> rusqlite::Result<()> {
+        let mut gone: Vec<String> = self.gone.lock().drain().collect();
+        let (now, later): (Vec<String>, Vec<String>) =
+            gone.drain(..).partition(|id| partition_of(id) == moved);
+        self.gone.lock().extend(later);
+        let tx = self.conn.transaction()?;
+        for id in now {
+            let here = select_header(&self.shared, &id)?.is_some_and(|h| h.is_in(&self.file_id));
+            if !here {
+                tx.prepare_cached("DELETE FROM events WHERE session_id = ?1")?
+                    .execute(params![id])?;
+            }
+        }
+        tx.commit()
     }
 
     /// A batch in four steps, so that saves take no lock but their own
@@ -862,13 +886,17 @@ impl Writer {
             .zip(batch)
             .map(|(result, (op, _))| {
                 let result = result.unwrap_or_else(|| Err(unavailable("not run")));
-                if result.is_err() {
-                    // What this writer learned of the chat may not hold.
-                    if let WriteOp::Append(Append { session_id, .. })
+                if let (
+                    Err(e),
+                    WriteOp::Append(Append { session_id, .. })
                     | WriteOp::Claim { session_id, .. }
-                    | WriteOp::Create(SessionRecord { session_id, .. }, _) = op
-                    {
-                        self.tails.remove(session_id);
+                    | WriteOp::Create(SessionRecord { session_id, .. }, _),
+                ) = (&result, op)
+                {
+                    // What this writer learned of the chat may not hold.
+                    self.tails.remove(session_id);
+                    if matches!(e, StoreError::Fenced { .. } | StoreError::NotFound(_)) {
+                        self.gone.lock().insert(session_id.clone());
                     }
                 }
                 result
@@ -1648,6 +1676,10 @@ impl SessionStore for SqliteStore {
 
     async fn ping(&self) -> StoreResult<()> {
         self.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+
+    fn release(&self, session_id: &str) {
+        self.gone.lock().insert(session_id.to_owned());
     }
 
     #[tracing::instrument(
