@@ -2139,6 +2139,80 @@ mod tests {
         }
     }
 
+    /// An instance frozen in the middle of a save holds its events file's
+    /// write lock: another instance still takes its chats over, at once
+    /// (a claim only reads that file), with every acknowledged event, and
+    /// the frozen one's saves are refused from then on. Its rows left
+    /// behind go when its writer opens the file again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_takes_a_chat_from_an_instance_frozen_holding_its_file() {
+        use crate::store::suite::{append, message, new_record};
+        let path = temp_db("frozen");
+        let options = SqliteOptions {
+            busy_timeout: Duration::from_millis(200),
+            ..SqliteOptions::default()
+        };
+        let a = SqliteStore::open(&path, "a", options).unwrap();
+        let c = SqliteStore::open(&path, "c", options).unwrap();
+        let record = new_record("inst-a");
+        a.create_session(record.clone(), vec![message(1, "one", Some("m1"))])
+            .await
+            .unwrap();
+        a.append_events(append(&record, 1, vec![message(2, "two", Some("m2"))]))
+            .await
+            .unwrap();
+        // As if `a`'s writer had stopped inside a transaction.
+        let frozen = open_existing(&a.events_path(), options).unwrap();
+        frozen.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let started = std::time::Instant::now();
+        let (header, events) = c.claim(&record.session_id, "inst-c").await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(header.epoch, 2);
+        let texts: Vec<_> = events
+            .iter()
+            .map(|e| e.text.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(texts, ["one", "two"]);
+        assert!(
+            took < options.busy_timeout,
+            "the claim waited {took:?} for the frozen file"
+        );
+        frozen.execute_batch("ROLLBACK").unwrap();
+        let refused = a
+            .append_events(append(&record, 1, vec![message(3, "late", Some("m3"))]))
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, StoreError::Fenced { .. }), "{refused}");
+        c.append_events(append(&record, 2, vec![message(3, "three", Some("m3"))]))
+            .await
+            .unwrap();
+        let (_, stored) = a.load(&record.session_id).await.unwrap().unwrap();
+        assert_eq!(stored.len(), 3);
+        assert_eq!(stored[2].text.as_deref(), Some("three"));
+        // `a`'s copy of the chat goes when its writer opens the file.
+        drop(a);
+        let count = || {
+            let conn = open_existing(&events_path(&path, "a"), options).unwrap();
+            let n: i64 = conn
+                .query_row(
+                    &format!(
+                        "{} UNION ALL SELECT 1 FROM recent_{} WHERE session_id = ?1",
+                        "SELECT 1 FROM events WHERE session_id = ?1",
+                        partition_of(&record.session_id)
+                    ),
+                    params![record.session_id],
+                    |_| Ok(1),
+                )
+                .optional()
+                .unwrap()
+                .unwrap_or(0);
+            n
+        };
+        assert_eq!(count(), 1, "rows left in a's file before its sweep");
+        SqliteStore::open(&path, "a", options).unwrap();
+        assert_eq!(count(), 0, "rows left in a's file after its sweep");
+    }
+
     /// Saves without a pause must not grow the WAL without bound: the
     /// side checkpointer alone never catches up with a busy writer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
