@@ -824,23 +824,32 @@ impl Writer {
         let mut results: Vec<Option<StoreResult<WriteOutput>>> =
             batch.iter().map(|_| None).collect();
         let headers = self.take_headers(batch, &mut results);
-        let mut copies: HashMap<usize, Vec<Event>> = HashMap::new();
+        // The claims' chats, by the file that holds them, each file read
+        // once.
+        let mut by_file: HashMap<Option<&str>, Vec<(usize, &str)>> = HashMap::new();
         for (&i, header) in &headers {
-            let WriteOp::Claim { session_id, .. } = &batch[i].0 else {
-                continue;
-            };
-            let read = match header.events_file.as_deref() {
-                Some(id) if id == self.file_id => select_events(&self.conn, session_id, true),
+            if let WriteOp::Claim { session_id, .. } = &batch[i].0 {
+                let file = header.events_file.as_deref();
+                by_file.entry(file).or_default().push((i, session_id));
+            }
+        }
+        let mut copies: HashMap<usize, Vec<Event>> = HashMap::new();
+        for (file, claims) in by_file {
+            let ids: Vec<&str> = claims.iter().map(|(_, id)| *id).collect();
+            let read = match file {
+                Some(id) if id == self.file_id => select_events_of(&self.conn, &ids),
                 other => self
                     .files
                     .get(other)
-                    .and_then(|c| select_events(c, session_id, true)),
+                    .and_then(|c| select_events_of(c, &ids)),
             };
-            match read {
-                Ok(events) => {
-                    copies.insert(i, events);
+            for (i, id) in claims {
+                match &read {
+                    Ok(events) => {
+                        copies.insert(i, events.get(id).cloned().unwrap_or_default());
+                    }
+                    Err(e) => results[i] = Some(Err(unavailable(e))),
                 }
-                Err(e) => results[i] = Some(Err(unavailable(e))),
             }
         }
         let mut learned: HashMap<String, Tail> = HashMap::new();
@@ -1552,24 +1561,77 @@ fn select_events(
     } else {
         format!("SELECT {READ_COLUMNS} FROM events WHERE session_id = ?1 ORDER BY seq")
     })?;
-    let rows = st.query_map(params![session_id], |r| {
-        let kind: String = r.get(1)?;
-        let role: Option<String> = r.get(6)?;
-        Ok(Event {
-            seq: r.get::<_, i64>(0)? as u64,
-            kind: EventKind::parse(&kind).unwrap_or(EventKind::Notice),
-            participant_id: r.get(2)?,
-            nickname: r.get(3)?,
-            text: r.get(4)?,
-            reason: r.get(5)?,
-            role: role.as_deref().and_then(Role::parse),
-            client_msg_id: r.get(7)?,
-            at_ms: r.get(8)?,
-        })
-    })?;
+    let rows = st.query_map(params![session_id], |r| event_from_row(r, 0))?;
     let mut events = rows.collect::<rusqlite::Result<Vec<_>>>()?;
     events.dedup_by_key(|e| e.seq);
     Ok(super::first_of_each_client_msg_id(events))
+}
+
+/// An event from [`READ_COLUMNS`], starting at column `at`.
+fn event_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Event> {
+    let kind: String = r.get(at + 1)?;
+    let role: Option<String> = r.get(at + 6)?;
+    Ok(Event {
+        seq: r.get::<_, i64>(at)? as u64,
+        kind: EventKind::parse(&kind).unwrap_or(EventKind::Notice),
+        participant_id: r.get(at + 2)?,
+        nickname: r.get(at + 3)?,
+        text: r.get(at + 4)?,
+        reason: r.get(at + 5)?,
+        role: role.as_deref().and_then(Role::parse),
+        client_msg_id: r.get(at + 7)?,
+        at_ms: r.get(at + 8)?,
+    })
+}
+
+/// The events of several sessions of one file, as [`select_events`]
+/// reads each, in one read transaction: each `recent_N` table they use is
+/// scanned once, not once per session (a restoration of 10,000 chats from
+/// a dead instance's file scanned its table 10,000 times: 3.97 s).
+fn select_events_of(
+    conn: &Connection,
+    ids: &[&str],
+) -> rusqlite::Result<HashMap<String, Vec<Event>>> {
+    conn.execute_batch("BEGIN")?;
+    let read = (|| {
+        let mut out: HashMap<String, Vec<Event>> = ids
+            .iter()
+            .map(|id| ((*id).to_owned(), Vec::new()))
+            .collect();
+        let mut st = conn.prepare_cached(&format!(
+            "SELECT {READ_COLUMNS} FROM events WHERE session_id = ?1 ORDER BY seq"
+        ))?;
+        for (id, events) in out.iter_mut() {
+            let rows = st.query_map(params![id], |r| event_from_row(r, 0))?;
+            for row in rows {
+                events.push(row?);
+            }
+        }
+        let mut tables: Vec<usize> = ids.iter().map(|id| partition_of(id)).collect();
+        tables.sort_unstable();
+        tables.dedup();
+        for n in tables {
+            let mut st = conn.prepare_cached(&format!(
+                "SELECT session_id, {READ_COLUMNS} FROM recent_{n}"
+            ))?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let id: String = r.get(0)?;
+                if let Some(events) = out.get_mut(&id) {
+                    events.push(event_from_row(r, 1)?);
+                }
+            }
+        }
+        for events in out.values_mut() {
+            // Stable: a seq in both tables keeps its `events` row.
+            events.sort_by_key(|e| e.seq);
+            events.dedup_by_key(|e| e.seq);
+            *events = super::first_of_each_client_msg_id(std::mem::take(events));
+        }
+        Ok(out)
+    })();
+    conn.execute_batch("COMMIT")?;
+    read
 }
 
 #[async_trait]
