@@ -97,7 +97,6 @@ struct Partition {
     last_seq: String,
     delete_row: String,
     delete_session: String,
-    select_with_events: String,
     /// Every row, sorted by session and seq, into `events`, then none
     /// left.
     move_all: [String; 2],
@@ -142,10 +141,6 @@ fn partitions() -> &'static [Partition] {
                     ),
                     delete_row: format!("DELETE FROM {t} WHERE id = ?1 AND session_id = ?2"),
                     delete_session: format!("DELETE FROM {t} WHERE session_id = ?1"),
-                    select_with_events: format!(
-                        "SELECT {READ_COLUMNS} FROM events WHERE session_id = ?1
-                         UNION ALL SELECT {READ_COLUMNS} FROM {t} WHERE session_id = ?1 ORDER BY seq"
-                    ),
                     move_all: [
                         format!(
                             "INSERT OR IGNORE INTO events ({EVENT_COLUMNS})
@@ -791,10 +786,19 @@ impl Writer {
     /// file. A full sweep scanned the whole file (0.5 s with 300,000 rows,
     /// a p99 of 520 ms in the open loop).
     fn drop_gone(&mut self, moved: usize) -> rusqlite::Result<()> {
-        let mut gone: Vec<String> = self.gone.lock().drain().collect();
-        let (now, later): (Vec<String>, Vec<String>) =
-            gone.drain(..).partition(|id| partition_of(id) == moved);
-        self.gone.lock().extend(later);
+        let now: Vec<String> = {
+            let mut gone = self.gone.lock();
+            let now = gone
+                .iter()
+                .filter(|id| partition_of(id) == moved)
+                .cloned()
+                .collect();
+            gone.retain(|id| partition_of(id) != moved);
+            now
+        };
+        if now.is_empty() {
+            return Ok(());
+        }
         let tx = self.conn.transaction()?;
         for id in now {
             let here = select_header(&self.shared, &id)?.is_some_and(|h| h.is_in(&self.file_id));
@@ -1099,26 +1103,24 @@ impl Writer {
         }
         let verdicts = if writes {
             self.confirm_in(batch, headers, results, state_changes, true)
+                .or_else(|e| {
+                    // New chats and claims need the write; appends only a read.
+                    for (i, (op, _)) in batch.iter().enumerate() {
+                        if saved(i) && !matches!(op, WriteOp::Append(_) | WriteOp::Delete { .. }) {
+                            results[i] = Some(Err(unavailable(&e)));
+                        }
+                    }
+                    for &i in state_changes {
+                        if let WriteOp::Append(a) = &batch[i].0 {
+                            self.unsaved_states
+                                .insert(a.session_id.clone(), (a.epoch, a.state));
+                        }
+                    }
+                    self.confirm_in(batch, headers, results, &[], false)
+                })
         } else {
-            Err(rusqlite::Error::InvalidQuery)
-        };
-        let verdicts = verdicts.or_else(|e| {
-            if writes {
-                // New chats and claims need the write; appends only a read.
-                for (i, (op, _)) in batch.iter().enumerate() {
-                    if saved(i) && !matches!(op, WriteOp::Append(_) | WriteOp::Delete { .. }) {
-                        results[i] = Some(Err(unavailable(&e)));
-                    }
-                }
-                for &i in state_changes {
-                    if let WriteOp::Append(a) = &batch[i].0 {
-                        self.unsaved_states
-                            .insert(a.session_id.clone(), (a.epoch, a.state));
-                    }
-                }
-            }
             self.confirm_in(batch, headers, results, &[], false)
-        });
+        };
         match verdicts {
             Ok(verdicts) => {
                 for (i, verdict) in verdicts {
@@ -1246,16 +1248,18 @@ impl Header {
 }
 
 fn select_header(conn: &Connection, session_id: &str) -> rusqlite::Result<Option<Header>> {
-    conn.prepare_cached(&format!(
-        "SELECT {SESSION_COLUMNS}, events_file FROM sessions WHERE session_id = ?1"
-    ))?
-    .query_row(params![session_id], |r| {
-        Ok(Header {
-            record: session_from_row(r)?,
-            events_file: r.get(8)?,
+    // Built once: every append reads its header twice.
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!("SELECT {SESSION_COLUMNS}, events_file FROM sessions WHERE session_id = ?1")
+    });
+    conn.prepare_cached(&SQL)?
+        .query_row(params![session_id], |r| {
+            Ok(Header {
+                record: session_from_row(r)?,
+                events_file: r.get(8)?,
+            })
         })
-    })
-    .optional()
+        .optional()
 }
 
 /// Whether a writer of `file_id` at epoch `attempted` may save the
@@ -1538,35 +1542,6 @@ fn session_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
 const SESSION_COLUMNS: &str =
     "session_id, intx, owner_instance, epoch, state, subject, created_at, nickname";
 
-fn select_session(conn: &Connection, session_id: &str) -> rusqlite::Result<Option<SessionRecord>> {
-    conn.prepare_cached(&format!(
-        "SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?1"
-    ))?
-    .query_row(params![session_id], session_from_row)
-    .optional()
-}
-
-/// A session's events in seq order: from `events` alone, or (a read
-/// beside the writer, which may not have moved them yet) with `recent`.
-/// A seq or a `client_msg_id` counts once.
-fn select_events(
-    conn: &Connection,
-    session_id: &str,
-    with_recent: bool,
-) -> rusqlite::Result<Vec<Event>> {
-    let mut st = conn.prepare_cached(&if with_recent {
-        partitions()[partition_of(session_id)]
-            .select_with_events
-            .clone()
-    } else {
-        format!("SELECT {READ_COLUMNS} FROM events WHERE session_id = ?1 ORDER BY seq")
-    })?;
-    let rows = st.query_map(params![session_id], |r| event_from_row(r, 0))?;
-    let mut events = rows.collect::<rusqlite::Result<Vec<_>>>()?;
-    events.dedup_by_key(|e| e.seq);
-    Ok(super::first_of_each_client_msg_id(events))
-}
-
 /// An event from [`READ_COLUMNS`], starting at column `at`.
 fn event_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Event> {
     let kind: String = r.get(at + 1)?;
@@ -1584,8 +1559,9 @@ fn event_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Event> {
     })
 }
 
-/// The events of several sessions of one file, as [`select_events`]
-/// reads each, in one read transaction: each `recent_N` table they use is
+/// The events of sessions of one file in seq order (a seq or a
+/// `client_msg_id` counts once), from `events` and `recent_N` in one read
+/// transaction: each `recent_N` table they use is
 /// scanned once, not once per session (a restoration of 10,000 chats from
 /// a dead instance's file scanned its table 10,000 times: 3.97 s).
 fn select_events_of(
@@ -1673,7 +1649,8 @@ impl SessionStore for SqliteStore {
     #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "sqlite", op = "locate", chat_id = %session_id))]
     async fn locate(&self, session_id: &str) -> StoreResult<Option<SessionRecord>> {
         let id = session_id.to_owned();
-        self.read(move |c| select_session(c, &id)).await
+        self.read(move |c| Ok(select_header(c, &id)?.map(|h| h.record)))
+            .await
     }
 
     #[tracing::instrument(level = "debug", name = "store", skip_all, fields(backend = "sqlite", op = "load", chat_id = %session_id))]
@@ -1688,7 +1665,10 @@ impl SessionStore for SqliteStore {
                 let Some(h) = header else {
                     return Ok(None);
                 };
-                let events = select_events(r.files.get(h.events_file.as_deref())?, &id, true)?;
+                let conn = r.files.get(h.events_file.as_deref())?;
+                let events = select_events_of(conn, &[&id])?
+                    .remove(&id)
+                    .unwrap_or_default();
                 let again = select_header(&r.shared, &id)?;
                 if again.as_ref().map(|a| &a.events_file) == Some(&h.events_file) {
                     return Ok(Some((h.record, events)));
