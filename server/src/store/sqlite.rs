@@ -537,6 +537,7 @@ impl SqliteStore {
                     files: EventFiles::new(&shared_path, options),
                     file_id: writer_file_id,
                     unsaved_states: HashMap::new(),
+                    known: KnownHeaders::default(),
                     tails: HashMap::new(),
                     pending: HashMap::new(),
                     steps_seen: 0,
@@ -616,6 +617,9 @@ struct Writer {
     /// States of chats whose events were saved while the shared file's
     /// write lock could not be had: written with a later batch.
     unsaved_states: HashMap<String, (u64, SessionState)>,
+    /// The headers appends were checked against, while the shared file
+    /// has not changed.
+    known: KnownHeaders,
     /// Per session: the epoch of the last write and the highest seq stored
     /// at that epoch. Valid only while the epoch is current, which the
     /// append checks first.
@@ -977,6 +981,7 @@ impl Writer {
             tx.commit()?;
             Ok(found)
         })();
+        self.known.forget();
         match outcome {
             Ok(found) => {
                 for (i, verdict) in found {
@@ -1011,6 +1016,14 @@ impl Writer {
         learned: &mut HashMap<String, Tail>,
         state_changes: &mut Vec<usize>,
     ) -> rusqlite::Result<Vec<usize>> {
+        let appending = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (op, _))| match op {
+                WriteOp::Append(a) if results[i].is_none() => Some(a.session_id.as_str()),
+                _ => None,
+            });
+        self.known.refresh(&mut self.shared, appending)?;
         let mut tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -1037,6 +1050,7 @@ impl Writer {
                 shared: &self.shared,
                 file_id: &self.file_id,
                 header: headers.get(&i),
+                known: &self.known.headers,
                 copy: copies.get(&i),
                 changes_state: Cell::new(false),
             };
@@ -1153,6 +1167,9 @@ impl Writer {
             TransactionBehavior::Deferred
         };
         let tx = self.shared.transaction_with_behavior(behavior)?;
+        // Unchanged since step 3 read the headers: every append's check
+        // holds as it was (a claim since then has changed the file).
+        let unchanged = !write && self.known.is_current(&tx)?;
         let mut verdicts = Vec::new();
         let set_state =
             "UPDATE sessions SET state = ?3 WHERE session_id = ?1 AND epoch = ?2 AND state <> ?3";
@@ -1201,9 +1218,19 @@ impl Writer {
                     }
                 }
                 WriteOp::Append(a) => {
-                    let header = select_header(&tx, &a.session_id)?;
-                    let verdict =
-                        check_owner(&a.session_id, a.epoch, header.as_ref(), &self.file_id);
+                    let header = match self.known.headers.get(&a.session_id) {
+                        Some(known) if unchanged => known.as_ref(),
+                        _ => {
+                            let header = select_header(&tx, &a.session_id)?;
+                            self.known
+                                .headers
+                                .entry(a.session_id.clone())
+                                .insert_entry(header)
+                                .into_mut()
+                                .as_ref()
+                        }
+                    };
+                    let verdict = check_owner(&a.session_id, a.epoch, header, &self.file_id);
                     if verdict.is_ok() && state_changes.contains(&i) {
                         tx.prepare_cached(set_state)?.execute(params![
                             a.session_id,
@@ -1228,6 +1255,7 @@ impl Writer {
         tx.commit()?;
         if write {
             self.unsaved_states.clear();
+            self.known.forget();
         }
         Ok(verdicts)
     }
@@ -1244,6 +1272,64 @@ struct Header {
 impl Header {
     fn is_in(&self, file_id: &str) -> bool {
         self.events_file.as_deref() == Some(file_id)
+    }
+}
+
+/// The headers of the chats a writer appends to, as it last read them from
+/// the shared file. They hold while no other connection has committed to
+/// that file (its `data_version` is unchanged) and the writer has not
+/// written headers itself since: an append is then checked, before and
+/// after its commit, without a read of its own, one read transaction per
+/// batch serving all of them.
+#[derive(Default)]
+struct KnownHeaders {
+    /// The shared file's `data_version` when `headers` were read.
+    version: Option<i64>,
+    /// By session id; None: no such session.
+    headers: HashMap<String, Option<Header>>,
+}
+
+impl KnownHeaders {
+    /// Most headers kept: a writer with more chats reads some again.
+    const MAX: usize = 100_000;
+
+    /// Whether the headers still hold in `tx`'s view of the shared file;
+    /// if not, they are dropped and the version is `tx`'s.
+    fn is_current(&mut self, tx: &Connection) -> rusqlite::Result<bool> {
+        let version = tx.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        if self.version == Some(version) {
+            return Ok(true);
+        }
+        self.headers.clear();
+        self.version = Some(version);
+        Ok(false)
+    }
+
+    /// Read, in one read transaction, the headers of `ids` not known.
+    fn refresh<'a>(
+        &mut self,
+        shared: &mut Connection,
+        ids: impl Iterator<Item = &'a str>,
+    ) -> rusqlite::Result<()> {
+        let tx = shared.transaction()?;
+        self.is_current(&tx)?;
+        if self.headers.len() > Self::MAX {
+            self.headers.clear();
+        }
+        for id in ids {
+            if !self.headers.contains_key(id) {
+                let header = select_header(&tx, id)?;
+                self.headers.insert(id.to_owned(), header);
+            }
+        }
+        tx.commit()
+    }
+
+    /// The writer changed headers itself (its own commits leave
+    /// `data_version` as it was).
+    fn forget(&mut self) {
+        self.version = None;
+        self.headers.clear();
     }
 }
 
@@ -1293,6 +1379,8 @@ struct Context<'a> {
     file_id: &'a str,
     /// A claim's or a delete's header, as step 1 left it.
     header: Option<&'a Header>,
+    /// Appends' headers, as read before this transaction.
+    known: &'a HashMap<String, Option<Header>>,
     /// A claim's events, as step 2 read them.
     copy: Option<&'a Vec<Event>>,
     /// Set by an append whose state differs from the header's.
@@ -1381,8 +1469,12 @@ fn apply(
             Ok(WriteOutput::Done)
         }
         WriteOp::Append(a) => {
-            let header = select_header(context.shared, &a.session_id).map_err(unavailable)?;
-            check_owner(&a.session_id, a.epoch, header.as_ref(), context.file_id)?;
+            let header = context
+                .known
+                .get(&a.session_id)
+                .ok_or_else(|| unavailable("the header was not read"))?
+                .as_ref();
+            check_owner(&a.session_id, a.epoch, header, context.file_id)?;
             if header.is_some_and(|h| h.record.state != a.state) {
                 context.changes_state.set(true);
             }
@@ -1904,6 +1996,38 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("confab.db")
+    }
+
+    /// Appends are checked against headers read once per batch, trusted
+    /// while the shared file's `data_version` holds: that must change with
+    /// a commit by any other connection, and the headers read again then.
+    #[test]
+    fn known_headers_go_stale_when_another_connection_commits() {
+        let path = temp_db("known-headers");
+        let options = SqliteOptions::default();
+        let mut mine = open(&path, options).unwrap();
+        create_schema(&mine).unwrap();
+        let other = open(&path, options).unwrap();
+        let insert = format!(
+            "INSERT INTO sessions ({SESSION_COLUMNS}, events_file) VALUES ('s', 'i', 'a', 1, 'open', '', 0, '', 'a')"
+        );
+        other.execute_batch(&insert).unwrap();
+        let mut known = KnownHeaders::default();
+        known.refresh(&mut mine, ["s"].into_iter()).unwrap();
+        assert_eq!(known.headers["s"].as_ref().unwrap().record.epoch, 1);
+        assert!(known.is_current(&mine).unwrap(), "nothing committed since");
+        // A claim elsewhere.
+        other
+            .execute_batch("UPDATE sessions SET epoch = 2, owner_instance = 'b'")
+            .unwrap();
+        assert!(
+            !known.is_current(&mine).unwrap(),
+            "a commit by another connection"
+        );
+        assert!(known.headers.is_empty());
+        known.refresh(&mut mine, ["s"].into_iter()).unwrap();
+        assert_eq!(known.headers["s"].as_ref().unwrap().record.epoch, 2);
+        assert!(known.is_current(&mine).unwrap());
     }
 
     /// Instances started together (`confab up`) open the same new file at
