@@ -895,10 +895,11 @@ async fn compare(
             (0..n).rev().collect()
         };
         for i in order {
-            let Target { name, chats, pids } = &targets[i];
-            let before = Costs::read(pids);
+            let Target { name, chats, .. } = &targets[i];
+            let before = Costs::read(client, &targets[i]).await;
             let (rate, l) = closed_loop(client, chats, &round, text).await;
-            costs[i].add(&before, &Costs::read(pids), l.0.len() as u64);
+            let after = Costs::read(client, &targets[i]).await;
+            costs[i].add(&before, &after, l.0.len() as u64);
             latencies[i].0.extend(l.0);
             rates[i] += rate / rounds as f64;
             line.push_str(&format!(" {name} {rate:.0}/s;"));
@@ -919,11 +920,14 @@ async fn compare(
 }
 
 /// One side of a comparison: its chats, and the processes whose disk
-/// writes count against it (the instances: they hold the store).
+/// writes and group commits count against it (the instances: they hold the
+/// store).
 struct Target<'a> {
     name: &'a str,
     chats: &'a [Chat],
     pids: Vec<u32>,
+    /// The instances' `/metrics`.
+    metrics: Vec<String>,
 }
 
 impl<'a> Target<'a> {
@@ -932,6 +936,10 @@ impl<'a> Target<'a> {
             name,
             chats,
             pids: processes.iter().map(|p| p.child.id()).collect(),
+            metrics: processes
+                .iter()
+                .map(|p| format!("{}/metrics", p.url))
+                .collect(),
         }
     }
 }
@@ -939,24 +947,39 @@ impl<'a> Target<'a> {
 /// What the measured rounds of one target cost the machine: CPU time left
 /// idle (of all cores, from /proc/stat) and bytes the target's processes
 /// sent to storage (`write_bytes` of /proc/PID/io, counted when a page is
-/// dirtied) per acknowledged message.
+/// dirtied) per acknowledged message, and the saves per group commit of
+/// an embedded store (`confab_store_group_commit_operations`: one fsync per
+/// group).
 #[derive(Default)]
 struct Costs {
     idle_ticks: u64,
     all_ticks: u64,
     write_bytes: u64,
     messages: u64,
+    /// Group commits, and the saves they carried.
+    commits: f64,
+    committed: f64,
 }
 
 impl Costs {
-    fn read(pids: &[u32]) -> Costs {
+    async fn read(client: &reqwest::Client, target: &Target<'_>) -> Costs {
         let (idle_ticks, all_ticks) = cpu_ticks();
-        Costs {
+        let mut costs = Costs {
             idle_ticks,
             all_ticks,
-            write_bytes: pids.iter().map(|&pid| write_bytes(pid)).sum(),
-            messages: 0,
+            write_bytes: target.pids.iter().map(|&pid| write_bytes(pid)).sum(),
+            ..Costs::default()
+        };
+        let name = confab::telemetry::metrics::STORE_GROUP_COMMIT_OPERATIONS;
+        for url in &target.metrics {
+            let Ok(answer) = client.get(url).send().await else {
+                continue;
+            };
+            let text = answer.text().await.unwrap_or_default();
+            costs.commits += sample(&text, &format!("{name}_count"));
+            costs.committed += sample(&text, &format!("{name}_sum"));
         }
+        costs
     }
 
     fn add(&mut self, before: &Costs, after: &Costs, messages: u64) {
@@ -964,7 +987,18 @@ impl Costs {
         self.all_ticks += after.all_ticks.saturating_sub(before.all_ticks);
         self.write_bytes += after.write_bytes.saturating_sub(before.write_bytes);
         self.messages += messages;
+        self.commits += (after.commits - before.commits).max(0.0);
+        self.committed += (after.committed - before.committed).max(0.0);
     }
+}
+
+/// The value of an unlabelled series in a Prometheus text page (0 if
+/// absent).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 impl std::fmt::Display for Costs {
@@ -974,7 +1008,15 @@ impl std::fmt::Display for Costs {
             "CPU idle {:.0} %, {:.0} bytes written per message",
             100.0 * self.idle_ticks as f64 / self.all_ticks.max(1) as f64,
             self.write_bytes as f64 / self.messages.max(1) as f64
-        )
+        )?;
+        if self.commits > 0.0 {
+            write!(
+                f,
+                ", {:.1} saves per group commit",
+                self.committed / self.commits
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -356,6 +356,7 @@ async fn every_instance_metric_is_exported_from_start_up() {
         m::TRANSCRIPT_SAVE_DURATION,
         m::RESTORE_DURATION,
         m::MESSAGE_ACK_DURATION,
+        m::STORE_GROUP_COMMIT_OPERATIONS,
     ] {
         assert!(
             series(&format!("{histogram}_bucket{{le=\"+Inf\"}} 0")),

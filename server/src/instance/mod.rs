@@ -46,6 +46,9 @@ pub struct Application {
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let server = &config.server;
+        // Before the stores, which register their own metrics.
+        let handle = m::install();
+        m::describe();
         let sqlite = SqliteOptions::of(server);
         // One Cassandra session for both stores, when either is there.
         let cassandra = if server.store == StoreBackend::Cassandra
@@ -107,8 +110,6 @@ impl Application {
                 )
             }
         };
-        let handle = m::install();
-        m::describe();
         let stop = CancellationToken::new();
         let monitor = StoreMonitor::new(store.backend());
         monitor.spawn_probe(

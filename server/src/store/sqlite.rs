@@ -462,6 +462,8 @@ impl SqliteStore {
     /// for the instance `file_id`, whose saves go to its own events file
     /// ([`events_path`]).
     pub fn open(path: &Path, file_id: &str, options: SqliteOptions) -> StoreResult<Self> {
+        // Shown (all buckets 0) before the first commit.
+        let _ = metrics::histogram!(crate::telemetry::metrics::STORE_GROUP_COMMIT_OPERATIONS);
         let max_batch = options.max_batch.max(1);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
@@ -662,6 +664,8 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        metrics::histogram!(crate::telemetry::metrics::STORE_GROUP_COMMIT_OPERATIONS)
+            .record(batch.len() as f64);
         let results = writer.run_batch(&batch);
         for ((_, reply), result) in batch.drain(..).zip(results) {
             let _ = reply.send(result);

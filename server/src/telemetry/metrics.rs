@@ -19,6 +19,7 @@ pub const RESTORE_FAILURES: &str = "confab_restore_failures_total";
 pub const STORE_HISTORY_CORRUPT: &str = "confab_store_history_corrupt_total";
 pub const STORE_AVAILABLE: &str = "confab_store_available";
 pub const STORE_STATUS_TRANSITIONS: &str = "confab_store_status_transitions_total";
+pub const STORE_GROUP_COMMIT_OPERATIONS: &str = "confab_store_group_commit_operations";
 pub const INSTANCE_ENABLED: &str = "confab_instance_enabled";
 pub const BUILD_INFO: &str = "confab_build_info";
 pub const GATEWAY_FAILOVERS: &str = "confab_gateway_failovers_total";
@@ -39,6 +40,9 @@ const SAVE_BUCKETS: &[f64] = &[
 const RESTORE_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0,
 ];
+/// Operations per group commit of the embedded store; the writer takes at
+/// most `max-batch` (512 by default).
+const GROUP_COMMIT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 const HTTP_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
@@ -76,6 +80,12 @@ pub fn install() -> PrometheusHandle {
                     b.set_buckets_for_metric(
                         Matcher::Full(MESSAGE_ACK_DURATION.into()),
                         SAVE_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(STORE_GROUP_COMMIT_OPERATIONS.into()),
+                        GROUP_COMMIT_BUCKETS,
                     )
                 })
                 .expect("bucket lists are non-empty");
@@ -128,6 +138,10 @@ pub fn describe() {
     describe_counter!(
         STORE_STATUS_TRANSITIONS,
         "Session store availability transitions by new status."
+    );
+    describe_histogram!(
+        STORE_GROUP_COMMIT_OPERATIONS,
+        "Saves committed together by the embedded (SQLite) store's writer: one fsync each group; small groups under load mean more fsyncs and pages written per message."
     );
     describe_gauge!(INSTANCE_ENABLED, "1 enabled, 0 disabled (draining).");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
