@@ -304,18 +304,19 @@ impl Transcript {
     }
 
     /// Rebuild from stored events (in seq order) and the stored state.
+    /// The events win over a state column left behind: the state is the
+    /// stored one carried through every event (a `closed` event the
+    /// owner died before marking; an agent's join whose state change the
+    /// store kept waiting for its shared file's lock when the chat was
+    /// claimed away). The transition rule only moves forward, so a stored
+    /// state ahead of the events stays.
     pub fn replay(state: SessionState, events: Vec<Event>) -> Self {
         let mut t = Transcript::new();
+        t.state = state;
         for e in &events {
             t.apply(e);
+            t.state = t.state.after(e);
         }
-        // A stored `closed` event wins over a state column that a crash
-        // left behind.
-        t.state = if events.iter().any(|e| e.kind == EventKind::Closed) {
-            SessionState::Closed
-        } else {
-            state
-        };
         t.events = events;
         t
     }
@@ -536,6 +537,21 @@ mod tests {
         assert_eq!(r.known.len(), 2);
         assert_eq!(r.client_ids.get("m-1"), Some(&3));
         assert_eq!(r.next_seq(), 5);
+    }
+
+    #[test]
+    fn replay_takes_the_state_the_events_reached_over_a_stale_stored_one() {
+        let mut t = Transcript::new();
+        push(&mut t, Draft::joined(&customer(), None));
+        push(&mut t, Draft::joined(&agent(), None));
+        let stale = Transcript::replay(SessionState::Waiting, t.events.clone());
+        assert_eq!(stale.state, SessionState::Active);
+        push(&mut t, Draft::closed(reason::CUSTOMER_LEFT));
+        let closing = Transcript::replay(SessionState::Active, t.events.clone());
+        assert_eq!(closing.state, SessionState::Closed);
+        // Ahead of the events: the stored state stays.
+        let closed = Transcript::replay(SessionState::Closed, t.events[..1].to_vec());
+        assert_eq!(closed.state, SessionState::Closed);
     }
 
     #[test]

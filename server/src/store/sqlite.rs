@@ -2376,6 +2376,59 @@ mod tests {
         assert!(!has_rows(), "rows left in a's file after its sweep");
     }
 
+    /// A state change waits in the writer's memory while another process
+    /// holds the shared file's lock; a claim in that window reads the old
+    /// state from the header. The restored chat must still have the state
+    /// its events reached, the header must get it from the claimant, and
+    /// the old owner's late write must not undo it.
+    #[tokio::test]
+    async fn a_state_change_kept_waiting_for_the_lock_survives_a_claim() {
+        use crate::session::{Draft, Participant, Transcript};
+        use crate::store::suite::{append, message, new_record};
+        let path = temp_db("late-state");
+        let options = SqliteOptions {
+            busy_timeout: Duration::from_millis(100),
+            ..SqliteOptions::default()
+        };
+        let a = SqliteStore::open(&path, "a", options).unwrap();
+        let b = SqliteStore::open(&path, "b", options).unwrap();
+        let record = new_record("inst-a");
+        a.create_session(record.clone(), vec![message(1, "hello", Some("m1"))])
+            .await
+            .unwrap();
+        let agent = Participant {
+            participant_id: "agent".into(),
+            nickname: "Bob".into(),
+            role: Role::Agent,
+        };
+        let joined = Draft::joined(&agent, None).into_event(2, crate::session::now_ms());
+        let active = Append {
+            state: SessionState::Active,
+            ..append(&record, 1, vec![joined])
+        };
+        let holder = open_existing(&path, options).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        a.append_events(active).await.unwrap();
+        holder.execute_batch("ROLLBACK").unwrap();
+        let (header, events) = b.claim(&record.session_id, "inst-b").await.unwrap();
+        assert_eq!(header.state, SessionState::Waiting, "the header is stale");
+        let restored = Transcript::replay(header.state, events);
+        assert_eq!(restored.state, SessionState::Active);
+        b.append_events(Append {
+            state: restored.state,
+            ..append(&record, 2, vec![message(3, "back", Some("m3"))])
+        })
+        .await
+        .unwrap();
+        // `a`'s next batch writes its waiting state under the old epoch.
+        let other = new_record("inst-a");
+        a.create_session(other, vec![message(1, "x", None)])
+            .await
+            .unwrap();
+        let located = a.locate(&record.session_id).await.unwrap().unwrap();
+        assert_eq!((located.epoch, located.state), (2, SessionState::Active));
+    }
+
     /// Saves without a pause must not grow the WAL without bound: the
     /// side checkpointer alone never catches up with a busy writer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
