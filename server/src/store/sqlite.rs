@@ -182,7 +182,26 @@ fn move_partition(conn: &Connection, n: usize) -> rusqlite::Result<()> {
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("sessions", "nickname", "TEXT"),
     ("sessions", "events_file", "TEXT"),
+    ("sessions", "claimed_epoch", "INTEGER"),
 ];
+
+/// Keeps instances of a version before the events files from claiming a
+/// chat that lives in one: such an instance would read the chat's events
+/// from the shared file, find none of them, and restore it with its
+/// transcript lost. It claims with the same `UPDATE` as this version but
+/// knows nothing of `claimed_epoch`, which this version sets to the new
+/// epoch in the same statement; the trigger lives in the file, so the old
+/// code runs it too. Its claim fails (restoration failed), and the
+/// gateway restores the chat on an upgraded instance: instances of one
+/// host's file can be upgraded one at a time (N+1).
+const OLDER_VERSIONS_GATE: &str = "
+CREATE TRIGGER IF NOT EXISTS claims_of_an_older_version
+BEFORE UPDATE OF epoch ON sessions
+WHEN OLD.events_file IS NOT NULL AND NEW.claimed_epoch IS NOT NEW.epoch
+BEGIN
+    SELECT RAISE(ABORT, 'this chat is stored in an events file by a newer version of confab: upgrade this instance');
+END;
+";
 
 /// How often the WAL is copied back into the database file. Each
 /// checkpoint writes the pages changed since the last one, and the tail
@@ -304,7 +323,7 @@ fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    conn.execute_batch(OLDER_VERSIONS_GATE)
 }
 
 /// The tables of an events file.
@@ -1005,7 +1024,8 @@ impl Writer {
                             h.record.epoch += 1;
                             h.record.owner_instance = owner.clone();
                             tx.prepare_cached(
-                                "UPDATE sessions SET epoch = ?2, owner_instance = ?3 WHERE session_id = ?1",
+                                "UPDATE sessions SET epoch = ?2, owner_instance = ?3, claimed_epoch = ?2
+                                 WHERE session_id = ?1",
                             )?
                             .execute(params![session_id, h.record.epoch as i64, owner])?;
                             Ok(h)
@@ -2097,7 +2117,7 @@ mod tests {
         assert!(known.is_current(&mine).unwrap(), "nothing committed since");
         // A claim elsewhere.
         other
-            .execute_batch("UPDATE sessions SET epoch = 2, owner_instance = 'b'")
+            .execute_batch("UPDATE sessions SET epoch = 2, owner_instance = 'b', claimed_epoch = 2")
             .unwrap();
         assert!(
             !known.is_current(&mine).unwrap(),
@@ -2485,6 +2505,52 @@ mod tests {
             .unwrap();
         let (_, events) = c.claim(&z.session_id, "inst-c").await.unwrap();
         assert_eq!(events.len(), 1);
+    }
+
+    /// An instance of a version before the events files, still running
+    /// on the file during an N+1 upgrade, claims with this statement. It
+    /// must be refused a chat stored in an events file (it would restore
+    /// it without its transcript), and still take a chat of its own
+    /// layout; this version's claims are unchanged.
+    #[tokio::test]
+    async fn an_older_version_cannot_claim_a_chat_stored_in_an_events_file() {
+        use crate::store::suite::{message, new_record};
+        let old_claim = "UPDATE sessions SET epoch = ?2, owner_instance = ?3 WHERE session_id = ?1";
+        let path = temp_db("older-claims");
+        let options = SqliteOptions::default();
+        let a = SqliteStore::open(&path, "a", options).unwrap();
+        let c = SqliteStore::open(&path, "c", options).unwrap();
+        let record = new_record("inst-a");
+        a.create_session(record.clone(), vec![message(1, "one", Some("m1"))])
+            .await
+            .unwrap();
+        let old = open_existing(&path, options).unwrap();
+        let refused = old
+            .execute(old_claim, params![record.session_id, 2, "inst-old"])
+            .unwrap_err();
+        assert!(refused.to_string().contains("newer version"), "{refused}");
+        let header = a.locate(&record.session_id).await.unwrap().unwrap();
+        assert_eq!(
+            (header.epoch, header.owner_instance.as_str()),
+            (1, "inst-a")
+        );
+        // Claims of this version go on, from the older one's chats too.
+        let (claimed, events) = c.claim(&record.session_id, "inst-c").await.unwrap();
+        assert_eq!((claimed.epoch, events.len()), (2, 1));
+        old.execute(
+            "INSERT INTO sessions (session_id, intx, owner_instance, epoch, state, subject, created_at)
+             VALUES ('old-1', 'intx', 'inst-old', 1, 'waiting', NULL, 0)",
+            [],
+        )
+        .unwrap();
+        old.execute(old_claim, params!["old-1", 2, "inst-old-2"])
+            .unwrap();
+        let (claimed, _) = c.claim("old-1", "inst-c").await.unwrap();
+        assert_eq!(claimed.epoch, 3);
+        let refused = old
+            .execute(old_claim, params!["old-1", 4, "inst-old"])
+            .unwrap_err();
+        assert!(refused.to_string().contains("newer version"), "{refused}");
     }
 
     /// A state change waits in the writer's memory while another process
