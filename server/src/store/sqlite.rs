@@ -2097,6 +2097,40 @@ mod tests {
         dir.join("confab.db")
     }
 
+    /// Two instances' stores, `a` and `c`, on a new file, and a chat of
+    /// `a`'s holding one message ("one").
+    struct TwoInstances {
+        path: PathBuf,
+        options: SqliteOptions,
+        a: SqliteStore,
+        c: SqliteStore,
+        chat: SessionRecord,
+    }
+
+    impl TwoInstances {
+        async fn new(name: &str, busy_timeout: Duration) -> Self {
+            use crate::store::suite::{message, new_record};
+            let path = temp_db(name);
+            let options = SqliteOptions {
+                busy_timeout,
+                ..SqliteOptions::default()
+            };
+            let a = SqliteStore::open(&path, "a", options).unwrap();
+            let c = SqliteStore::open(&path, "c", options).unwrap();
+            let chat = new_record("inst-a");
+            a.create_session(chat.clone(), vec![message(1, "one", Some("m1"))])
+                .await
+                .unwrap();
+            TwoInstances {
+                path,
+                options,
+                a,
+                c,
+                chat,
+            }
+        }
+    }
+
     /// Appends are checked against headers read once per batch, trusted
     /// while the shared file's `data_version` holds: that must change with
     /// a commit by any other connection, and the headers read again then.
@@ -2411,18 +2445,14 @@ mod tests {
     /// behind go when its writer opens the file again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claim_takes_a_chat_from_an_instance_frozen_holding_its_file() {
-        use crate::store::suite::{append, message, new_record};
-        let path = temp_db("frozen");
-        let options = SqliteOptions {
-            busy_timeout: Duration::from_millis(200),
-            ..SqliteOptions::default()
-        };
-        let a = SqliteStore::open(&path, "a", options).unwrap();
-        let c = SqliteStore::open(&path, "c", options).unwrap();
-        let record = new_record("inst-a");
-        a.create_session(record.clone(), vec![message(1, "one", Some("m1"))])
-            .await
-            .unwrap();
+        use crate::store::suite::{append, message};
+        let TwoInstances {
+            path,
+            options,
+            a,
+            c,
+            chat: record,
+        } = TwoInstances::new("frozen", Duration::from_millis(200)).await;
         a.append_events(append(&record, 1, vec![message(2, "two", Some("m2"))]))
             .await
             .unwrap();
@@ -2480,16 +2510,12 @@ mod tests {
     #[tokio::test]
     async fn claims_from_a_file_see_what_was_saved_to_it_since_the_last_claim() {
         use crate::store::suite::{append, message, new_record};
-        let path = temp_db("recent-rows");
-        let options = SqliteOptions::default();
-        let a = SqliteStore::open(&path, "a", options).unwrap();
-        let c = SqliteStore::open(&path, "c", options).unwrap();
-        let (x, y) = (new_record("inst-a"), new_record("inst-a"));
-        for r in [&x, &y] {
-            a.create_session(r.clone(), vec![message(1, "one", Some("m1"))])
-                .await
-                .unwrap();
-        }
+        let TwoInstances { a, c, chat: x, .. } =
+            TwoInstances::new("recent-rows", SqliteOptions::default().busy_timeout).await;
+        let y = new_record("inst-a");
+        a.create_session(y.clone(), vec![message(1, "one", Some("m1"))])
+            .await
+            .unwrap();
         let (_, events) = c.claim(&x.session_id, "inst-c").await.unwrap();
         assert_eq!(events.len(), 1);
         a.append_events(append(&y, 1, vec![message(2, "two", Some("m2"))]))
@@ -2514,16 +2540,14 @@ mod tests {
     /// layout; this version's claims are unchanged.
     #[tokio::test]
     async fn an_older_version_cannot_claim_a_chat_stored_in_an_events_file() {
-        use crate::store::suite::{message, new_record};
         let old_claim = "UPDATE sessions SET epoch = ?2, owner_instance = ?3 WHERE session_id = ?1";
-        let path = temp_db("older-claims");
-        let options = SqliteOptions::default();
-        let a = SqliteStore::open(&path, "a", options).unwrap();
-        let c = SqliteStore::open(&path, "c", options).unwrap();
-        let record = new_record("inst-a");
-        a.create_session(record.clone(), vec![message(1, "one", Some("m1"))])
-            .await
-            .unwrap();
+        let TwoInstances {
+            path,
+            options,
+            a,
+            c,
+            chat: record,
+        } = TwoInstances::new("older-claims", SqliteOptions::default().busy_timeout).await;
         let old = open_existing(&path, options).unwrap();
         let refused = old
             .execute(old_claim, params![record.session_id, 2, "inst-old"])
@@ -2562,17 +2586,13 @@ mod tests {
     async fn a_state_change_kept_waiting_for_the_lock_survives_a_claim() {
         use crate::session::{Draft, Participant, Transcript};
         use crate::store::suite::{append, message, new_record};
-        let path = temp_db("late-state");
-        let options = SqliteOptions {
-            busy_timeout: Duration::from_millis(100),
-            ..SqliteOptions::default()
-        };
-        let a = SqliteStore::open(&path, "a", options).unwrap();
-        let b = SqliteStore::open(&path, "b", options).unwrap();
-        let record = new_record("inst-a");
-        a.create_session(record.clone(), vec![message(1, "hello", Some("m1"))])
-            .await
-            .unwrap();
+        let TwoInstances {
+            path,
+            options,
+            a,
+            c: b,
+            chat: record,
+        } = TwoInstances::new("late-state", Duration::from_millis(100)).await;
         let agent = Participant {
             participant_id: "agent".into(),
             nickname: "Bob".into(),
