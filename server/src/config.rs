@@ -1157,12 +1157,7 @@ impl Layers {
             max_transcript_bytes: self.integer("server.max-transcript-bytes", 65_536, 1 << 30)?
                 as usize,
         };
-        if server.instance_id.is_empty()
-            || !server
-                .instance_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        {
+        if !crate::contract::is_instance_id(&server.instance_id) {
             return Err(Self::invalid(
                 "server.instance-id",
                 &Value::String(server.instance_id.clone()),

@@ -41,6 +41,26 @@ pub fn reader_param(q: &HashMap<String, String>) -> Result<Option<&str>, ApiErro
     }
 }
 
+/// Whether `id` can be an instance's id (`server.instance-id`): letters,
+/// digits, `-`, `_` and `.`, so it goes into paths and queries as it is.
+pub fn is_instance_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The `from` of a restoration (`internal::restore_from`): an instance id.
+pub fn from_param(q: &HashMap<String, String>) -> Result<Option<&str>, ApiError> {
+    match q.get("from") {
+        None => Ok(None),
+        Some(id) if is_instance_id(id) => Ok(Some(id.as_str())),
+        Some(id) => Err(ApiError::bad_request(format!(
+            "`from` must be an instance id (letters, digits, '-', '_' or '.'), got {id:?}"
+        ))),
+    }
+}
+
 /// Transcript reads answer at most this many events by default…
 pub const PAGE_EVENTS: usize = 500;
 /// …and at most this many when asked (`limit`).
@@ -323,6 +343,15 @@ pub mod internal {
             "{}?after={after}&limit={limit}&reader={reader}",
             Route::Transcript.path(chat_id)
         )
+    }
+
+    /// Restore a chat on the instance asked, as its owner `failed` did not
+    /// serve it (an instance id: letters, digits, `-`, `_`, `.`). The
+    /// instance takes the chat only while the store names `failed` (or
+    /// the instance itself) as its owner; restored elsewhere since, the
+    /// answer names that owner and nothing changes.
+    pub fn restore_from(chat_id: &str, failed: &str) -> String {
+        format!("{}?from={failed}", Route::Restore.path(chat_id))
     }
 
     /// A page of a closed chat's final transcript from the contact store,

@@ -413,6 +413,63 @@ async fn auto_save_off_acknowledges_without_saving_and_refuses_restoration() {
     assert_json_error(&r, 409, "restoration_disabled");
 }
 
+/// A restoration that names the owner that failed (`?from=`, as the
+/// gateway asks) takes the chat only from that owner: restored elsewhere
+/// since, the answer names where it lives and nothing moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_from_a_failed_owner_leaves_a_chat_restored_elsewhere_since() {
+    let dir = data_dir();
+    let db = dir.path().join("confab.db");
+    let mut a = Server::start(dir.path(), "inst-a", &db, &[]).await;
+    let b = Server::start(dir.path(), "inst-b", &db, &[]).await;
+    let c = Server::start(dir.path(), "inst-c", &db, &[]).await;
+    let http = Http::default();
+    let (chat, _) = http.create_session(&a, "Ann").await;
+    a.kill();
+    let restore_from = |s: &Server, from: &str| {
+        let url = s.internal(&format!("/sessions/{chat}/restore?from={from}"));
+        let http = &http;
+        async move { http.post(&url, &json!({}), None).await }
+    };
+    let taken = restore_from(&b, "inst-a").await.ok();
+    assert_eq!(
+        (
+            taken["instance_id"].as_str(),
+            taken["epoch"].as_u64(),
+            taken["restored"].as_bool()
+        ),
+        (Some("inst-b"), Some(2), Some(true))
+    );
+    // Another gateway still has inst-a as the owner that failed it.
+    let elsewhere = restore_from(&c, "inst-a").await.ok();
+    assert_eq!(
+        (
+            elsewhere["instance_id"].as_str(),
+            elsewhere["epoch"].as_u64(),
+            elsewhere["restored"].as_bool()
+        ),
+        (Some("inst-b"), Some(2), Some(false))
+    );
+    let location = http
+        .get(&c.internal(&format!("/sessions/{chat}/location")), None)
+        .await
+        .ok();
+    assert_eq!(location["owner_instance"], "inst-b");
+    assert_eq!(location["epoch"], 2);
+    assert!(c.events(59603).is_empty(), "inst-c started no restoration");
+    // The owner named failed too: taken.
+    let taken = restore_from(&c, "inst-b").await.ok();
+    assert_eq!(
+        (
+            taken["instance_id"].as_str(),
+            taken["epoch"].as_u64(),
+            taken["restored"].as_bool()
+        ),
+        (Some("inst-c"), Some(3), Some(true))
+    );
+    assert_json_error(&restore_from(&c, "no%20such").await, 400, "bad_request");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restoration_mode_none_refuses_restore() {
     let dir = data_dir();

@@ -21,7 +21,7 @@ pub mod tokens;
 
 use crate::config::Config;
 use crate::contract::answers;
-use crate::contract::internal::Route;
+use crate::contract::internal::{self, Route};
 use crate::error::ApiError;
 use crate::listener::Listener;
 use crate::telemetry::{events, metrics as m};
@@ -237,37 +237,40 @@ impl Gateway {
                 return Ok(m);
             }
         }
-        if let Some(any) = self.pool.any_healthy(Some(failed)) {
-            if let Ok((StatusCode::OK, record)) = self
-                .call(&any, Method::GET, &Route::Location.path(chat), None)
-                .await
-            {
-                let owner = serde_json::from_value::<answers::Location>(record)
-                    .ok()
-                    .map(|r| r.owner_instance);
-                if owner != failed_id {
-                    if let Some(m) = owner
-                        .and_then(|o| self.pool.by_id(&o))
-                        .filter(|m| m.is_healthy())
-                    {
-                        self.remember(chat, &m);
-                        return Ok(m);
-                    }
-                }
-            }
-        }
+        // The instance asked takes the chat only while the store names the
+        // failed owner (`restore_from`); restored elsewhere since (another
+        // gateway's request), it names that owner instead. Named down too,
+        // the chat is taken regardless.
+        let mut from = failed_id.clone();
         let started = std::time::Instant::now();
-        for _ in 0..self.pool.member_count().max(1) {
+        for _ in 0..self.pool.member_count().max(1) + 1 {
             let Some(target) = self.pool.pick(Some(failed)) else {
                 break;
             };
-            match self
-                .call(&target, Method::POST, &Route::Restore.path(chat), None)
-                .await
-            {
+            let path = match &from {
+                Some(f) => internal::restore_from(chat, f),
+                None => Route::Restore.path(chat),
+            };
+            match self.call(&target, Method::POST, &path, None).await {
                 Ok((StatusCode::OK, body)) => {
-                    self.remember(chat, &target);
                     let restored = serde_json::from_value::<answers::Restored>(body).ok();
+                    let elsewhere = restored
+                        .as_ref()
+                        .map(|r| r.instance_id.clone())
+                        .filter(|owner| Some(owner) != target.id().as_ref());
+                    if let Some(owner) = elsewhere {
+                        match self.pool.by_id(&owner).filter(|m| m.is_healthy()) {
+                            Some(m) => {
+                                self.remember(chat, &m);
+                                return Ok(m);
+                            }
+                            None => {
+                                from = None;
+                                continue;
+                            }
+                        }
+                    }
+                    self.remember(chat, &target);
                     if let Some(restored) = restored.filter(|r| r.restored) {
                         metrics::counter!(m::GATEWAY_FAILOVERS, "result" => "ok").increment(1);
                         metrics::histogram!(m::GATEWAY_FAILOVER_DURATION)

@@ -19,7 +19,13 @@ use tokio_util::sync::CancellationToken;
 
 impl Instance {
     #[tracing::instrument(level = "debug", skip(self), fields(chat_id = %session_id))]
-    pub async fn restore(&self, session_id: &str) -> EngineResult<Restored> {
+    /// Take `session_id` over here. `from`: the owner that failed the
+    /// gateway; the chat is then taken only while the store still names
+    /// it (or this instance) as the owner, else the answer names the
+    /// owner the store has now (restored there by another gateway's
+    /// request) and nothing changes. This spares the gateway a location
+    /// read of its own before each restoration.
+    pub async fn restore(&self, session_id: &str, from: Option<&str>) -> EngineResult<Restored> {
         if !self.settings.restoration_enabled() {
             self.stats.restore_failed();
             tracing::warn!(event_id = events::RESTORE_FAILED, sid = %session_id, "restoration refused: session-restoration-mode is none or transcript-auto-save is 0");
@@ -33,7 +39,7 @@ impl Instance {
         }
         let result = self
             .restoring
-            .run(session_id, self.restore_locked(session_id))
+            .run(session_id, self.restore_locked(session_id, from))
             .await;
         // A chat that is closed or gone cannot be restored, and that is no
         // failure of this instance.
@@ -52,7 +58,7 @@ impl Instance {
         }
     }
 
-    async fn restore_locked(&self, session_id: &str) -> EngineResult<Restored> {
+    async fn restore_locked(&self, session_id: &str, from: Option<&str>) -> EngineResult<Restored> {
         if self.closing.lock().contains(session_id) {
             return Err(EngineError::Closed(session_id.to_owned()));
         }
@@ -88,6 +94,26 @@ impl Instance {
                     tracing::warn!(event_id = events::RESTORE_FAILED, sid = %session_id, error = %e, "restoration failed");
                     return Err(self.store_error(e));
                 }
+            }
+        }
+        if let Some(failed) = from {
+            match self.store.locate(session_id).await {
+                Ok(Some(r))
+                    if r.owner_instance != failed
+                        && r.owner_instance != self.id
+                        && r.state != SessionState::Closed =>
+                {
+                    return Ok(Restored {
+                        session_id: session_id.to_owned(),
+                        instance_id: r.owner_instance,
+                        epoch: r.epoch,
+                        restored: false,
+                    });
+                }
+                // Still the failed owner's (or gone, or closed: the claim
+                // says so).
+                Ok(_) => {}
+                Err(e) => return Err(self.store_error(e)),
             }
         }
         let start = Instant::now();

@@ -466,11 +466,13 @@ async fn leave(
 async fn restore(
     State(s): State<AppState>,
     Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<answers::Restored>, ApiError> {
     check_chat_id(&id)?;
+    let from = crate::contract::from_param(&q)?.map(str::to_owned);
     let instance = s.instance.clone();
     Ok(Json(
-        detached(async move { instance.restore(&id).await }).await?,
+        detached(async move { instance.restore(&id, from.as_deref()).await }).await?,
     ))
 }
 
