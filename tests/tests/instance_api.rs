@@ -431,25 +431,23 @@ async fn a_restore_from_a_failed_owner_leaves_a_chat_restored_elsewhere_since() 
         let http = &http;
         async move { http.post(&url, &json!({}), None).await }
     };
-    let taken = restore_from(&b, "inst-a").await.ok();
-    assert_eq!(
+    // Where the answer says the chat lives, at which epoch, and whether
+    // this restoration moved it.
+    let said = |answer: &Value| {
         (
-            taken["instance_id"].as_str(),
-            taken["epoch"].as_u64(),
-            taken["restored"].as_bool()
-        ),
-        (Some("inst-b"), Some(2), Some(true))
-    );
+            answer["instance_id"].as_str().map(str::to_owned),
+            answer["epoch"].as_u64(),
+            answer["restored"].as_bool(),
+        )
+    };
+    let expect = |owner: &str, epoch: u64, restored: bool| {
+        (Some(owner.to_owned()), Some(epoch), Some(restored))
+    };
+    let taken = restore_from(&b, "inst-a").await.ok();
+    assert_eq!(said(&taken), expect("inst-b", 2, true));
     // Another gateway still has inst-a as the owner that failed it.
     let elsewhere = restore_from(&c, "inst-a").await.ok();
-    assert_eq!(
-        (
-            elsewhere["instance_id"].as_str(),
-            elsewhere["epoch"].as_u64(),
-            elsewhere["restored"].as_bool()
-        ),
-        (Some("inst-b"), Some(2), Some(false))
-    );
+    assert_eq!(said(&elsewhere), expect("inst-b", 2, false));
     let location = http
         .get(&c.internal(&format!("/sessions/{chat}/location")), None)
         .await
@@ -459,14 +457,7 @@ async fn a_restore_from_a_failed_owner_leaves_a_chat_restored_elsewhere_since() 
     assert!(c.events(59603).is_empty(), "inst-c started no restoration");
     // The owner named failed too: taken.
     let taken = restore_from(&c, "inst-b").await.ok();
-    assert_eq!(
-        (
-            taken["instance_id"].as_str(),
-            taken["epoch"].as_u64(),
-            taken["restored"].as_bool()
-        ),
-        (Some("inst-c"), Some(3), Some(true))
-    );
+    assert_eq!(said(&taken), expect("inst-c", 3, true));
     assert_json_error(&restore_from(&c, "no%20such").await, 400, "bad_request");
 }
 
