@@ -790,11 +790,7 @@ async fn restoration(dir: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         .await?
         .text()
         .await?;
-    let failovers: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with(confab::telemetry::metrics::GATEWAY_FAILOVERS))
-        .filter_map(|l| l.rsplit(" ").next()?.parse::<f64>().ok())
-        .sum();
+    let failovers = series_sum(&metrics, confab::telemetry::metrics::GATEWAY_FAILOVERS);
     println!(
         "restoration of {} chats after kill -9 ({failovers} gateway failovers): all accepted a new message within {:.2} s (p50 {}, p99 {}); {} client retries; {} chats lost or duplicated a message",
         chats.len(),
@@ -976,8 +972,8 @@ impl Costs {
                 continue;
             };
             let text = answer.text().await.unwrap_or_default();
-            costs.commits += sample(&text, &format!("{name}_count"));
-            costs.committed += sample(&text, &format!("{name}_sum"));
+            costs.commits += series_sum(&text, &format!("{name}_count"));
+            costs.committed += series_sum(&text, &format!("{name}_sum"));
         }
         costs
     }
@@ -992,13 +988,16 @@ impl Costs {
     }
 }
 
-/// The value of an unlabelled series in a Prometheus text page (0 if
-/// absent).
-fn sample(text: &str, series: &str) -> f64 {
+/// The sum of a series' samples in a Prometheus text page, whatever their
+/// labels (0 if absent).
+fn series_sum(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0)
+        .filter(|line| {
+            line.strip_prefix(series)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.trim().parse::<f64>().ok())
+        .sum()
 }
 
 impl std::fmt::Display for Costs {

@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 impl Instance {
-    #[tracing::instrument(level = "debug", skip(self), fields(chat_id = %session_id))]
     /// Take `session_id` over here. `from`: the owner that failed the
     /// gateway; the chat is then taken only while the store still names
     /// it (or this instance) as the owner, else the answer names the
     /// owner the store has now (restored there by another gateway's
     /// request) and nothing changes. This spares the gateway a location
     /// read of its own before each restoration.
+    #[tracing::instrument(level = "debug", skip(self), fields(chat_id = %session_id))]
     pub async fn restore(&self, session_id: &str, from: Option<&str>) -> EngineResult<Restored> {
         if !self.settings.restoration_enabled() {
             self.stats.restore_failed();

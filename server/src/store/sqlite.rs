@@ -396,17 +396,37 @@ impl RecentRows {
     const KEEP: Duration = Duration::from_secs(10);
 
     fn read_all(conn: &Connection) -> rusqlite::Result<HashMap<String, Vec<Event>>> {
-        let mut by_chat: HashMap<String, Vec<Event>> = HashMap::new();
-        for partition in partitions() {
-            let mut st = conn.prepare_cached(&partition.scan)?;
-            let mut rows = st.query([])?;
-            while let Some(r) = rows.next()? {
-                let id: String = r.get(0)?;
-                by_chat.entry(id).or_default().push(event_from_row(r, 1)?);
-            }
-        }
+        let mut by_chat = HashMap::new();
+        scan_recent(conn, 0..PARTITIONS, &mut by_chat, true)?;
         Ok(by_chat)
     }
+}
+
+/// The rows of the `recent_N` tables `tables` into `out`, by chat: every
+/// chat's (`every`), or only those of the chats `out` holds already (the
+/// others' rows are not decoded).
+fn scan_recent(
+    conn: &Connection,
+    tables: impl IntoIterator<Item = usize>,
+    out: &mut HashMap<String, Vec<Event>>,
+    every: bool,
+) -> rusqlite::Result<()> {
+    for n in tables {
+        let mut st = conn.prepare_cached(&partitions()[n].scan)?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let id: String = r.get(0)?;
+            let events = if every {
+                Some(out.entry(id).or_default())
+            } else {
+                out.get_mut(&id)
+            };
+            if let Some(events) = events {
+                events.push(event_from_row(r, 1)?);
+            }
+        }
+    }
+    Ok(())
 }
 
 impl EventFiles {
@@ -1734,15 +1754,13 @@ fn event_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Event> {
     })
 }
 
-/// The events of sessions of one file in seq order (a seq or a
-/// `client_msg_id` counts once), from `events` and `recent_N` in one read
-/// transaction: each `recent_N` table they use is
-/// scanned once, not once per session (a restoration of 10,000 chats from
-/// a dead instance's file scanned its table 10,000 times: 3.97 s).
-/// The events of `ids` in the file of `conn`, by chat: from `events` by
-/// key, and from `recent_N` by a scan of their tables, or from the rows
-/// kept of them (`recent`: another instance's file, whose rows this
-/// thread keeps by file id).
+/// The events of `ids` in the file of `conn`, by chat, in seq order (a
+/// seq or a `client_msg_id` counts once), in one read transaction: from
+/// `events` by key, and from `recent_N` by one scan of each table they use,
+/// not one per chat (a restoration of 10,000 chats from a dead instance's
+/// file scanned its table 10,000 times: 3.97 s), or from the rows kept of
+/// them (`recent`: another instance's file, whose rows this thread keeps
+/// by file id).
 fn select_events_of(
     conn: &Connection,
     ids: &[&str],
@@ -1751,8 +1769,11 @@ fn select_events_of(
     conn.execute_batch("BEGIN")?;
     let read = (|| {
         // First in the transaction: the version of the snapshot read.
-        let version: Option<i64> = match recent {
-            Some(_) => Some(conn.query_row("PRAGMA data_version", [], |r| r.get(0))?),
+        let recent = match recent {
+            Some((file_id, kept)) => {
+                let version: i64 = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+                Some((file_id, kept, version))
+            }
             None => None,
         };
         let mut out: HashMap<String, Vec<Event>> = ids
@@ -1771,8 +1792,8 @@ fn select_events_of(
         }
         // Unchanged since the last claim from it: its rows, read whole
         // once.
-        let whole = match (recent, version) {
-            (Some((file_id, kept)), Some(version)) => match kept.entry(file_id.to_owned()) {
+        let whole = match recent {
+            Some((file_id, kept, version)) => match kept.entry(file_id.to_owned()) {
                 Entry::Occupied(e) if e.get().version == version => {
                     let kept = e.into_mut();
                     kept.used = std::time::Instant::now();
@@ -1790,7 +1811,7 @@ fn select_events_of(
                     None
                 }
             },
-            _ => None,
+            None => None,
         };
         match whole {
             Some(by_chat) => {
@@ -1802,16 +1823,7 @@ fn select_events_of(
                 let mut tables: Vec<usize> = ids.iter().map(|id| partition_of(id)).collect();
                 tables.sort_unstable();
                 tables.dedup();
-                for n in tables {
-                    let mut st = conn.prepare_cached(&partitions()[n].scan)?;
-                    let mut rows = st.query([])?;
-                    while let Some(r) = rows.next()? {
-                        let id: String = r.get(0)?;
-                        if let Some(events) = out.get_mut(&id) {
-                            events.push(event_from_row(r, 1)?);
-                        }
-                    }
-                }
+                scan_recent(conn, tables, &mut out, false)?;
             }
         }
         for events in out.values_mut() {
