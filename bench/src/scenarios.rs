@@ -943,14 +943,17 @@ impl<'a> Target<'a> {
 /// What the measured rounds of one target cost the machine: CPU time left
 /// idle (of all cores, from /proc/stat) and bytes the target's processes
 /// sent to storage (`write_bytes` of /proc/PID/io, counted when a page is
-/// dirtied) per acknowledged message, and the saves per group commit of
-/// an embedded store (`confab_store_group_commit_operations`: one fsync per
+/// dirtied) per acknowledged message, with the part the SQLite store's
+/// checkpoint thread wrote (copying the WAL back into the database; the
+/// rest is mostly the writer's WAL), and the saves per group commit of an
+/// embedded store (`confab_store_group_commit_operations`: one fsync per
 /// group).
 #[derive(Default)]
 struct Costs {
     idle_ticks: u64,
     all_ticks: u64,
     write_bytes: u64,
+    checkpoint_bytes: u64,
     messages: u64,
     /// Group commits, and the saves they carried.
     commits: f64,
@@ -964,6 +967,7 @@ impl Costs {
             idle_ticks,
             all_ticks,
             write_bytes: target.pids.iter().map(|&pid| write_bytes(pid)).sum(),
+            checkpoint_bytes: target.pids.iter().map(|&pid| checkpoint_bytes(pid)).sum(),
             ..Costs::default()
         };
         let name = confab::telemetry::metrics::STORE_GROUP_COMMIT_OPERATIONS;
@@ -982,6 +986,9 @@ impl Costs {
         self.idle_ticks += after.idle_ticks.saturating_sub(before.idle_ticks);
         self.all_ticks += after.all_ticks.saturating_sub(before.all_ticks);
         self.write_bytes += after.write_bytes.saturating_sub(before.write_bytes);
+        self.checkpoint_bytes += after
+            .checkpoint_bytes
+            .saturating_sub(before.checkpoint_bytes);
         self.messages += messages;
         self.commits += (after.commits - before.commits).max(0.0);
         self.committed += (after.committed - before.committed).max(0.0);
@@ -1002,12 +1009,20 @@ fn series_sum(text: &str, series: &str) -> f64 {
 
 impl std::fmt::Display for Costs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let per_message = |bytes: u64| bytes as f64 / self.messages.max(1) as f64;
         write!(
             f,
             "CPU idle {:.0} %, {:.0} bytes written per message",
             100.0 * self.idle_ticks as f64 / self.all_ticks.max(1) as f64,
-            self.write_bytes as f64 / self.messages.max(1) as f64
+            per_message(self.write_bytes)
         )?;
+        if self.checkpoint_bytes > 0 {
+            write!(
+                f,
+                " ({:.0} by checkpoints)",
+                per_message(self.checkpoint_bytes)
+            )?;
+        }
         if self.commits > 0.0 {
             write!(
                 f,
@@ -1036,7 +1051,29 @@ fn cpu_ticks() -> (u64, u64) {
 
 /// Bytes a process has caused to be written to storage since it started.
 fn write_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
+    io_write_bytes(Path::new(&format!("/proc/{pid}")))
+}
+
+/// Bytes the SQLite store's checkpoint threads of a process have caused
+/// to be written (the kernel shows a thread's name cut to 15 bytes).
+fn checkpoint_bytes(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|task| task.path())
+        .filter(|task| {
+            std::fs::read_to_string(task.join("comm"))
+                .is_ok_and(|name| "sqlite-checkpoint".starts_with(name.trim_end()))
+        })
+        .map(|task| io_write_bytes(&task))
+        .sum()
+}
+
+/// `write_bytes` of a process's or thread's /proc directory.
+fn io_write_bytes(proc_dir: &Path) -> u64 {
+    std::fs::read_to_string(proc_dir.join("io"))
         .ok()
         .and_then(|io| {
             io.lines()
