@@ -268,10 +268,11 @@ fn open(path: &Path, options: SqliteOptions) -> rusqlite::Result<Connection> {
 /// group commit writes the tail page of each `recent_N` table it appends
 /// to (and, when one fills, the pages that allocate the next): with 4 KiB
 /// pages that was most of a message's disk writes. Measured with
-/// `confab-bench --scenario cluster`: 2.8 → 2.0 KB written per message
-/// with one instance, 4.1 → 3.2 KB with three; 512-byte pages wrote more
-/// (2.4 / 3.7 KB: more page splits) and doubled the p99.
-pub const EVENTS_PAGE_SIZE: i64 = 1024;
+/// `confab-bench --scenario cluster`: 2.8 → 2.0–2.3 KB written per
+/// message with one instance, 4.1 → 3.1–3.4 KB with three; 2 KiB pages
+/// wrote about as much, 512-byte pages more (2.4 / 3.7 KB: more page
+/// splits) and doubled the p99.
+const EVENTS_PAGE_SIZE: i64 = 1024;
 
 /// Open (creating if needed) an instance's own events file. The page size
 /// applies to a new file only (it must be set before the switch to WAL,
