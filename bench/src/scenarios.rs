@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use confab::config::Synchronous;
 use confab::session::{now_ms, Draft, Participant, Role, SessionState};
-use confab::store::sqlite::{SqliteOptions, SqliteStore};
+use confab::store::sqlite::{SqliteOptions, SqliteStore, CHECKPOINT_THREAD};
 use confab::store::{Append, SessionRecord, SessionStore};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -1065,7 +1065,7 @@ fn checkpoint_bytes(pid: u32) -> u64 {
         .map(|task| task.path())
         .filter(|task| {
             std::fs::read_to_string(task.join("comm"))
-                .is_ok_and(|name| "sqlite-checkpoint".starts_with(name.trim_end()))
+                .is_ok_and(|name| CHECKPOINT_THREAD.starts_with(name.trim_end()))
         })
         .map(|task| io_write_bytes(&task))
         .sum()

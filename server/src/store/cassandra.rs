@@ -1298,6 +1298,7 @@ impl<C: Cql> SessionStore for CassandraStore<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::suite::texts;
 
     /// The transcript a reader serves: a client_msg_id counted once.
     fn valid_events(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Result<Vec<Event>, String> {
@@ -1341,10 +1342,6 @@ mod tests {
             },
             format!("owner-{epoch}"),
         )
-    }
-
-    fn texts(events: &[Event]) -> Vec<String> {
-        events.iter().filter_map(|e| e.text.clone()).collect()
     }
 
     fn valid(claims: &[(Claim, String)], rows: Vec<EventRow>) -> Vec<String> {

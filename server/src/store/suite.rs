@@ -48,6 +48,11 @@ async fn create(store: &dyn SessionStore, owner: &str) -> SessionRecord {
     record
 }
 
+/// The texts of `events` (messages only), in order.
+pub(crate) fn texts(events: &[Event]) -> Vec<String> {
+    events.iter().filter_map(|e| e.text.clone()).collect()
+}
+
 pub(crate) fn append(record: &SessionRecord, epoch: u64, events: Vec<Event>) -> Append {
     Append {
         session_id: record.session_id.clone(),
@@ -190,8 +195,7 @@ pub async fn stale_owner_is_fenced_after_claim(a: &dyn SessionStore, b: &dyn Ses
     }
     let (now, events) = b.load(&record.session_id).await.unwrap().unwrap();
     assert_eq!(now.owner_instance, "inst-b");
-    let texts: Vec<_> = events.iter().filter_map(|e| e.text.clone()).collect();
-    assert_eq!(texts, vec!["before the pause", "new owner"]);
+    assert_eq!(texts(&events), vec!["before the pause", "new owner"]);
 
     // A second claim fences the first claimer too.
     let (again, _) = a.claim(&record.session_id, "inst-a").await.unwrap();
@@ -254,8 +258,7 @@ pub async fn a_fenced_owner_cannot_overwrite_an_acknowledged_event(
     );
     let (now, events) = b.load(&record.session_id).await.unwrap().unwrap();
     assert_eq!(now.epoch, claimed.epoch);
-    let texts: Vec<_> = events.iter().filter_map(|e| e.text.clone()).collect();
-    assert_eq!(texts, vec!["acknowledged X"]);
+    assert_eq!(texts(&events), vec!["acknowledged X"]);
 }
 
 /// Two gateways restore the same chat at once on two instances: whatever
@@ -288,7 +291,7 @@ pub async fn concurrent_claims_leave_one_owner(a: &dyn SessionStore, b: &dyn Ses
                 "two owners acknowledged: {acknowledged:?} ({owner_a}, {owner_b})"
             );
             let (taken, events) = b.claim(id, "inst-c").await.unwrap();
-            let texts: Vec<String> = events.iter().filter_map(|e| e.text.clone()).collect();
+            let texts = texts(&events);
             for text in &acknowledged {
                 assert_eq!(
                     texts.iter().filter(|t| *t == text).count(),
