@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use confab::config::Synchronous;
 use confab::session::{now_ms, Draft, Participant, Role, SessionState};
-use confab::store::sqlite::{SqliteOptions, SqliteStore, CHECKPOINT_THREAD};
+use confab::store::sqlite::{SqliteOptions, SqliteStore, CHECKPOINT_INTERVAL, CHECKPOINT_THREAD};
 use confab::store::{Append, SessionRecord, SessionStore};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -856,6 +856,10 @@ async fn cassandra_vs_sqlite(dir: &Path, args: &BenchArgs, text: &str) -> anyhow
     Ok(())
 }
 
+/// Long enough for the store's checkpoint thread to copy back what the
+/// rounds before wrote (it looks every `CHECKPOINT_INTERVAL`).
+const SETTLE: Duration = CHECKPOINT_INTERVAL.saturating_mul(3);
+
 /// Closed loops against the targets in alternating short rounds, so that a
 /// noisy neighbour weighs on all alike; prints each round and the totals,
 /// returns the mean rates.
@@ -880,6 +884,16 @@ async fn compare(
     for target in targets {
         closed_loop(client, target.chats, &warm_up, text).await;
     }
+    // A round's disk writes go on after it: the checkpoint copies its pages
+    // back up to a checkpoint interval later, maybe during another target's
+    // round. So they are counted for each target over the whole run, from
+    // after the warm-up's have settled to after the last round's have: its
+    // processes write nothing else meanwhile.
+    tokio::time::sleep(SETTLE).await;
+    let mut written = Vec::new();
+    for target in targets {
+        written.push(Costs::read(client, target).await);
+    }
     let mut rates = vec![0.0; n];
     let mut latencies: Vec<Latencies> = (0..n).map(|_| Latencies(Vec::new())).collect();
     let mut costs: Vec<Costs> = (0..n).map(|_| Costs::default()).collect();
@@ -901,6 +915,10 @@ async fn compare(
             line.push_str(&format!(" {name} {rate:.0}/s;"));
         }
         println!("{line}");
+    }
+    tokio::time::sleep(SETTLE).await;
+    for (i, target) in targets.iter().enumerate() {
+        costs[i].written(&written[i], &Costs::read(client, target).await);
     }
     for (i, target) in targets.iter().enumerate() {
         println!(
@@ -982,13 +1000,18 @@ impl Costs {
         costs
     }
 
+    /// The disk writes between `before` and `after`.
+    fn written(&mut self, before: &Costs, after: &Costs) {
+        self.write_bytes = after.write_bytes.saturating_sub(before.write_bytes);
+        self.checkpoint_bytes = after
+            .checkpoint_bytes
+            .saturating_sub(before.checkpoint_bytes);
+    }
+
+    /// A round's CPU, messages and group commits.
     fn add(&mut self, before: &Costs, after: &Costs, messages: u64) {
         self.idle_ticks += after.idle_ticks.saturating_sub(before.idle_ticks);
         self.all_ticks += after.all_ticks.saturating_sub(before.all_ticks);
-        self.write_bytes += after.write_bytes.saturating_sub(before.write_bytes);
-        self.checkpoint_bytes += after
-            .checkpoint_bytes
-            .saturating_sub(before.checkpoint_bytes);
         self.messages += messages;
         self.commits += (after.commits - before.commits).max(0.0);
         self.committed += (after.committed - before.committed).max(0.0);

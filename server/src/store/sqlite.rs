@@ -57,7 +57,7 @@ mod schema;
 mod tests;
 mod writer;
 
-pub use checkpoint::CHECKPOINT_THREAD;
+pub use checkpoint::{CHECKPOINT_INTERVAL, CHECKPOINT_THREAD};
 pub use contacts::SqliteContactStore;
 pub use registry::SqliteRegistry;
 pub use schema::events_path;
