@@ -888,7 +888,8 @@ async fn compare(
     // back up to a checkpoint interval later, maybe during another target's
     // round. So they are counted for each target over the whole run, from
     // after the warm-up's have settled to after the last round's have: its
-    // processes write nothing else meanwhile.
+    // processes write little else meanwhile (an instance's heartbeat, once a
+    // second, comes to a few bytes per message).
     tokio::time::sleep(SETTLE).await;
     let mut written = Vec::new();
     for target in targets {
