@@ -962,7 +962,7 @@ impl<'a> Target<'a> {
 /// What the measured rounds of one target cost the machine: CPU time left
 /// idle (of all cores, from /proc/stat) and bytes the target's processes
 /// sent to storage (`write_bytes` of /proc/PID/io, counted when a page is
-/// dirtied) per acknowledged message, with the part the SQLite store's
+/// dirtied; over the whole run, see `compare`) per acknowledged message, with the part the SQLite store's
 /// checkpoint thread wrote (copying the WAL back into the database; the
 /// rest is mostly the writer's WAL), and the saves per group commit of an
 /// embedded store (`confab_store_group_commit_operations`: one fsync per
@@ -1075,7 +1075,7 @@ fn cpu_ticks() -> (u64, u64) {
 
 /// Bytes a process has caused to be written to storage since it started.
 fn write_bytes(pid: u32) -> u64 {
-    io_write_bytes(Path::new(&format!("/proc/{pid}")))
+    confab_e2e::io_write_bytes(Path::new(&format!("/proc/{pid}"))).unwrap_or(0)
 }
 
 /// Bytes the SQLite store's checkpoint threads of a process have caused
@@ -1091,20 +1091,8 @@ fn checkpoint_bytes(pid: u32) -> u64 {
             std::fs::read_to_string(task.join("comm"))
                 .is_ok_and(|name| CHECKPOINT_THREAD.starts_with(name.trim_end()))
         })
-        .map(|task| io_write_bytes(&task))
+        .filter_map(|task| confab_e2e::io_write_bytes(&task))
         .sum()
-}
-
-/// `write_bytes` of a process's or thread's /proc directory.
-fn io_write_bytes(proc_dir: &Path) -> u64 {
-    std::fs::read_to_string(proc_dir.join("io"))
-        .ok()
-        .and_then(|io| {
-            io.lines()
-                .find_map(|l| l.strip_prefix("write_bytes:"))
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// The reference's N+1 question on one host: does a cluster of more

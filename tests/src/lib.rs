@@ -592,6 +592,17 @@ pub fn run_confab(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     )
 }
 
+/// Bytes a process or thread has caused to be written to storage since
+/// it started (`write_bytes` of its /proc directory's `io`: counted when a
+/// page is dirtied, so the WAL, the checkpoints, temporary files).
+pub fn io_write_bytes(proc_dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(proc_dir.join("io"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
 /// Message texts of a transcript, in order.
 pub fn texts(events: &[Value]) -> Vec<String> {
     events

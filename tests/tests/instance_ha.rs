@@ -2,8 +2,9 @@
 //! restoration, fencing of a paused owner, idempotent retries across the
 //! kill, and SIGTERM without losing acknowledged messages.
 
-use confab_e2e::{data_dir, texts, Http, Server};
+use confab_e2e::{data_dir, io_write_bytes, texts, Http, Server};
 use serde_json::Value;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -325,14 +326,9 @@ async fn an_instance_lets_go_of_sessions_restored_elsewhere_without_writing() {
     assert_eq!(texts(&http.events(&b, &chat).await), vec!["one"]);
 }
 
-/// Bytes the process has caused to be written to storage (counted when a
-/// page is dirtied: the WAL, the checkpoints, temporary files).
+/// Bytes the process has caused to be written to storage.
 fn write_bytes(pid: i32) -> u64 {
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");
-    io.lines()
-        .find_map(|l| l.strip_prefix("write_bytes:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("write_bytes in /proc/PID/io")
+    io_write_bytes(Path::new(&format!("/proc/{pid}"))).expect("/proc/PID/io")
 }
 
 /// A 100-byte message costs about 2 KB of disk writes with the store's

@@ -38,6 +38,7 @@ use parking_lot::Mutex;
 use recent::select_events_of;
 use rusqlite::{params, Connection};
 use schema::{create_events_schema, create_schema, open, open_events};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,7 +127,7 @@ pub struct SqliteStore {
     path: PathBuf,
     file_id: String,
     /// Chats released by the instance, for the writer to delete.
-    gone: Arc<Mutex<std::collections::HashSet<String>>>,
+    gone: Arc<Mutex<HashSet<String>>>,
     writer: mpsc::Sender<(WriteOp, Reply)>,
     reader: Arc<Mutex<Readers>>,
 }
@@ -179,7 +180,7 @@ impl SqliteStore {
             alive.upgrade().is_some()
         })
         .map_err(unavailable)?;
-        let gone = Arc::new(Mutex::new(std::collections::HashSet::new()));
+        let gone = Arc::new(Mutex::new(HashSet::new()));
         let writer = Writer::new(conn, shared, path, file_id, options, gone.clone());
         writer::start(writer, rx, &own, options).map_err(unavailable)?;
         Ok(SqliteStore {

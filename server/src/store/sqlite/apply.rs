@@ -1,12 +1,12 @@
 //! Step 3 of a batch: one operation applied in the instance's events
 //! file, against what the writer knows of each chat's last seq.
 
-use super::super::{StoreError, StoreResult};
 use super::headers::{check_owner, select_header, Header};
 use super::recent::{insert_row, partition_of, partitions, EVENT_COLUMNS};
 use super::unavailable;
 use super::writer::{Tail, WriteOp, WriteOutput};
 use crate::session::Event;
+use crate::store::{StoreError, StoreResult};
 use rusqlite::{params, Connection};
 use std::cell::Cell;
 use std::collections::HashMap;

@@ -1,9 +1,9 @@
 //! Final transcripts in SQLite (by default the session store's own file).
 
-use super::super::{ContactStore, FinalTranscript, StoreResult};
 use super::busy::{busy_wait, retry_busy, BUSY_TIMEOUT};
 use super::schema::{create_schema, open};
 use super::{unavailable, SqliteOptions};
+use crate::store::{ContactStore, FinalTranscript, StoreResult};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};

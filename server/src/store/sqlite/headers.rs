@@ -1,8 +1,8 @@
 //! The chats' headers in the shared file (owner, epoch, state, events
 //! file), and the checks an append makes against them: the fence.
 
-use super::super::{SessionRecord, StoreError, StoreResult};
 use crate::session::SessionState;
+use crate::store::{SessionRecord, StoreError, StoreResult};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 

@@ -287,7 +287,7 @@ pub(super) fn select_events_of(
             // Stable: a seq in both tables keeps its `events` row.
             events.sort_by_key(|e| e.seq);
             events.dedup_by_key(|e| e.seq);
-            *events = super::super::first_of_each_client_msg_id(std::mem::take(events));
+            *events = crate::store::first_of_each_client_msg_id(std::mem::take(events));
         }
         Ok(out)
     })();

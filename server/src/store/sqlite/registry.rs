@@ -1,9 +1,9 @@
 //! The instances' registry in the session store's file.
 
-use super::super::{InstanceRegistry, Registration, StoreResult};
 use super::busy::BUSY_TIMEOUT;
 use super::contacts::open_side;
 use super::{unavailable, SqliteOptions};
+use crate::store::{InstanceRegistry, Registration, StoreResult};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{params, Connection};

@@ -2,16 +2,15 @@
 //! queued while the previous transaction committed, in four steps (see
 //! [`Writer::run_batch`]).
 
-use super::super::{Append, SessionRecord, StoreError, StoreResult};
 use super::apply::{apply, Context, Tails};
 use super::busy::{busy_wait, BUSY_SINCE, BUSY_TIMEOUT, CONTENDED, HAND_OFF};
-use super::checkpoint::checkpoint;
-use super::checkpoint::wal_path;
+use super::checkpoint::{checkpoint, wal_path};
 use super::files::EventFiles;
 use super::headers::{check_owner, select_header, Header, KnownHeaders, SESSION_COLUMNS};
 use super::recent::{move_partition, partition_of, select_events_of, PARTITIONS};
 use super::{unavailable, SqliteOptions};
 use crate::session::{Event, EventKind, SessionState};
+use crate::store::{Append, SessionRecord, StoreError, StoreResult};
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, TransactionBehavior};
 use std::cell::Cell;
