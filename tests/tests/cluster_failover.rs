@@ -247,6 +247,21 @@ async fn an_instance_stopped_without_draining_moves_its_chats() {
     );
 }
 
+/// The supervisor's `kill` answers once the exit is recorded, so a
+/// `start` right after it (the chaos test's last step) never finds the
+/// killed process still counted as running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_instance_can_be_started_at_once() {
+    let mut c = TestCluster::start(2, &[]).await;
+    for _ in 0..3 {
+        let killed = c.act("inst-2", "kill").await;
+        assert_eq!(killed["exited"], true, "{killed}");
+        let started = c.act("inst-2", "start").await;
+        assert_ne!(started["pid"], killed["pid"], "{started}");
+    }
+    c.wait_gateway_sees(2).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_gateways_serve_the_same_chats_and_a_restarted_gateway_loses_nothing() {
     let mut c = TestCluster::start(2, &[]).await;

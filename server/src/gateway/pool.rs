@@ -341,6 +341,8 @@ impl Pool {
 
     /// Check one instance now.
     pub async fn check(&self, member: &Member, timeout: Duration) {
+        // Chats placed from here on may be missing from the answer's count.
+        let assigned_before = member.assigned.load(Ordering::Relaxed);
         let result = self
             .client
             .get(format!("{}{}", member.url, crate::contract::paths::STATUS))
@@ -403,7 +405,11 @@ impl Pool {
         h.sessions_active = i64::try_from(status.sessions_active).unwrap_or(i64::MAX);
         h.failures = 0;
         h.healthy = true;
-        member.assigned.store(0, Ordering::Relaxed);
+        // The answer counts the chats placed before it was asked for; those
+        // placed while it was on its way stay counted until the next one.
+        member
+            .assigned
+            .fetch_sub(assigned_before, Ordering::Relaxed);
         if !was_healthy {
             h.down = CancellationToken::new();
             // Back (perhaps a newer version after an upgrade): try the

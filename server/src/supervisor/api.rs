@@ -51,17 +51,28 @@ async fn act(
     let index = sup
         .index_of(&id)
         .ok_or_else(|| ApiError::not_found(format!("no component {id}")))?;
+    let not_running = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "not_running",
+            format!("{id} is not running"),
+        )
+    };
     let sig = match action.as_str() {
-        "kill" => libc::SIGKILL,
+        "kill" => {
+            let (pid, exited) = sup.kill(index).await.ok_or_else(not_running)?;
+            tracing::warn!(component = %id, pid, "killed with SIGKILL on request");
+            return Ok(Json(
+                json!({"id": id, "action": action, "pid": pid, "exited": exited}),
+            ));
+        }
         "stop" => libc::SIGTERM,
         "pause" => libc::SIGSTOP,
         "resume" => libc::SIGCONT,
         "start" | "restart" => {
             if action == "restart" {
-                if let Some(pid) = sup.signal(index, libc::SIGKILL) {
-                    // The old process must be gone before its port is free.
-                    sup.wait_exit(index, pid, Duration::from_secs(5)).await;
-                }
+                // The old process must be gone before its port is free.
+                sup.kill(index).await;
             }
             sup.spawn(index).map_err(start_failed)?;
             let pid = sup.wait_ready(index).await.map_err(start_failed)?;
@@ -73,16 +84,7 @@ async fn act(
             )))
         }
     };
-    let pid = sup.signal(index, sig).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "not_running",
-            format!("{id} is not running"),
-        )
-    })?;
-    if sig == libc::SIGKILL {
-        tracing::warn!(component = %id, pid, "killed with SIGKILL on request");
-    }
+    let pid = sup.signal(index, sig).ok_or_else(not_running)?;
     if sig == libc::SIGTERM {
         // Answer once it has exited (it finishes its in-flight requests
         // first), so that a `start` right after finds it stopped.

@@ -18,6 +18,8 @@ use tokio::process::Command;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stop waits after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a kill waits for the exit to be recorded.
+const KILL_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ProcInfo {
@@ -296,6 +298,20 @@ impl Supervisor {
         Some(pid)
     }
 
+    /// SIGKILL component `index` if it runs, and wait until its exit is
+    /// recorded, so that a `start` right after finds it stopped. A process
+    /// already reaped whose exit is not yet recorded still counts: kill(2)
+    /// then fails, and the wait is what is left to do. Its pid, and whether
+    /// the exit was seen in time.
+    pub async fn kill(&self, index: usize) -> Option<(u32, bool)> {
+        let info = self.info(index);
+        let pid = info.pid.filter(|_| info.running)?;
+        if let Err(e) = crate::process::signal(pid, libc::SIGKILL) {
+            tracing::debug!(component = %info.id, pid, error = %e, "SIGKILL found it gone");
+        }
+        Some((pid, self.wait_exit(index, pid, KILL_WAIT).await))
+    }
+
     /// Wait until the process `pid` of component `index` has exited.
     pub async fn wait_exit(&self, index: usize, pid: u32, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -326,8 +342,7 @@ impl Supervisor {
         for (i, pid) in pids {
             if !self.wait_exit(i, pid, STOP_GRACE).await {
                 tracing::warn!(component = %self.info(i).id, pid, "still running after SIGTERM; killing it");
-                self.signal(i, libc::SIGKILL);
-                self.wait_exit(i, pid, Duration::from_secs(5)).await;
+                self.kill(i).await;
             }
         }
         self.write_cluster_json();
