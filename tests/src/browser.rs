@@ -1,10 +1,12 @@
 //! A real browser for the dashboard's tests: Debian's `chromium`, headless,
 //! driven over WebDriver by its own `chromedriver` (both installed by
-//! `cargo xtask test`). Each [`Browser`] has its own driver process and
-//! profile directory, removed when it is dropped.
+//! `cargo xtask test`). Each [`Browser`] has its own driver process, in a
+//! process group with the browser it starts, and its own profile
+//! directory; all are removed when it is dropped.
 
 use fantoccini::elements::Element;
 use fantoccini::{Client, ClientBuilder, Locator};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,7 +30,11 @@ impl Browser {
             );
         }
         let port = crate::free_port();
+        // Its own process group, which the browsers it starts join: a drop
+        // ends them all (killing only the driver would leave its browser
+        // and renderers running after the test).
         let driver = Command::new(CHROMEDRIVER)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -175,6 +181,12 @@ impl fantoccini::wd::WebDriverCompatibleCommand for GetLog {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        if let Ok(group) = i32::try_from(self.driver.id()) {
+            // SAFETY: kill(2) with plain integers; the group is the driver's.
+            unsafe {
+                libc::kill(-group, libc::SIGKILL);
+            }
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
