@@ -1774,9 +1774,8 @@ transcript-save-notices = false
 
     #[test]
     fn secrets_can_come_from_files() {
-        let dir = std::env::temp_dir().join(format!("confab-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("pw");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
         std::fs::write(&file, "s3cret\n").unwrap();
         let c = Layers::default()
             .with("cassandra.password-file", file.display().to_string())

@@ -30,17 +30,22 @@ impl Browser {
             );
         }
         let port = crate::free_port();
+        let profile = tempfile::tempdir().expect("a profile directory");
+        // The browser's own temporary directories go inside the profile,
+        // removed with it (a killed browser cannot remove them itself).
+        let tmp = profile.path().join("tmp");
+        std::fs::create_dir(&tmp).expect("a temporary directory in the profile");
         // Its own process group, which the browsers it starts join: a drop
         // ends them all (killing only the driver would leave its browser
         // and renderers running after the test).
         let driver = Command::new(CHROMEDRIVER)
             .process_group(0)
+            .env("TMPDIR", &tmp)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting chromedriver");
-        let profile = tempfile::tempdir().expect("a profile directory");
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),

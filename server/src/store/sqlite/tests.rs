@@ -11,21 +11,41 @@ use super::{unavailable, SqliteOptions, SqliteStore};
 use crate::session::Role;
 use std::collections::HashMap;
 
-fn temp_db(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("confab-sqlite-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("confab.db")
+/// A store file's path in a new directory, removed (with the events
+/// files and WALs beside it) when this is dropped.
+struct TempDb {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TempDb {
+    type Target = PathBuf;
+
+    fn deref(&self) -> &PathBuf {
+        &self.path
+    }
+}
+
+fn temp_db(name: &str) -> TempDb {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("confab-sqlite-{name}-"))
+        .tempdir()
+        .unwrap();
+    TempDb {
+        path: dir.path().join("confab.db"),
+        _dir: dir,
+    }
 }
 
 /// Two instances' stores, `a` and `c`, on a new file, and a chat of
 /// `a`'s holding one message ("one").
 struct TwoInstances {
-    path: PathBuf,
     options: SqliteOptions,
     a: SqliteStore,
     c: SqliteStore,
     chat: SessionRecord,
+    /// Last, so that it is dropped after the stores on it.
+    path: TempDb,
 }
 
 impl TwoInstances {
@@ -434,8 +454,14 @@ async fn a_claim_takes_a_chat_from_an_instance_frozen_holding_its_file() {
 #[tokio::test]
 async fn claims_from_a_file_see_what_was_saved_to_it_since_the_last_claim() {
     use crate::store::suite::{append, message, new_record, texts};
-    let TwoInstances { a, c, chat, .. } =
-        TwoInstances::new("recent-rows", SqliteOptions::default().busy_timeout).await;
+    // `path` bound, so that the file's directory outlives the stores.
+    let TwoInstances {
+        a,
+        c,
+        chat,
+        path: _path,
+        ..
+    } = TwoInstances::new("recent-rows", SqliteOptions::default().busy_timeout).await;
     let mut chats = vec![chat];
     for _ in 0..4 {
         let r = new_record("inst-a");
